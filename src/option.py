@@ -1,0 +1,162 @@
+"""Command-line options: the published EDSR/HSPAN/MSNLAN flags (same names and defaults) plus validation.
+
+Nothing is parsed at import time: `parse(argv)` is called from main() (and from tests), so worker
+processes started with `spawn` can import every module safely.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import template
+from errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description='Single-image super-resolution with non-local attention (HSPAN, MSNLAN, EDSR).',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument('--debug', action='store_true', help='show full tracebacks for user errors')
+    p.add_argument('--template', default='.', help='preset configuration: HSPAN, MSNLAN (or MSDSN), EDSR')
+
+    g = p.add_argument_group('hardware')
+    g.add_argument('--n_threads', type=int, default=18,
+                   help='data-loading worker processes (capped at the CPU count; 0 loads in the main process)')
+    g.add_argument('--cpu', action='store_true', help='use the CPU even when CUDA is available')
+    g.add_argument('--n_GPUs', type=int, default=1, help='GPUs for DataParallel (single process)')
+    g.add_argument('--seed', type=int, default=1, help='random seed')
+
+    g = p.add_argument_group('data')
+    g.add_argument('--dir_data', type=str, default='../../', help='dataset root directory')
+    g.add_argument('--dir_demo', type=str, default='../Demo', help='folder of LR images for --data_test Demo')
+    g.add_argument('--data_train', type=str, default='DIV2K', help="training sets, '+'-separated")
+    g.add_argument('--data_test', type=str, default='DIV2K', help="test sets, '+'-separated")
+    g.add_argument('--data_range', type=str, default='1-800/801-810', help='DIV2K train/test index ranges')
+    g.add_argument('--ext', type=str, default='sep', choices=('img', 'sep', 'sep_reset'),
+                   help='img: decode images every time; sep: cache decoded images as .npy; '
+                        'sep_reset: rebuild that cache')
+    g.add_argument('--scale', type=str, default='4', help="upscaling factors, '+'-separated (e.g. 2+3+4)")
+    g.add_argument('--patch_size', type=int, default=192, help='HR training patch size')
+    g.add_argument('--rgb_range', type=int, default=255, help='maximum pixel value seen by the network')
+    g.add_argument('--n_colors', type=int, default=3, choices=(1, 3), help='1 (Y channel) or 3 (RGB)')
+    g.add_argument('--chop', action='store_true',
+                   help='test-time forward on overlapping quarters (published forward_chop)')
+    g.add_argument('--tile', type=int, default=0,
+                   help='test-time forward on LR tiles of this size with --tile_overlap (0: off)')
+    g.add_argument('--tile_overlap', type=int, default=16, help='LR overlap between tiles for --tile')
+    g.add_argument('--no_augment', action='store_true', help='no random flips/rotations of training patches')
+
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='EDSR', help='network name (HSPAN, MSNLAN/MSDSN, EDSR, Bicubic)')
+    g.add_argument('--act', type=str, default='relu', help='activation function')
+    g.add_argument('--pre_train', type=str, default='.',
+                   help="checkpoint to load ('.' for none); '{scale}' is replaced by each scale")
+    g.add_argument('--extend', type=str, default='.', help='checkpoint to load (EDSR compatibility)')
+    g.add_argument('--n_resblocks', type=int, default=20, help='residual blocks per group')
+    g.add_argument('--n_feats', type=int, default=64, help='feature channels')
+    g.add_argument('--res_scale', type=float, default=1, help='residual scaling')
+    g.add_argument('--shift_mean', default=True, help='subtract the dataset mean from the input')
+    g.add_argument('--dilation', action='store_true', help='use dilated convolution')
+    g.add_argument('--precision', type=str, default='single', choices=('single', 'half'),
+                   help='floating-point precision at test time')
+    g.add_argument('--n_resgroups', type=int, default=10, help='residual groups')
+    g.add_argument('--reduction', type=int, default=16, help='channel reduction of attention embeddings')
+    g.add_argument('--topk', type=int, default=128, help='top-k scores from which HSPA finds its threshold')
+    g.add_argument('--attention', type=str, default='hspa', choices=('hspa', 'softmax', 'none'),
+                   help='attention in the HSPAN slot: hspa (published), softmax non-local, or none (ablation)')
+    g.add_argument('--hspa_impl', type=str, default='fast', choices=('fast', 'dense'),
+                   help='HSPA algorithm: fast (blocked, exact) or dense (published, N x N scores)')
+    g.add_argument('--hspa_block', type=int, default=0,
+                   help='queries per block for the fast HSPA (0: chosen from a memory budget)')
+
+    g = p.add_argument_group('training')
+    g.add_argument('--reset', action='store_true', help='delete the experiment folder and start afresh')
+    g.add_argument('--test_every', type=int, default=1000, help='training batches per epoch')
+    g.add_argument('--epochs', type=int, default=1000, help='epochs to train (0: no limit)')
+    g.add_argument('--batch_size', type=int, default=16,
+                   help='global batch size (split across processes under torchrun)')
+    g.add_argument('--split_batch', type=int, default=1, help='split each test batch into this many chunks')
+    g.add_argument('--self_ensemble', action='store_true', help='average the 8 flips/rotations at test time')
+    g.add_argument('--test_only', action='store_true', help='evaluate only, no training')
+    g.add_argument('--gan_k', type=int, default=1, help='discriminator steps per generator step')
+    g.add_argument('--amp', type=str, default='off', choices=('off', 'bf16', 'fp16'),
+                   help='mixed precision for training')
+
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--lr', type=float, default=1e-4, help='learning rate')
+    g.add_argument('--decay', type=str, default='200', help="epochs at which the LR is multiplied by --gamma, '-'-separated")
+    g.add_argument('--gamma', type=float, default=0.5, help='learning-rate decay factor')
+    g.add_argument('--optimizer', default='ADAM', choices=('SGD', 'ADAM', 'RMSprop'), help='optimizer')
+    g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
+    g.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.999), help='ADAM betas')
+    g.add_argument('--epsilon', type=float, default=1e-8, help='ADAM epsilon')
+    g.add_argument('--weight_decay', type=float, default=0, help='weight decay')
+    g.add_argument('--gclip', type=float, default=0, help='gradient clipping threshold (0: none)')
+
+    g = p.add_argument_group('loss')
+    g.add_argument('--loss', type=str, default='1*L1', help="weighted sum of terms, e.g. '1*L1+0.1*MSE'")
+    g.add_argument('--skip_threshold', type=float, default=1e8,
+                   help='skip a batch whose loss exceeds this multiple of the previous epoch mean')
+
+    g = p.add_argument_group('log')
+    g.add_argument('--save', type=str, default='test', help='experiment name: experiment/<save>/')
+    g.add_argument('--load', type=str, default='', help='experiment to continue: experiment/<load>/')
+    g.add_argument('--resume', type=int, default=0,
+                   help='with --load: -1 resumes from model_latest.pt, N from model_N.pt')
+    g.add_argument('--save_models', action='store_true', help='keep a checkpoint of every epoch')
+    g.add_argument('--print_every', type=int, default=100, help='batches between training log lines')
+    g.add_argument('--save_results', action='store_true', help='save SR images')
+    g.add_argument('--save_gt', action='store_true', help='also save the LR and HR images')
+    return p
+
+
+def _to_bool(value: object) -> object:
+    if value in ('True', 'true'):
+        return True
+    if value in ('False', 'false'):
+        return False
+    return value
+
+
+def _int_list(text: str, sep: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(sep) if v != '']
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected integers separated by '{sep}'") from None
+    if not values:
+        raise UserError(f'{flag} {text!r}: expected at least one integer')
+    return values
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse argv (sys.argv[1:] when None), apply the template, and normalise/validate values."""
+    args = build_parser().parse_args(argv)
+    template.set_template(args)
+    for name, value in vars(args).items():
+        setattr(args, name, _to_bool(value))
+
+    args.scale = _int_list(args.scale, '+', '--scale')
+    if any(s < 1 for s in args.scale):
+        raise UserError(f'--scale {args.scale}: scales must be positive integers')
+    args.data_train = [d for d in str(args.data_train).split('+') if d]
+    args.data_test = [d for d in str(args.data_test).split('+') if d]
+    if not args.data_test:
+        raise UserError('--data_test: expected at least one dataset name')
+    args.decay_milestones = _int_list(args.decay, '-', '--decay') if str(args.decay).strip() else []
+    if args.epochs == 0:
+        args.epochs = int(1e8)
+    args.betas = tuple(args.betas)
+
+    for flag in ('patch_size', 'batch_size', 'test_every', 'rgb_range', 'n_feats', 'print_every'):
+        if getattr(args, flag) <= 0:
+            raise UserError(f'--{flag} {getattr(args, flag)}: expected a positive integer')
+    if args.n_threads < 0:
+        raise UserError(f'--n_threads {args.n_threads}: expected 0 or more')
+    if args.resume != 0 and not args.load:
+        raise UserError(f'--resume {args.resume} needs --load <experiment name> to say what to resume')
+    for s in args.scale:
+        if not args.test_only and args.patch_size % s:
+            raise UserError(f'--patch_size {args.patch_size} is not a multiple of --scale {s}')
+    return args
