@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--lr', type=float, default=1e-4, help='learning rate')
-    g.add_argument('--decay', type=str, default='200', help="epochs at which the LR is multiplied by --gamma, '-'-separated")
+    g.add_argument('--decay', type=str, default='200',
+                   help="epochs at which the LR is multiplied by --gamma, '-'-separated")
     g.add_argument('--gamma', type=float, default=0.5, help='learning-rate decay factor')
     g.add_argument('--optimizer', default='ADAM', choices=('SGD', 'ADAM', 'RMSprop'), help='optimizer')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
