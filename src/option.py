@@ -155,6 +155,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected a positive integer')
     if args.n_threads < 0:
         raise UserError(f'--n_threads {args.n_threads}: expected 0 or more')
+    if args.model.lower() == 'bicubic' and not args.test_only:
+        raise UserError('--model Bicubic has no parameters to train: add --test_only')
     if args.resume != 0 and not args.load:
         raise UserError(f'--resume {args.resume} needs --load <experiment name> to say what to resume')
     for s in args.scale:
