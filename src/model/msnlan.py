@@ -1,0 +1,243 @@
+"""MSNLAN (multi-scale non-local attention network; the published code calls it MSDSN/MSDN).
+
+Same modules, state-dict keys and arithmetic as kbzhang0505/MSNLAN (model/msdsn.py, model/common.py):
+residual multi-branch attention blocks (RMAB) in residual groups, one multi-scale non-local attention block
+(MSNLAB) in the middle, and dense skip fusions. The x3 upsampler uses groups=1, which is what the
+published x3 weights mean (the published helper passes `bias` into the groups slot).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from errors import UserError
+from model import common
+
+MSNLAN_MEAN = (0.4025, 0.4482, 0.4264)
+
+
+def make_model(args: argparse.Namespace) -> nn.Module:
+    if getattr(args, 'dilation', False):
+        raise UserError('--dilation is not supported by MSNLAN')
+    return MSNLAN(
+        scale=args.scale[0],
+        n_colors=args.n_colors,
+        n_feats=args.n_feats,
+        n_resgroups=args.n_resgroups,
+        n_resblocks=args.n_resblocks,
+        res_scale=args.res_scale,
+        rgb_range=args.rgb_range,
+    )
+
+
+def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(3, keepdim=True).sum(2, keepdim=True) / (x.size(2) * x.size(3))
+
+
+def _contrast(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel standard deviation over space (the 'contrast' of IMDN's CCA layer)."""
+    return _spatial_mean((x - _spatial_mean(x)).pow(2)).pow(0.5)
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-excitation channel attention; contrast=True adds the spatial std to the average (CCA)."""
+
+    def __init__(self, channel: int, reduction: int = 16, contrast: bool = False) -> None:
+        super().__init__()
+        self.contrast = contrast
+        self.conv_du = nn.Sequential(
+            nn.Conv2d(channel, channel // reduction, 1, padding=0, bias=True),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channel // reduction, channel, 1, padding=0, bias=True),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.adaptive_avg_pool2d(x, 1)
+        if self.contrast:
+            y = _contrast(x) + y
+        return x * self.conv_du(y)
+
+
+class RMAB(nn.Module):
+    """Residual multi-branch attention block: three serial 3x3 conv+GELU, concatenated, 1x1 fusion, CCA."""
+
+    def __init__(self, conv: common.ConvFactory, n_feats: int) -> None:
+        super().__init__()
+        self.branch1 = nn.Sequential(conv(n_feats, n_feats, 3), nn.GELU())
+        self.branch2 = nn.Sequential(conv(n_feats, n_feats, 3), nn.GELU())
+        self.branch3 = nn.Sequential(conv(n_feats, n_feats, 3), nn.GELU())
+        self.fusion = conv(n_feats * 3, n_feats, 1)
+        self.CCA = ChannelAttention(n_feats, contrast=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.branch1(x)
+        x2 = self.branch2(x1)
+        x3 = self.branch3(x2)
+        return x + self.CCA(self.fusion(torch.cat([x1, x2, x3], dim=1)))
+
+
+class ResidualGroup(nn.Module):
+    """n RMABs and a 3x3 conv, with a skip connection."""
+
+    def __init__(self, conv: common.ConvFactory, n_feats: int, n_resblocks: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*[RMAB(conv, n_feats) for _ in range(n_resblocks)], conv(n_feats, n_feats, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + x
+
+
+def _same_pad(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Zero padding that keeps the size for a stride-1 k x k window (TensorFlow 'SAME')."""
+    top = (k - 1) // 2
+    return F.pad(x, (top, k - 1 - top, top, k - 1 - top))
+
+
+def _patches(x: torch.Tensor, k: int) -> torch.Tensor:
+    """All k x k patches of x (N, C, H, W) around each position: (N, H*W, C, k, k)."""
+    n, c = x.shape[:2]
+    cols = F.unfold(_same_pad(x, k), kernel_size=k)  # (N, C*k*k, L)
+    return cols.view(n, c, k, k, -1).permute(0, 4, 1, 2, 3)
+
+
+class CrossScaleAttention(nn.Module):
+    """Patch-wise non-local attention: the k x k patches of `x_s` (normalised match embeddings) are
+    correlated with `x_l`, softmax-weighted (scale 10), and their assembly embeddings pasted back with a
+    transposed convolution; plus res_scale * x_l."""
+
+    def __init__(self, channel: int, res_scale: float, ksize: int, padding: int, reduction: int = 2,
+                 softmax_scale: float = 10, conv: common.ConvFactory = common.default_conv) -> None:
+        super().__init__()
+        self.ksize = ksize
+        self.padding = padding
+        self.softmax_scale = softmax_scale
+        self.res_scale = res_scale
+        self.register_buffer('escape_NaN', torch.tensor([1e-4]))
+        self.conv_match_1 = common.BasicBlock(conv, channel, channel // reduction, 1, act=nn.PReLU())
+        self.conv_match_2 = common.BasicBlock(conv, channel, channel // reduction, 1, act=nn.PReLU())
+        self.conv_assembly = common.BasicBlock(conv, channel, channel, 1, act=nn.PReLU())
+
+    def forward(self, x_l: torch.Tensor, x_s: torch.Tensor) -> torch.Tensor:
+        k = self.ksize
+        raw_w = _patches(self.conv_assembly(x_s), k)  # (N, L, C, k, k): reconstruction kernels
+        w = _patches(self.conv_match_2(x_s), k)  # (N, L, C/2, k, k): matching kernels
+        match = self.conv_match_1(x_l)
+        out = []
+        for xi, wi, raw_wi in zip(match, w, raw_w, strict=True):  # one image at a time, as published
+            norm = wi.pow(2).sum(3, keepdim=True).sum(2, keepdim=True).sum(1, keepdim=True).sqrt()
+            wi = wi / torch.maximum(norm, self.escape_NaN.to(wi.dtype))
+            yi = F.conv2d(_same_pad(xi[None], k), wi)  # (1, L, H, W) correlation with every patch
+            yi = F.softmax(yi * self.softmax_scale, dim=1)
+            out.append(F.conv_transpose2d(yi, raw_wi, stride=1, padding=self.padding))
+        return torch.cat(out, dim=0) + x_l * self.res_scale
+
+
+class MultiScaleAttention(nn.Module):
+    """x + res_scale * CrossScaleAttention(x, PReLU(conv3x3(x))) for one patch size."""
+
+    def __init__(self, channel: int, res_scale: float, ksize: int, padding: int) -> None:
+        super().__init__()
+        self.res_scale = res_scale
+        # padding ksize // 2 on a 3x3 conv grows the map for ksize 5 and 7, as published.
+        self.down_sample = nn.Sequential(nn.Conv2d(channel, channel, 3, stride=1, padding=ksize // 2), nn.PReLU())
+        self.stoL = CrossScaleAttention(channel, res_scale, ksize, padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.stoL(x, self.down_sample(x)).mul(self.res_scale)
+
+
+class MSNLAB(nn.Module):
+    """Multi-scale non-local attention block: patch sizes 3, 5, 7, 1x1 fusion, channel attention."""
+
+    def __init__(self, n_feats: int, res_scale: float, patch_sizes: tuple[int, ...] = (3, 5, 7)) -> None:
+        super().__init__()
+        for i, k in enumerate(patch_sizes, start=1):
+            self.add_module(f'atten{i}', MultiScaleAttention(n_feats, res_scale, k, k // 2))
+        self.n_branches = len(patch_sizes)
+        self.fusion = common.default_conv(n_feats * len(patch_sizes), n_feats, 1)
+        self.CA = ChannelAttention(n_feats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = [getattr(self, f'atten{i}')(x) for i in range(1, self.n_branches + 1)]
+        return x + self.CA(self.fusion(torch.cat(branches, dim=1)))
+
+
+class MSNLAN(nn.Module):
+    """head -> G/2 residual groups (outputs fused 1x1) -> MSNLAB -> G/2 residual groups, each after the first
+    fed with a 1x1 fusion of the previous output and the MSNLAB output -> conv, global skip -> upsampler."""
+
+    def __init__(
+        self,
+        scale: int = 4,
+        n_colors: int = 3,
+        n_feats: int = 64,
+        n_resgroups: int = 8,
+        n_resblocks: int = 9,
+        res_scale: float = 0.1,
+        rgb_range: float = 255,
+        rgb_mean: tuple[float, float, float] = MSNLAN_MEAN,
+    ) -> None:
+        super().__init__()
+        self.config = dict(scale=scale, n_colors=n_colors, n_feats=n_feats, n_resgroups=n_resgroups,
+                           n_resblocks=n_resblocks, res_scale=res_scale, rgb_range=rgb_range)
+        conv = common.default_conv
+        half = n_resgroups // 2
+        self.half = half
+        self.scale = scale
+        # Registration order fixes the state-dict order:
+        # sub_mean, fusion, add_mean, head, body, tail, fusion_list.
+        self.sub_mean = common.MeanShift(rgb_range, rgb_mean, sign=-1, n_colors=n_colors)
+        self.fusion = nn.Conv2d(n_feats * half, n_feats, 1, padding=0, bias=True)
+        self.add_mean = common.MeanShift(rgb_range, rgb_mean, sign=1, n_colors=n_colors)
+        self.head = nn.Sequential(conv(n_colors, n_feats, 3))
+        body: list[nn.Module] = [ResidualGroup(conv, n_feats, n_resblocks) for _ in range(half)]
+        body.append(MSNLAB(n_feats, res_scale))
+        body.extend(ResidualGroup(conv, n_feats, n_resblocks) for _ in range(half))
+        body.append(conv(n_feats, n_feats, 3))
+        self.body = nn.Sequential(*body)
+        self.tail = nn.Sequential(
+            common.Upsampler(conv, scale, n_feats, act=False),
+            nn.Conv2d(n_feats, n_colors, 3, padding=1),
+        )
+        self.fusion_list = nn.Sequential(
+            *[nn.Conv2d(n_feats * 2, n_feats, 1, padding=0, bias=True) for _ in range(max(half - 1, 0))]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.sub_mean(x))
+        head = x
+        first_half = []
+        for i in range(self.half):
+            x = self.body[i](x)
+            first_half.append(x)
+        nla = self.body[self.half](self.fusion(torch.cat(first_half, dim=1)))
+        y = nla
+        for j in range(self.half):
+            if j > 0:  # dense skip: every later group also sees the attention output
+                y = self.fusion_list[j - 1](torch.cat((y, nla), dim=1))
+            y = self.body[self.half + 1 + j](y)
+        y = self.body[2 * self.half + 1](y)
+        return self.add_mean(self.tail(head + y))
+
+    def chop_rule(self, scale: int) -> dict[str, int]:
+        """The published MSNLAN forward_chop: quarters rounded up to a multiple of the scale, smaller
+        quarters (its cross-scale attention is quadratic in the patch area)."""
+        return {'shave': 10, 'min_size': 3600 if scale == 4 else 4000, 'h_mult': scale, 'w_mult': scale}
+
+    @staticmethod
+    def infer_config(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
+        """The flags a state dict of this network was built with, as far as its keys and shapes tell
+        ({} when the keys are not an MSNLAN's: no RMAB branches)."""
+        if not common.count_indices(state, r'body\.(\d+)\.body\.\d+\.branch1\.'):
+            return {}
+        cfg: dict[str, object] = dict(common.infer_head(state))
+        cfg['scale'] = common.infer_scale(state, int(cfg.get('n_feats', 0)))
+        cfg['n_resgroups'] = common.count_indices(state, r'body\.(\d+)\.body\.\d+\.branch1\.')
+        cfg['n_resblocks'] = common.count_indices(state, r'body\.0\.body\.(\d+)\.branch1\.')
+        return cfg
