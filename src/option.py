@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--data_train', type=str, default='DIV2K', help="training sets, '+'-separated")
     g.add_argument('--data_test', type=str, default='DIV2K', help="test sets, '+'-separated")
     g.add_argument('--data_range', type=str, default='1-800/801-810', help='DIV2K train/test index ranges')
+    g.add_argument('--dir_cache', type=str, default='',
+                   help="folder for the decoded-image cache ('': <dataset>/bin, or ~/.cache/sr-data-cache "
+                        'when the dataset folder is read-only)')
     g.add_argument('--ext', type=str, default='sep', choices=('img', 'sep', 'sep_reset'),
                    help='img: decode images every time; sep: cache decoded images as .npy; '
                         'sep_reset: rebuild that cache')

@@ -1,0 +1,142 @@
+"""Image files, pixel conversions, training patches and augmentation (pure functions, no state).
+
+Decoded images are always uint8 HxWxC with C = 1 (grayscale) or 3 (RGB): alpha is dropped, 16-bit
+samples are scaled to 8 bits (rounded), other types are converted or refused with a UserError naming the
+file. The network's colour mode (`--n_colors`) is applied later, per sample, by `set_channel`, so caches
+do not depend on it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.gif')
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name (hidden files skipped)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    return sorted((Path(e.path) for e in entries
+                   if e.is_file() and not e.name.startswith('.') and Path(e.name).suffix.lower() in IMAGE_SUFFIXES),
+                  key=lambda p: p.name)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f'{type(exc).__name__}: {text[0]}' if text else type(exc).__name__
+
+
+GRAY_MODES = ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
+
+
+def image_header(path: Path) -> tuple[int, int, bool]:
+    """(height, width, is_grayscale) from the file header, without decoding the pixels."""
+    from PIL import Image  # Pillow comes with imageio; imported here to keep worker start-up light
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            gray = im.mode in GRAY_MODES
+    except Exception as exc:  # any decoder failure is the user's file, reported as one line
+        raise UserError(f'{path}: cannot read the image ({_first_line(exc)})') from None
+    return h, w, gray
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the file header."""
+    return image_header(path)[:2]
+
+
+def to_uint8(img: np.ndarray, path: Path | str = '<array>') -> np.ndarray:
+    """Any decoded image -> uint8 HxWxC, C in (1, 3): drop alpha, scale 16-bit, expand grayscale."""
+    if img.ndim == 4:  # animated formats: the first frame
+        img = img[0]
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[2] not in (1, 2, 3, 4):
+        raise UserError(f'{path}: expected a grayscale, RGB or RGBA image, got pixel array shape {img.shape}')
+    if img.shape[2] in (2, 4):
+        img = img[..., :-1]  # alpha
+    if img.dtype == np.uint8:
+        pass
+    elif img.dtype == np.bool_:
+        img = img.astype(np.uint8) * 255
+    elif img.dtype in (np.uint16, np.int32, np.uint32) and img.max(initial=0) <= 65535 and img.min(initial=0) >= 0:
+        # 16-bit: v * 255 / 65535 rounded (integer arithmetic, exact)
+        img = ((img.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    elif np.issubdtype(img.dtype, np.floating):
+        scale = 255.0 if float(np.nanmax(img, initial=0)) <= 1.0 else 1.0
+        img = np.clip(np.round(np.nan_to_num(img) * scale), 0, 255).astype(np.uint8)
+    else:
+        raise UserError(f'{path}: unsupported pixel type {img.dtype} (expected 8- or 16-bit samples)')
+    return np.ascontiguousarray(img)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode an image file to uint8 HxWxC (C 1 or 3); a UserError naming the file when it cannot be read."""
+    import imageio.v3 as iio
+
+    try:
+        img = iio.imread(path)
+    except Exception as exc:  # corrupt, truncated, or not an image: the user's file
+        raise UserError(f'{path}: cannot read the image ({_first_line(exc)})') from None
+    return to_uint8(np.asarray(img), path)
+
+
+def rgb_to_y(img: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 -> HxWx1 float32 BT.601 luma on 0..255 (16..235), as the published set_channel."""
+    x = img.astype(np.float32)
+    y = 16.0 + (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255.0
+    return y[..., None]
+
+
+def set_channel(img: np.ndarray, n_colors: int) -> np.ndarray:
+    """Match the network's colour mode: grayscale -> 3 equal channels, RGB -> Y when n_colors is 1."""
+    c = img.shape[2]
+    if n_colors == 3 and c == 1:
+        return np.repeat(img, 3, axis=2)
+    if n_colors == 1 and c == 3:
+        return rgb_to_y(img)
+    return img
+
+
+def to_tensor(img: np.ndarray, rgb_range: float) -> torch.Tensor:
+    """HxWxC (0..255) -> float32 CxHxW on 0..rgb_range."""
+    t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
+    return t.mul_(rgb_range / 255)
+
+
+def get_patch(lr: np.ndarray, hr: np.ndarray, patch_size: int, scale: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned random patches: HR patch_size x patch_size, LR patch_size/scale (patch_size is the HR size)."""
+    ip = patch_size // scale
+    ih, iw = lr.shape[:2]
+    iy = int(rng.integers(0, ih - ip + 1))
+    ix = int(rng.integers(0, iw - ip + 1))
+    ty, tx = iy * scale, ix * scale
+    return lr[iy:iy + ip, ix:ix + ip], hr[ty:ty + patch_size, tx:tx + patch_size]
+
+
+def augment(lr: np.ndarray, hr: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The published augmentation: horizontal flip, vertical flip, transpose, each with probability 1/2."""
+    hflip, vflip, rot90 = rng.random(3) < 0.5
+
+    def apply(img: np.ndarray) -> np.ndarray:
+        if hflip:
+            img = img[:, ::-1]
+        if vflip:
+            img = img[::-1]
+        if rot90:
+            img = img.transpose(1, 0, 2)
+        return img
+
+    return apply(lr), apply(hr)
