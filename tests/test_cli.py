@@ -1,0 +1,93 @@
+"""The command line: --help is the flag reference; user mistakes are one line and exit status 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = ROOT / 'src' / 'main.py'
+
+
+def _run(*argv: str, cwd: Path = ROOT, env_root: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    if env_root is not None:
+        env['SR_EXPERIMENT_ROOT'] = str(env_root)
+    return subprocess.run([sys.executable, str(MAIN), *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_lists_the_flags(tmp_path: Path) -> None:
+    r = _run('--help', cwd=tmp_path)  # from any working directory
+    assert r.returncode == 0, r.stderr
+    for flag in ('--test_every', '--decay', '--resume', '--save_results', '--loss', '--chop', '--debug'):
+        assert flag in r.stdout
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--no_such_flag'], 'unrecognized arguments: --no_such_flag'),
+    (['--epochs', 'many'], "--epochs: invalid int value: 'many'"),
+    (['--scale', 'x2'], '--scale'),
+    (['--resume', '-1'], '--load'),
+])
+def test_bad_flags_are_one_line(argv: list[str], expected: str, tmp_path: Path) -> None:
+    r = _run(*argv, env_root=tmp_path)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith('error: ') and expected in lines[0]
+    assert 'Traceback' not in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing written for a run that never started
+
+
+def test_missing_experiment_to_load(tmp_path: Path) -> None:
+    r = _run('--load', 'nothing_here', '--resume', '-1', env_root=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"error: --load nothing_here: {tmp_path / 'nothing_here'} holds no checkpoint to continue from"]
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    r = _run('--debug', '--scale', 'x2', env_root=tmp_path)
+    assert r.returncode == 1
+    assert 'Traceback' in r.stderr and 'UserError' in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith('error: --scale')
+
+
+def test_main_returns_instead_of_exiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import main
+
+    monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path))
+    assert main.main(['--save', '../escape']) == 1
+    assert capsys.readouterr().err.startswith('error: --save/--load')
+
+
+def test_experiment_root_ignores_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import utility
+
+    monkeypatch.delenv('SR_EXPERIMENT_ROOT', raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert utility.experiment_root() == ROOT / 'experiment'
+    monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path / 'x'))
+    assert utility.experiment_root() == tmp_path / 'x'
+
+
+def test_reset_deletes_in_python(tmp_path: Path) -> None:
+    import argparse
+
+    import utility
+
+    name = 'odd name; rm -rf $HOME'  # a shell would split this; shutil takes it as one folder name
+    old = tmp_path / name
+    (old / 'model').mkdir(parents=True)
+    (old / 'model' / 'model_latest.pt').write_bytes(b'old')
+    (old / 'optimizer.pt').write_bytes(b'old')
+    args = argparse.Namespace(save=name, load='', reset=True, resume=0, test_only=False)
+    ckp = utility.Checkpoint(args, root=tmp_path)
+    ckp.done()
+    assert sorted(p.name for p in old.iterdir()) == ['config.txt', 'log.txt']
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

@@ -1,0 +1,156 @@
+"""End to end on tiny data with the real data, model, loss and trainer: train, stop, resume, test_only.
+
+A tiny HSPAN learns from a folder of HR images (LR made by the project) and is scored on another.
+The learning rate halves every epoch (--decay 1-2-3-4), so a resume that restores the wrong LR, epoch or
+optimizer state shows up both in log.txt and in the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import main
+
+TINY = ['--model', 'HSPAN', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8', '--reduction', '2',
+        '--topk', '8', '--res_scale', '0.1', '--rgb_range', '1', '--scale', '2', '--patch_size', '16',
+        '--batch_size', '2', '--test_every', '2', '--print_every', '1', '--lr', '1e-3', '--decay', '1-2-3-4',
+        '--gamma', '0.5', '--save_models', '--n_threads', '0', '--data_train', 'Tiny', '--data_test', 'Mini']
+
+
+def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Blocky random colours: structure a 2x upscaler can partly learn."""
+    x = np.kron(rng.random((h // 4 + 1, w // 4 + 1, 3)), np.ones((4, 4, 1)))[:h, :w]
+    return (x * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """HR folders Tiny (training) and Mini (test) under one --dir_data, and an empty experiment root."""
+    import imageio.v3 as iio
+
+    base = tmp_path_factory.mktemp('e2e')
+    rng = np.random.default_rng(0)
+    for name, count, (h, w) in (('Tiny', 4, (40, 48)), ('Mini', 2, (24, 28))):
+        (base / 'data' / name).mkdir(parents=True)
+        for i in range(count):
+            iio.imwrite(base / 'data' / name / f'im{i}.png', _image(rng, h, w))
+    return {'data': base / 'data', 'exp': base / 'experiment'}
+
+
+def _main(world: dict, monkeypatch: pytest.MonkeyPatch, *argv: str) -> None:
+    monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(world['exp']))
+    assert main.main([*TINY, '--dir_data', str(world['data']), *argv]) == 0
+
+
+def _content(log: Path) -> list[str]:
+    """Training and evaluation lines of log.txt without timings (the only part that differs between equal
+    runs), and resume notes; each run's header (folder, model, loss) is left out."""
+    lines = log.read_text().splitlines()
+    return [re.sub(r'\t[0-9.]+\+[0-9.]+s$', '', ln) for ln in lines
+            if ln.startswith(('[', 'Evaluation:', 'Resumed', 'Skip'))]
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def runs(world: dict) -> dict:
+    """An uninterrupted 3-epoch run, and a 2-epoch run killed early in epoch 3, then resumed."""
+    mp = pytest.MonkeyPatch()
+    try:
+        _main(world, mp, '--save', 'full', '--epochs', '3')
+        _main(world, mp, '--save', 'part', '--epochs', '2')
+        part = world['exp'] / 'part'
+        # What a run killed early in epoch 3 leaves behind: lines after its last checkpoint.
+        with open(part / 'log.txt', 'a') as f:
+            f.write('[Epoch 3]\tLearning rate: 2.50e-04\n[2/4]\t[L1: 0.1234]\t0.0+0.0s\n')
+        _main(world, mp, '--load', 'part', '--resume', '-1', '--epochs', '3')
+    finally:
+        mp.undo()
+    return {'full': world['exp'] / 'full', 'part': world['exp'] / 'part'}
+
+
+def test_resume_continues_exactly(runs: dict) -> None:
+    full, part = runs['full'], runs['part']
+    part_lines = _content(part / 'log.txt')
+    assert part_lines.count('Resumed at epoch 2 (learning rate 2.50e-04)') == 1
+    part_lines.remove('Resumed at epoch 2 (learning rate 2.50e-04)')
+    # Same lines as the uninterrupted run: same LR per epoch, same losses and scores, nothing twice.
+    assert part_lines == _content(full / 'log.txt')
+    epochs = [ln for ln in part_lines if ln.startswith('[Epoch')]
+    assert epochs == ['[Epoch 1]\tLearning rate: 1.00e-03', '[Epoch 2]\tLearning rate: 5.00e-04',
+                      '[Epoch 3]\tLearning rate: 2.50e-04']
+    assert '[2/4]\t[L1: 0.1234]' in (part / 'log_discarded.txt').read_text()
+    headers = [ln for ln in (part / 'log.txt').read_text().splitlines() if ln.startswith('Experiment folder:')]
+    assert len(headers) == 2  # one per run
+    for name in ('model_latest.pt', 'model_3.pt'):
+        a, b = _weights(full / 'model' / name), _weights(part / 'model' / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    state = torch.load(part / 'optimizer.pt', map_location='cpu', weights_only=True)
+    assert state['epoch'] == 3
+    assert state['optimizer']['param_groups'][0]['lr'] == pytest.approx(1.25e-4)  # for epoch 4 (milestone 3 passed)
+    assert torch.load(part / 'loss_log.pt').shape == (3, 1)
+    assert torch.allclose(torch.load(part / 'psnr_log.pt'), torch.load(full / 'psnr_log.pt'), atol=1e-6)
+
+
+def test_experiment_folder_and_results_json(runs: dict) -> None:
+    full = runs['full']
+    for rel in ('config.txt', 'log.txt', 'optimizer.pt', 'psnr_log.pt', 'loss_log.pt', 'loss_L1.png',
+                'psnr_Mini.png', 'results.json', 'model/model_latest.pt', 'model/model_best.pt',
+                'model/model_1.pt', 'model/model_2.pt', 'model/model_3.pt'):
+        assert (full / rel).is_file(), rel
+    assert not list(full.rglob('*.tmp')), 'a temporary file was left behind'
+    assert torch.load(full / 'psnr_log.pt').shape == (3, 1, 1)
+
+    results = json.loads((full / 'results.json').read_text())
+    assert isinstance(results, list) and len(results) == 1
+    r = results[0]
+    assert {'dataset', 'scale', 'psnr', 'ssim', 'images', 'seconds'} <= r.keys()
+    assert (r['dataset'], r['scale'], r['images']) == ('Mini', 2, 2)
+    assert 5 < r['psnr'] < 60 and 0 < r['ssim'] <= 1 and r['seconds'] >= 0
+    last = [ln for ln in (full / 'log.txt').read_text().splitlines() if ln.startswith('[Mini x2]')][-1]
+    assert re.fullmatch(r'\[Mini x2\]  PSNR: \d+\.\d{3}  SSIM: \d\.\d{4}  \(Best: \d+\.\d{3} @epoch [123]\)', last)
+    assert f"PSNR: {r['psnr']:.3f}  SSIM: {r['ssim']:.4f}" in last
+
+
+def test_resume_from_numbered_checkpoint(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    part = runs['part']
+    _main(world, monkeypatch, '--load', 'part', '--resume', '2', '--epochs', '3')
+    lines = _content(part / 'log.txt')
+    assert [ln for ln in lines if ln.startswith('[Epoch')] == [
+        '[Epoch 1]\tLearning rate: 1.00e-03', '[Epoch 2]\tLearning rate: 5.00e-04',
+        '[Epoch 3]\tLearning rate: 2.50e-04']
+    assert any(ln.startswith('Resumed at epoch 2 from model_2.pt with fresh ADAM moments') for ln in lines)
+    assert len(torch.load(part / 'psnr_log.pt')) == 3
+
+
+def test_test_only_with_pre_train(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = runs['full']
+    _main(world, monkeypatch, '--save', 'eval', '--test_only', '--save_results', '--save_gt',
+          '--pre_train', str(full / 'model' / 'model_latest.pt'))
+    ev = world['exp'] / 'eval'
+    got = json.loads((ev / 'results.json').read_text())
+    want = json.loads((full / 'results.json').read_text())
+    assert [(e['dataset'], e['scale'], e['images']) for e in got] == [('Mini', 2, 2)]
+    assert got[0]['psnr'] == pytest.approx(want[0]['psnr'], abs=1e-9)
+    assert got[0]['ssim'] == pytest.approx(want[0]['ssim'], abs=1e-9)
+    for stem in ('im0', 'im1'):
+        for tag in ('SR', 'LR', 'HR'):
+            assert (ev / 'results-Mini' / f'{stem}_x2_{tag}.png').is_file()
+    assert not (ev / 'optimizer.pt').exists() and not (ev / 'model').exists()
+
+
+def test_existing_run_is_not_overwritten(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(world['exp']))
+    assert main.main([*TINY, '--dir_data', str(world['data']), '--save', 'full']) == 1
+    assert '--reset' in capsys.readouterr().err
