@@ -203,8 +203,12 @@ class Trainer:
                             if hr_img.shape != sr_img.shape:
                                 raise UserError(f'{ds.name}/{stem} x{scale}: SR is {sr_img.shape[:2]} but HR is '
                                                 f'{hr_img.shape[:2]}; the LR file does not match its HR image')
-                            psnr = metrics.psnr(sr_img, hr_img, crop_border=scale)
-                            ssim = metrics.ssim(sr_img, hr_img, crop_border=scale)
+                            sr_m, hr_m = sr_img, hr_img
+                            if sr_img.shape[2] == 3 and ds.is_gray(stem):
+                                # A grayscale ground truth is scored on its single channel, not on Y.
+                                sr_m, hr_m = metrics.rgb_to_gray(sr_img), hr_img[..., :1]
+                            psnr = metrics.psnr(sr_m, hr_m, crop_border=scale)
+                            ssim = metrics.ssim(sr_m, hr_m, crop_border=scale)
                         if args.save_results:
                             self.ckp.save_image(ds.name, stem, scale, 'SR', sr_img)
                         if args.save_gt:

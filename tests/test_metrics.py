@@ -90,3 +90,11 @@ def test_tensor_to_image_quantizes_like_edsr():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match='shapes differ'):
         metrics.psnr(np.zeros((10, 10, 3), np.uint8), np.zeros((10, 12, 3), np.uint8), 0)
+
+
+def test_rgb_to_gray_is_the_channel_for_equal_channels_and_luma_otherwise():
+    g = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    rgb = np.repeat(g[..., None], 3, axis=2)
+    assert np.array_equal(metrics.rgb_to_gray(rgb)[..., 0], g)
+    px = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.uint8)
+    assert metrics.rgb_to_gray(px)[0, :, 0].tolist() == [76, 150, 29]
