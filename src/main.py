@@ -2,6 +2,9 @@
 
 The only place that exits the process. Mistakes a user can make end as one line, `error: <message>`,
 and exit status 1; --debug adds the traceback.
+
+`torchrun --nproc_per_node N main.py ...` runs the same program in N processes (DistributedDataParallel,
+see utility.init_distributed); an error every process hits alike is printed by rank 0 only.
 """
 
 from __future__ import annotations
@@ -9,12 +12,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 
 import option
 from errors import UserError
+
+RANK_ZERO_GRACE = 1.0  # seconds
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -41,22 +48,32 @@ def run(args: argparse.Namespace) -> None:
     import utility
     from trainer import Trainer
 
-    utility.seed_everything(args.seed)
-    ckp = utility.Checkpoint(args)
+    dist_env = utility.init_distributed(args)  # None unless started by torchrun
     try:
-        ckp.write_log(f'Experiment folder: {ckp.dir}')
-        loader = data.Data(args, log=ckp.write_log)
-        net = model.Model(args, log=ckp.write_log)
-        criterion = None
-        if not args.test_only:
-            criterion = loss.Loss(args, device=getattr(net, 'device', torch.device('cpu')))
-            ckp.write_log(f'Loss: {criterion.describe()}')
-        t = Trainer(args, loader, net, criterion, ckp)
-        while not t.terminate():
-            t.train()
-            t.test()
+        rank, world = (dist_env.rank, dist_env.world_size) if dist_env else (0, 1)
+        # The same seed everywhere while the network is built (DDP also broadcasts rank 0's weights).
+        utility.seed_everything(args.seed)
+        ckp = utility.Checkpoint(args)
+        try:
+            ckp.write_log(f'Experiment folder: {ckp.dir}')
+            if dist_env is not None:
+                ckp.write_log(f'Distributed: {world} processes ({dist_env.backend}); global batch '
+                              f'{args.batch_size} = {args.batch_size // world} per process')
+            loader = data.Data(args, rank, world, log=ckp.write_log)
+            net = model.Model(args, log=ckp.write_log)
+            criterion = None
+            if not args.test_only:
+                criterion = loss.Loss(args, device=getattr(net, 'device', torch.device('cpu')))
+                ckp.write_log(f'Loss: {criterion.describe()}')
+            t = Trainer(args, loader, net, criterion, ckp)
+            while not t.terminate():
+                t.train()
+                t.test()
+            utility.barrier()  # rank 0 finishes its last checkpoint before the job ends
+        finally:
+            ckp.done()
     finally:
-        ckp.done()
+        utility.destroy_distributed()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,12 +83,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
         run(args)
     except UserError as e:
+        # torchrun: an error all processes raise alike (utility.RankZeroError) is reported by rank 0.
+        if getattr(e, 'rank_zero_only', False) and os.environ.get('RANK', '0') != '0':
+            # Exit a moment after rank 0, which torchrun would otherwise stop before it has printed.
+            time.sleep(RANK_ZERO_GRACE)
+            return 1
         if debug:
             traceback.print_exc()
         print(f'error: {e}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print('interrupted: resume with --load <name> --resume -1', file=sys.stderr)
+        if os.environ.get('RANK', '0') == '0':
+            print('interrupted: resume with --load <name> --resume -1', file=sys.stderr)
         return 130
     return 0
 

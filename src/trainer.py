@@ -4,12 +4,20 @@ Checkpoints: the model files come from Model.save; everything else a resume need
 scheduler, epoch, evaluation history, loss log, log.txt positions) goes into one atomically written
 file, experiment/<name>/optimizer.pt, written last. So a run killed at any moment resumes from one
 consistent epoch, at exactly the learning rate it had reached.
+
+Under torchrun every process runs this loop on its share of each global batch (the model wrapper's DDP
+averages the gradients, so the step equals a single-process step on the whole batch); the loss values are
+averaged across processes before logging and before --skip_threshold decides, so all processes skip alike.
+Evaluation: each process scores its share of the test images, the scores are gathered in dataset order
+(so the means equal a single process's), and result images are sent to rank 0, the only writer. A resume
+is read by rank 0 and broadcast.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import itertools
 import math
 import sys
@@ -25,6 +33,7 @@ import utility
 from errors import UserError
 
 STATE_FORMAT = 1
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -58,7 +67,8 @@ class Trainer:
         self.loader_train = getattr(loader, 'loader_train', None)
         self.loader_test = list(loader.loader_test)
         self.device = getattr(model, 'device', torch.device('cpu'))
-        self.tty = _stdout_is_tty()
+        self.tty = _stdout_is_tty() and ckp.is_main  # progress bars on the process that logs
+        self.rank, self.world_size = utility.get_rank(), utility.get_world_size()
         self.epoch = 0  # finished epochs
         self.error_last = 1e8  # mean loss of the previous epoch, for --skip_threshold
         # One record per (evaluated epoch, dataset, scale): best tracking, plots and psnr_log.pt.
@@ -79,8 +89,16 @@ class Trainer:
             self.optimizer = make_optimizer(args, params)
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
                 self.optimizer, milestones=args.decay_milestones, gamma=args.gamma)
+        # --amp: the network's training forward under autocast; fp16 also needs loss scaling (a disabled
+        # GradScaler is a pass-through, so there is one code path).
+        amp = getattr(args, 'amp', 'off')
+        self.amp_dtype = AMP_DTYPES.get(amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == 'fp16' and not args.test_only)
+        if self.amp_dtype is not None and not args.test_only:
+            ckp.write_log(f'Mixed precision: {amp} autocast on {self.device.type}'
+                          + (' with a GradScaler' if self.scaler.is_enabled() else ''))
         if args.load:
-            self._resume()
+            self._resume_everywhere()
 
     # ================================================================== training
     def lr(self) -> float:
@@ -103,7 +121,9 @@ class Trainer:
         epoch = self.epoch + 1
         # Seeding per epoch makes an epoch's patches and flips depend on its number only, so a resumed
         # run draws the same data as an uninterrupted one.
-        utility.seed_everything(args.seed + epoch)
+        # Per-process seeds for anything random in the model or loss (rank 0 keeps the single-process seed);
+        # the patches themselves come from the batch sampler's keys and are the same for every process count.
+        utility.seed_everything(utility.rank_seed(args.seed + epoch, self.rank))
         sampler = getattr(self.loader_train, 'batch_sampler', None)
         if hasattr(sampler, 'set_epoch'):
             sampler.set_epoch(epoch - 1)
@@ -126,15 +146,18 @@ class Trainer:
             timer_model.tic()
 
             self.optimizer.zero_grad(set_to_none=True)
-            sr = self.model(lr_img, idx_scale)
-            loss = self.loss(sr, hr)
-            value = self.loss.last_total()
+            with self._autocast():
+                sr = self.model(lr_img, idx_scale)
+            loss = self.loss(sr.float(), hr)  # the loss in float32, whatever the forward ran in
+            value = self._synced_loss_value()
             # NaN/inf fail this comparison too, so a diverging batch never reaches the weights.
             if value < args.skip_threshold * self.error_last:
-                loss.backward()
+                self.scaler.scale(loss).backward()
                 if args.gclip > 0:
+                    self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
                     torch.nn.utils.clip_grad_value_(self.model.parameters(), args.gclip)
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 self.loss.record()
             else:
                 self.ckp.write_log(f'Skip batch {batch + 1}: loss {value:.4g} is over --skip_threshold '
@@ -160,14 +183,75 @@ class Trainer:
         self.loss.step_epoch()
         self.epoch = epoch
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _synced_loss_value(self) -> float:
+        """The batch's total loss, averaged over processes under torchrun.
+
+        Each process holds the mean over its equal share of the global batch, so the average is the global
+        batch's loss: what a single process logs, and the same --skip_threshold decision on every process
+        (one process skipping a backward that the others run would hang DDP).
+        """
+        if self.world_size > 1:
+            # Loss keeps the latest batch's per-term values in _last; they are replaced by the global ones.
+            self.loss._last = utility.all_reduce_mean(self.loss._last, self.device)
+        return self.loss.last_total()
+
     # ================================================================== evaluation
     def _forward_test(self, lr_img: torch.Tensor, idx_scale: int) -> torch.Tensor:
         chunks = lr_img.chunk(max(1, self.args.split_batch), dim=0)
         return torch.cat([self.model(c, idx_scale) for c in chunks], dim=0)
 
-    def _gather(self, scores: list[tuple[str, float | None, float | None]]) -> list:
-        """Per-image scores of all processes (one process today; DDP gathers here)."""
-        return scores
+    def _gather(self, scores: list[tuple[int, tuple[str, float | None, float | None]]]) -> list:
+        """Per-image (stem, psnr, ssim) of all processes in dataset order, from this process's
+        (dataset index, score) pairs: the means then add up in the order a single process uses."""
+        pairs = [p for part in utility.all_gather_objects(scores) for p in part]
+        return [score for _, score in sorted(pairs, key=lambda p: p[0])]
+
+    def _write_images(self, dataset: str, scale: int, item: tuple[str, list] | None) -> None:
+        """Result images of one round (one image per process at most) written by rank 0 alone.
+
+        Every process calls this once per round, with None when it has no image left, so the gather
+        pairs up; images travel one round at a time, so rank 0 never holds a whole test set.
+        """
+        if not (self.args.save_results or self.args.save_gt):
+            return
+        for got in utility.gather_to_main(item) or []:
+            if got is None:
+                continue
+            stem, images = got
+            for tag, img in images:
+                self.ckp.save_image(dataset, stem, scale, tag, img)
+
+    def _score(self, ds: object, scale: int, lr_img: torch.Tensor, hr: torch.Tensor, sr: torch.Tensor,
+               stem: str) -> tuple[tuple[str, float | None, float | None], list]:
+        """(stem, PSNR, SSIM) of one image (None without ground truth) and the images to save."""
+        args = self.args
+        sr_img = metrics.tensor_to_image(sr[0].float().cpu(), args.rgb_range)
+        psnr = ssim = None
+        hr_img = None
+        if ds.has_gt:
+            hr_img = metrics.tensor_to_image(hr[0].float().cpu(), args.rgb_range)
+            if hr_img.shape != sr_img.shape:
+                raise UserError(f'{ds.name}/{stem} x{scale}: SR is {sr_img.shape[:2]} but HR is '
+                                f'{hr_img.shape[:2]}; the LR file does not match its HR image')
+            sr_m, hr_m = sr_img, hr_img
+            if sr_img.shape[2] == 3 and ds.is_gray(stem):
+                # A grayscale ground truth is scored on its single channel, not on Y.
+                sr_m, hr_m = metrics.rgb_to_gray(sr_img), hr_img[..., :1]
+            psnr = metrics.psnr(sr_m, hr_m, crop_border=scale)
+            ssim = metrics.ssim(sr_m, hr_m, crop_border=scale)
+        images = []
+        if args.save_results:
+            images.append(('SR', sr_img))
+        if args.save_gt:
+            images.append(('LR', metrics.tensor_to_image(lr_img[0].float().cpu(), args.rgb_range)))
+            if hr_img is not None:
+                images.append(('HR', hr_img))
+        return (stem, psnr, ssim), images
 
     def _best(self, dataset: str, scale: int) -> tuple[float, int] | None:
         rows = [r for r in self.history
@@ -188,6 +272,9 @@ class Trainer:
         with torch.no_grad():
             for idx_data, d in enumerate(self.loader_test):
                 ds = d.dataset
+                # Dataset indices of this process's images, in loader order (all of them in one process).
+                positions = list(iter(d.sampler))
+                rounds = max(utility.all_gather_objects(len(positions)))
                 for idx_scale, scale in enumerate(args.scale):
                     ds.set_scale(idx_scale)
                     timer = utility.Timer()
@@ -196,27 +283,11 @@ class Trainer:
                                                      disable=not self.tty, file=sys.stdout):
                         stem = filename[0] if isinstance(filename, (list, tuple)) else str(filename)
                         sr = self._forward_test(lr_img.to(self.device), idx_scale)
-                        sr_img = metrics.tensor_to_image(sr[0].float().cpu(), args.rgb_range)
-                        psnr = ssim = None
-                        if ds.has_gt:
-                            hr_img = metrics.tensor_to_image(hr[0].float().cpu(), args.rgb_range)
-                            if hr_img.shape != sr_img.shape:
-                                raise UserError(f'{ds.name}/{stem} x{scale}: SR is {sr_img.shape[:2]} but HR is '
-                                                f'{hr_img.shape[:2]}; the LR file does not match its HR image')
-                            sr_m, hr_m = sr_img, hr_img
-                            if sr_img.shape[2] == 3 and ds.is_gray(stem):
-                                # A grayscale ground truth is scored on its single channel, not on Y.
-                                sr_m, hr_m = metrics.rgb_to_gray(sr_img), hr_img[..., :1]
-                            psnr = metrics.psnr(sr_m, hr_m, crop_border=scale)
-                            ssim = metrics.ssim(sr_m, hr_m, crop_border=scale)
-                        if args.save_results:
-                            self.ckp.save_image(ds.name, stem, scale, 'SR', sr_img)
-                        if args.save_gt:
-                            self.ckp.save_image(ds.name, stem, scale, 'LR',
-                                                metrics.tensor_to_image(lr_img[0].float().cpu(), args.rgb_range))
-                            if ds.has_gt:
-                                self.ckp.save_image(ds.name, stem, scale, 'HR', hr_img)
-                        scores.append((stem, psnr, ssim))
+                        score, images = self._score(ds, scale, lr_img, hr, sr, stem)
+                        self._write_images(ds.name, scale, (stem, images))
+                        scores.append((positions[len(scores)], score))
+                    for _ in range(rounds - len(scores)):  # a process with fewer images still takes part
+                        self._write_images(ds.name, scale, None)
                     scores = self._gather(scores)
                     seconds = timer.toc()
                     entry = self._summarise(ds.name, scale, scores, seconds, epoch)
@@ -280,6 +351,7 @@ class Trainer:
             'scheduler': self.scheduler.state_dict(),
             'loss': self.loss.state(),
             'error_last': self.error_last,
+            'scaler': self.scaler.state_dict(),  # empty unless --amp fp16
             'history': list(self.history),
             'log_marks': list(self.log_marks),
         }
@@ -310,6 +382,43 @@ class Trainer:
             first = str(e).strip().splitlines()
             raise UserError(f'{source}: does not fit --model {self.args.model} with these flags '
                             f'({" ".join(first[1:3]) if len(first) > 1 else first[0]})') from None
+
+    def _resume_everywhere(self) -> None:
+        """--load under torchrun: rank 0 reads the experiment folder (the others may not see it) and
+        broadcasts the state; a problem it finds is raised on every process with its message."""
+        if self.world_size == 1:
+            self._resume()
+            return
+        problem = None
+        if self.rank == 0:
+            try:
+                self._resume()
+            except UserError as e:
+                problem = str(e)
+        problem = utility.broadcast_object(problem)
+        if problem is not None:
+            raise utility.RankZeroError(problem)
+        # Weights: tensor broadcasts straight into the parameters (the backend's own collective).
+        with torch.no_grad():
+            utility.broadcast_tensors(self.model.state_dict().values())
+        shared = None
+        if self.rank == 0:
+            shared = {'epoch': self.epoch, 'history': self.history, 'log_marks': self.log_marks,
+                      'error_last': self.error_last}
+            if self.optimizer is not None:
+                shared.update(optimizer=_to_cpu(self.optimizer.state_dict()),
+                              scheduler=self.scheduler.state_dict(), loss=_to_cpu(self.loss.state()),
+                              scaler=self.scaler.state_dict())
+        shared = utility.broadcast_object(shared)
+        if self.rank != 0:
+            self.epoch, self.history = shared['epoch'], shared['history']
+            self.log_marks, self.error_last = shared['log_marks'], shared['error_last']
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(shared['optimizer'])
+                self.scheduler.load_state_dict(shared['scheduler'])
+                self.loss.load(shared['loss'], epochs=len(shared['loss']['log']))
+                if shared['scaler']:
+                    self.scaler.load_state_dict(shared['scaler'])
 
     def _resume(self) -> None:
         """--load NAME: weights from optimizer.pt (--resume -1 or 0) or model/model_N.pt (--resume N)."""
@@ -347,6 +456,8 @@ class Trainer:
             self.optimizer.load_state_dict(state['optimizer'])
             self.scheduler.load_state_dict(state['scheduler'])
             self.error_last = state['error_last']
+            if state.get('scaler') and self.scaler.is_enabled():
+                self.scaler.load_state_dict(state['scaler'])
             note = f'Resumed at epoch {epoch} (learning rate {self.lr():.2e})'
         else:
             # Only the latest epoch's optimizer moments are kept: start them afresh on the scheduled LR.
@@ -378,6 +489,17 @@ class Trainer:
             self.test()
             return True
         return self.epoch >= self.args.epochs
+
+
+def _to_cpu(obj: object) -> object:
+    """A copy of nested dicts/lists with every tensor on the CPU (to pickle it for a broadcast)."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _plain_state_dict(model: torch.nn.Module) -> dict:

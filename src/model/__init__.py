@@ -4,11 +4,17 @@ A model is one file `src/model/<name>.py` with `make_model(args) -> nn.Module`; 
 case-insensitively (alias MSDSN -> msnlan). The wrapper owns the device, DataParallel, strict checkpoint
 loading, atomic saving, and the evaluation-time forwards: --chop (published forward_chop), --tile,
 --self_ensemble and --precision half.
+
+Under torchrun (an initialised process group of several processes) each process drives cuda:LOCAL_RANK (or
+the CPU) and training forwards go through DistributedDataParallel, which averages gradients across processes
+in backward; evaluation forwards use the plain network, so processes evaluating different images never wait
+on each other.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable, Mapping
 from importlib import import_module
@@ -30,6 +36,12 @@ HSPAN_CHOP = {'shave': 10, 'min_size': 120000, 'h_mult': 4, 'w_mult': 8}
 _MAKE_MODEL = re.compile(r'^def make_model\(', re.MULTILINE)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _distributed() -> bool:
+    """True inside a torchrun job of more than one process (process group initialised)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 # ---------------------------------------------------------------- registry
@@ -263,6 +275,15 @@ class Model(nn.Module):
                 raise UserError(f'--n_GPUs {n_gpus}: only {torch.cuda.device_count()} CUDA devices are visible')
             self.n_parallel = n_gpus
             self._runners = [nn.DataParallel(net, device_ids=list(range(n_gpus))) for net in self.nets]
+        # Training forwards: DDP under torchrun. Its construction broadcasts rank 0's weights, so every process
+        # starts equal; the plain list keeps 'module.' out of the wrapper's state dict.
+        self._train_runners: list[nn.Module] = self._runners
+        trainable = any(p.requires_grad for p in self.nets.parameters())
+        if _distributed() and trainable and not getattr(args, 'test_only', False):
+            if self.n_parallel > 1:
+                raise UserError(f'--n_GPUs {n_gpus} cannot be combined with torchrun: drop --n_GPUs')
+            ids = [self.device.index] if self.device.type == 'cuda' else None
+            self._train_runners = [nn.parallel.DistributedDataParallel(net, device_ids=ids) for net in self.nets]
 
     # ---- set-up helpers
 
@@ -273,6 +294,8 @@ class Model(nn.Module):
         if not torch.cuda.is_available():
             log('CUDA is not available: running on the CPU')
             return torch.device('cpu')
+        if _distributed():
+            return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))  # one GPU per torchrun process
         return torch.device('cuda')
 
     def _log_network(self, net: nn.Module, scale: int | None) -> None:
@@ -352,7 +375,7 @@ class Model(nn.Module):
         if hasattr(net, 'set_scale'):
             net.set_scale(self.idx_scale)
         if self.training:
-            return self._runners[self._index()](lr)
+            return self._train_runners[self._index()](lr)
         if self.self_ensemble:
             return self.forward_x8(lr, self._forward_one)
         return self._forward_one(lr)
