@@ -52,7 +52,8 @@ def _small_hspan(ref: dict, scale: int, impl: str) -> HSPAN:
     a = ref['small_args']
     return HSPAN(scale=scale, n_colors=a['n_colors'], n_feats=a['n_feats'], n_resgroups=a['n_resgroups'],
                  n_resblocks=a['n_resblocks'], reduction=a['reduction'], topk=a['topk'],
-                 res_scale=a['res_scale'], rgb_range=a['rgb_range'], hspa_impl=impl)
+                 res_scale=a['res_scale'], rgb_range=a['rgb_range'], hspa_impl=impl,
+                 hspa_block=256 if impl == 'fast' else 0)  # an explicit block size forces the blocked path
 
 
 @pytest.mark.parametrize('impl', IMPLS)

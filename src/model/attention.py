@@ -123,11 +123,18 @@ class _Embeddings(nn.Module):
         return self.res_scale * attended.transpose(1, 2).reshape(x.shape) + x
 
 
+# With impl='fast' and an automatic block size, batches whose whole score tensor has at most this many
+# entries (32 MiB in float32) use the dense operator: a few large operations beat the blocked algorithm's
+# many small ones on small maps (e.g. training patches), and the result is the same.
+DENSE_MAX_SCORES = 8 * 2**20
+
+
 class HSPA(_Embeddings):
     """High-Similarity-Pass Attention: x + res_scale * sparsemax(q k^T) v over all H*W positions.
 
     impl='dense' forms the (L, L) scores (published arithmetic); impl='fast' calls
-    model.hspa_fast.hspa_attention, the same result with bounded memory.
+    model.hspa_fast.hspa_attention, the same result with bounded memory (small maps with block_size 0
+    take the dense operator, see DENSE_MAX_SCORES).
     """
 
     def __init__(
@@ -149,7 +156,8 @@ class HSPA(_Embeddings):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.embed(x)
-        if self.impl == 'fast':
+        n, length = q.shape[:2]
+        if self.impl == 'fast' and (self.block_size or n * length * length > DENSE_MAX_SCORES):
             try:
                 from model.hspa_fast import hspa_attention
             except ModuleNotFoundError as e:  # pragma: no cover - only while the fast path is absent
