@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> None:
             if dist_env is not None:
                 ckp.write_log(f'Distributed: {world} processes ({dist_env.backend}); global batch '
                               f'{args.batch_size} = {args.batch_size // world} per process')
-            loader = data.Data(args, rank, world, log=ckp.write_log)
+            # The model first: a wrong --model or a checkpoint that does not fit is refused before any data work.
             net = model.Model(args, log=ckp.write_log)
+            loader = data.Data(args, rank, world, log=ckp.write_log)
             criterion = None
             if not args.test_only:
                 criterion = loss.Loss(args, device=getattr(net, 'device', torch.device('cpu')))

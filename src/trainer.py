@@ -196,8 +196,7 @@ class Trainer:
         (one process skipping a backward that the others run would hang DDP).
         """
         if self.world_size > 1:
-            # Loss keeps the latest batch's per-term values in _last; they are replaced by the global ones.
-            self.loss._last = utility.all_reduce_mean(self.loss._last, self.device)
+            self.loss.set_last_values(utility.all_reduce_mean(self.loss.last_values(), self.device))
         return self.loss.last_total()
 
     # ================================================================== evaluation

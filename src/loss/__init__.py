@@ -124,6 +124,16 @@ class Loss(nn.Module):
         else:
             self.log[-1] = float('nan')
 
+    def last_values(self) -> list[float]:
+        """The latest forward()'s per-column values (terms, then the total when there are several)."""
+        return list(self._last)
+
+    def set_last_values(self, values: list[float]) -> None:
+        """Replace them, e.g. by their average over processes, before record() and last_total()."""
+        if len(values) != len(self._last):
+            raise ValueError(f'expected {len(self._last)} loss values, got {len(values)}')
+        self._last = list(values)
+
     def last_total(self) -> float:
         """The latest forward()'s total (the value --skip_threshold is checked against)."""
         return self._last[-1]
