@@ -63,7 +63,7 @@ class HSPAM(nn.Module):
         n_resblocks: int,
         topk: int,
         attention: str = 'hspa',
-        hspa_impl: str = 'dense',
+        hspa_impl: str = 'fast',
         hspa_block: int = 0,
     ) -> None:
         super().__init__()
@@ -101,7 +101,7 @@ class HSPAN(nn.Module):
         res_scale: float = 0.1,
         rgb_range: float = 1,
         attention: str = 'hspa',
-        hspa_impl: str = 'dense',
+        hspa_impl: str = 'fast',
         hspa_block: int = 0,
         rgb_mean: tuple[float, float, float] = common.DIV2K_MEAN,
     ) -> None:
