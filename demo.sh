@@ -91,7 +91,7 @@ ablation() {
     local data; data=$(cpu_data)
     for att in hspa softmax none; do
         OMP_WAIT_POLICY=PASSIVE "$PYTHON" src/main.py --reset --save "ablation_$att" "${CPU_RECIPE[@]}" \
-            --attention "$att" --dir_data "$data" --dir_cache "$data/cache" --epochs 4 --test_every 150 --decay 3 "$@"
+            --attention "$att" --dir_data "$data" --dir_cache "$data/cache" --epochs 3 --test_every 150 --decay 2 "$@"
     done
     "$PYTHON" src/make_table.py experiment/ablation_hspa experiment/ablation_softmax experiment/ablation_none \
         --names HSPA softmax none --out experiment/ablation_table.md
