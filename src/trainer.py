@@ -31,6 +31,7 @@ from tqdm import tqdm
 import metrics
 import utility
 from errors import UserError
+from model import plain_state_dict
 
 STATE_FORMAT = 1
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -344,7 +345,7 @@ class Trainer:
         state = {
             'format': STATE_FORMAT,
             'epoch': self.epoch,
-            'model': _plain_state_dict(self.model),
+            'model': plain_state_dict(self.model),
             'optimizer_name': self.args.optimizer,
             'optimizer': self.optimizer.state_dict(),
             'scheduler': self.scheduler.state_dict(),
@@ -499,9 +500,3 @@ def _to_cpu(obj: object) -> object:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
-
-
-def _plain_state_dict(model: torch.nn.Module) -> dict:
-    """The wrapper's whole state (every per-scale network), on the CPU; DataParallel is not registered
-    in the wrapper, so no 'module.' prefixes."""
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
