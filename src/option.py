@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--decay', type=str, default='200',
                    help="epochs at which the LR is multiplied by --gamma, '-'-separated")
     g.add_argument('--gamma', type=float, default=0.5, help='learning-rate decay factor')
+    g.add_argument('--lr_schedule', default='step', choices=('step', 'cosine'),
+                   help='step: --decay/--gamma per epoch (published); cosine: per batch from --lr to --min_lr '
+                        'over --epochs x --test_every batches')
+    g.add_argument('--min_lr', type=float, default=0, help='final learning rate of --lr_schedule cosine')
+    g.add_argument('--warmup', type=int, default=0, help='batches of linear learning-rate warm-up (0: none)')
     g.add_argument('--optimizer', default='ADAM', choices=('SGD', 'ADAM', 'RMSprop'), help='optimizer')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     g.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.999), help='ADAM betas')
@@ -156,6 +161,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag in ('patch_size', 'batch_size', 'test_every', 'rgb_range', 'n_feats', 'print_every'):
         if getattr(args, flag) <= 0:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected a positive integer')
+    if args.warmup < 0:
+        raise UserError(f'--warmup {args.warmup}: expected 0 or more batches')
+    if args.lr_schedule == 'cosine' and args.epochs >= int(1e8) and not args.test_only:
+        raise UserError('--lr_schedule cosine needs --epochs > 0: the curve spans --epochs x --test_every batches')
     if args.n_threads < 0:
         raise UserError(f'--n_threads {args.n_threads}: expected 0 or more')
     if args.model.lower() == 'bicubic' and not args.test_only:

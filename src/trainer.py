@@ -54,6 +54,22 @@ def scheduled_lr(base_lr: float, milestones: list[int], gamma: float, epochs_don
     return base_lr * gamma ** bisect.bisect_right(sorted(milestones), epochs_done)
 
 
+def batch_lr(args: argparse.Namespace, iteration: int) -> float:
+    """LR of training batch `iteration` (0-based, counted over all epochs) under --lr_schedule/--warmup.
+
+    A pure function of the batch number, so a resumed run follows the same curve. Cosine goes from --lr to
+    --min_lr over --epochs x --test_every batches; the warm-up ramps linearly up to the scheduled value.
+    """
+    if args.lr_schedule == 'cosine':
+        progress = min(1.0, iteration / max(1, args.epochs * args.test_every))
+        lr = args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        lr = scheduled_lr(args.lr, args.decay_milestones, args.gamma, iteration // args.test_every)
+    if iteration < args.warmup:
+        lr *= (iteration + 1) / args.warmup
+    return lr
+
+
 def _stdout_is_tty() -> bool:
     return sys.stdout.isatty()
 
@@ -105,6 +121,11 @@ class Trainer:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]['lr']
 
+    def _set_lr(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+        return lr
+
     def _batches(self) -> Iterator:
         """Exactly --test_every batches, restarting the loader if it runs out first."""
         def cycle() -> Iterator:
@@ -128,6 +149,11 @@ class Trainer:
         sampler = getattr(self.loader_train, 'batch_sampler', None)
         if hasattr(sampler, 'set_epoch'):
             sampler.set_epoch(epoch - 1)
+        # Cosine and warm-up set the LR per batch (the published step schedule changes it per epoch).
+        per_batch = getattr(args, 'lr_schedule', 'step') == 'cosine' or getattr(args, 'warmup', 0) > 0
+        first = (epoch - 1) * args.test_every
+        if per_batch:
+            self._set_lr(batch_lr(args, first))
         lr_now = self.lr()
         self.ckp.write_log(f'[Epoch {epoch}]\tLearning rate: {lr_now:.2e}')
         self.loss.start_log()
@@ -146,6 +172,8 @@ class Trainer:
             timer_data.hold()
             timer_model.tic()
 
+            if per_batch:
+                lr_now = self._set_lr(batch_lr(args, first + batch))
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 sr = self.model(lr_img, idx_scale)

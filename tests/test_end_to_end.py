@@ -154,3 +154,42 @@ def test_existing_run_is_not_overwritten(runs: dict, world: dict, monkeypatch: p
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(world['exp']))
     assert main.main([*TINY, '--dir_data', str(world['data']), '--save', 'full']) == 1
     assert '--reset' in capsys.readouterr().err
+
+
+def test_batch_lr_cosine_and_warmup() -> None:
+    from argparse import Namespace
+
+    from trainer import batch_lr
+
+    cos = Namespace(lr_schedule='cosine', lr=1e-3, min_lr=1e-5, epochs=2, test_every=50, warmup=0,
+                    decay_milestones=[], gamma=0.5)
+    assert batch_lr(cos, 0) == pytest.approx(1e-3)
+    assert batch_lr(cos, 50) == pytest.approx((1e-3 + 1e-5) / 2)  # half way: cos(pi/2) = 0
+    assert batch_lr(cos, 100) == pytest.approx(1e-5) and batch_lr(cos, 150) == pytest.approx(1e-5)
+    step = Namespace(lr_schedule='step', lr=1e-3, min_lr=0, epochs=4, test_every=10, warmup=5,
+                     decay_milestones=[1, 3], gamma=0.5)
+    assert [batch_lr(step, i) for i in (0, 4, 9, 10, 29, 30)] == pytest.approx(
+        [2e-4, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
+
+
+def test_cosine_warmup_resume_matches_uninterrupted(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-batch LRs depend on the batch number only: a 3-epoch run killed after epoch 2 and resumed ends
+    where the uninterrupted one does (the curve spans the planned --epochs, so the kill is simulated)."""
+    import trainer
+
+    cosine = ['--lr_schedule', 'cosine', '--warmup', '3', '--min_lr', '1e-5', '--epochs', '3']
+    _main(world, monkeypatch, '--save', 'cos_full', *cosine)
+    with monkeypatch.context() as m:
+        m.setattr(trainer.Trainer, 'terminate', lambda self: self.epoch >= 2)
+        _main(world, m, '--save', 'cos_part', *cosine)
+    _main(world, monkeypatch, '--load', 'cos_part', '--resume', '-1', *cosine)
+    full, part = world['exp'] / 'cos_full', world['exp'] / 'cos_part'
+    epochs = [ln for ln in _content(full / 'log.txt') if ln.startswith('[Epoch')]
+    # 6 batches over 3 epochs; warm-up over the first 3: batch 0 -> lr/3, batch 2 -> on the cosine, batch 4 too.
+    want = [1e-3 / 3, 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + np.cos(np.pi * 2 / 6)),
+            1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + np.cos(np.pi * 4 / 6))]
+    assert epochs == [f'[Epoch {i + 1}]\tLearning rate: {lr:.2e}' for i, lr in enumerate(want)]
+    a, b = _weights(full / 'model' / 'model_latest.pt'), _weights(part / 'model' / 'model_latest.pt')
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert torch.allclose(torch.load(part / 'psnr_log.pt'), torch.load(full / 'psnr_log.pt'), atol=1e-6)

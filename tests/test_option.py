@@ -48,6 +48,8 @@ def test_multi_scale_and_zero_epochs():
     (['--resume', '-1'], '--load'),
     (['--model', 'Bicubic'], '--test_only'),
     (['--batch_size', '0'], '--batch_size'),
+    (['--warmup', '-1'], '--warmup'),
+    (['--lr_schedule', 'cosine', '--epochs', '0'], '--lr_schedule cosine'),
 ])
 def test_bad_values_name_the_flag(argv, words):
     with pytest.raises(UserError, match=words):
