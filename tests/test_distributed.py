@@ -220,3 +220,28 @@ def test_torchrun_env_and_help() -> None:
         utility.torchrun_env({'RANK': '2', 'WORLD_SIZE': '2', 'LOCAL_RANK': '0'})
     assert utility.rank_seed(7, 0) == 7 and utility.rank_seed(7, 1) != 7
     assert 'global batch size' in ' '.join(option.build_parser().format_help().split())
+
+
+def test_shard_sampler_balances_test_images_by_size() -> None:
+    from data import ShardSampler
+
+    set5 = [256 * 256, 144 * 144, 128 * 128, 140 * 140, 114 * 114]  # LR pixels of Set5 x2
+    shards = [ShardSampler(5, r, 2, set5).indices for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(5))  # each image exactly once
+    assert shards == [[0], [1, 2, 3, 4]]  # the large image alone: loads 65,536 vs 69,732 pixels
+    # Round robin (i mod N) without costs; every image once for any process count.
+    assert [ShardSampler(5, r, 2).indices for r in range(2)] == [[0, 2, 4], [1, 3]]
+    costs = list(np.random.default_rng(0).integers(1, 1000, 23))
+    for n in (1, 3, 4):
+        parts = [ShardSampler(23, r, n, costs).indices for r in range(n)]
+        assert sorted(i for p in parts for i in p) == list(range(23))
+        loads = [sum(costs[i] for i in p) for p in parts]
+        assert max(loads) - min(loads) <= max(costs)  # LPT: within one image of balanced
+
+
+def test_test_sets_know_their_image_sizes(world: dict) -> None:
+    from data import make_dataset
+
+    args = option.parse([*TINY, '--dir_data', str(world['data']), '--dir_cache', str(world['cache'])])
+    ds = make_dataset('Set5', args, train=False, log=lambda _: None)
+    assert ds.hr_sizes == [(24, 28)] * 3

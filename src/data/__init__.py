@@ -118,10 +118,25 @@ class PatchBatchSampler(Sampler):
 
 
 class ShardSampler(Sampler):
-    """Indices rank, rank + world_size, ... of a test set (no padding, no duplicates)."""
+    """This process's share of a test set: each image goes to exactly one process (no padding).
 
-    def __init__(self, n_items: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, n_items, world_size))
+    With `costs` (e.g. pixel counts, the same on every process), the largest images are dealt first, each
+    to the process with the least work so far (longest-processing-time rule), so one large image does not
+    keep the other processes waiting; without, image i goes to process i mod world_size.
+    """
+
+    def __init__(self, n_items: int, rank: int, world_size: int, costs: Sequence[float] | None = None) -> None:
+        if costs is None:
+            self.indices = list(range(rank, n_items, world_size))
+            return
+        if len(costs) != n_items:
+            raise ValueError(f'ShardSampler: {len(costs)} costs for {n_items} items')
+        load = [0.0] * world_size
+        owner = [0] * n_items
+        for i in sorted(range(n_items), key=lambda i: (-costs[i], i)):
+            owner[i] = min(range(world_size), key=lambda r: (load[r], r))
+            load[owner[i]] += costs[i]
+        self.indices = [i for i in range(n_items) if owner[i] == rank]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -170,7 +185,9 @@ class Data:
         self.loader_test: list[DataLoader] = []
         for name in args.data_test:
             testset = make_dataset(name, args, train=False, log=log)
-            sampler = ShardSampler(len(testset), rank, world_size) if world_size > 1 else None
+            sizes = getattr(testset, 'hr_sizes', None)
+            costs = [h * w for h, w in sizes] if sizes is not None and len(sizes) == len(testset) else None
+            sampler = ShardSampler(len(testset), rank, world_size, costs) if world_size > 1 else None
             # No persistent workers: set_scale() changes the dataset between evaluations.
             self.loader_test.append(SRLoader(testset, batch_size=1, shuffle=False, sampler=sampler,
                                              num_workers=workers, pin_memory=pin))

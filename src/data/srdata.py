@@ -147,8 +147,10 @@ class SRData(Dataset):
         keep = []
         too_small = 0
         gray = set()
+        sizes = []
         for i, hr in enumerate(self.hr_files):
             h, w, is_gray = common.image_header(hr)
+            sizes.append((h, w))
             if is_gray:
                 gray.add(hr.stem)
             for s in self.scales:
@@ -166,6 +168,8 @@ class SRData(Dataset):
                 continue
             keep.append(i)
         self.gray_stems = frozenset(gray)
+        # HR (height, width) per image: what evaluation work an image costs, for sharding a test set.
+        self.hr_sizes = [sizes[i] for i in keep]
         if too_small:
             if not keep:
                 raise UserError(f'{self.flag} {self.name}: every image in {self.root} is smaller than '
