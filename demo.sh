@@ -46,8 +46,8 @@ quick() {
     # A small HSPAN (one HSPAM of 6 LEBs, 48 features) for 900 batches of 16: LR 4e-3 after a 50-batch
     # warm-up, cosine-annealed to 0 (the final low-LR phase is where most of the PSNR comes). --topk 128 (the
     # published value) only changes where the exact threshold search starts: fastest for these scores.
-    # Two single-threaded processes (DDP, gloo; 8 patches each, the same steps as one process) use 2 cores
-    # about 1.5x better than one process with 2 threads: HSPA is many small tensor operations.
+    # Two single-threaded processes (DDP, gloo; 8 patches each, the same steps as one process): 1.05x the
+    # speed of one process with 2 threads (benchmarks/cpu_processes.py).
     # QUICK_PROCS=N for N processes (16 must divide by N). Set5 is evaluated with --chop, as published.
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --standalone \
         --nproc_per_node "${QUICK_PROCS:-2}" src/main.py --cpu --reset --save quick --model HSPAN --scale 2 \
@@ -85,7 +85,7 @@ CPU_RECIPE=(--model HSPAN --scale 2 --rgb_range 1 --n_resgroups 1 --n_resblocks 
 cpu_recipe() {
     cd "$ROOT"
     local data; data=$(cpu_data)
-    # 2400 batches (4 epochs of 600, Set5 after each): about 30 minutes on 2 CPU cores.
+    # 2400 batches (4 epochs of 600, Set5 after each): about 50 minutes on one CPU core.
     OMP_WAIT_POLICY=PASSIVE "$PYTHON" src/main.py --reset --save cpu_hspan "${CPU_RECIPE[@]}" --dir_data "$data" \
         --dir_cache "$data/cache" --epochs 4 --test_every 600 "$@"
 }
