@@ -20,3 +20,17 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f'{path} is absent: ../shared (reference data) is not beside this checkout')
     return path
+
+
+def write_blocky_folders(data: Path, folders: tuple[tuple[str, int, tuple[int, int]], ...], seed: int = 0) -> None:
+    """HR-only image folders `data/<name>/im<i>.png` of blocky random colours (structure a 2x upscaler can
+    partly learn), for (name, count, (height, width)) in `folders`, drawn in that order from one seed."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for name, count, (h, w) in folders:
+        (data / name).mkdir(parents=True)
+        for i in range(count):
+            x = np.kron(rng.random((h // 4 + 1, w // 4 + 1, 3)), np.ones((4, 4, 1)))[:h, :w]
+            iio.imwrite(data / name / f'im{i}.png', (x * 255).astype(np.uint8))

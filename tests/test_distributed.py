@@ -21,7 +21,7 @@ import torch
 import main
 import option
 import utility
-from conftest import ROOT
+from conftest import ROOT, write_blocky_folders
 from errors import UserError
 
 TINY = ['--model', 'HSPAN', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8', '--reduction', '2',
@@ -32,21 +32,10 @@ TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--np
 RESULT_IMAGES = sorted(f'im{i}_x2_{t}.png' for i in range(3) for t in ('SR', 'LR', 'HR'))
 
 
-def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    x = np.kron(rng.random((h // 4 + 1, w // 4 + 1, 3)), np.ones((4, 4, 1)))[:h, :w]
-    return (x * 255).astype(np.uint8)
-
-
 @pytest.fixture(scope='module')
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    import imageio.v3 as iio
-
     base = tmp_path_factory.mktemp('ddp')
-    rng = np.random.default_rng(0)
-    for name, count, (h, w) in (('Tiny', 4, (40, 48)), ('Set5', 3, (24, 28))):
-        (base / 'data' / name).mkdir(parents=True)
-        for i in range(count):
-            iio.imwrite(base / 'data' / name / f'im{i}.png', _image(rng, h, w))
+    write_blocky_folders(base / 'data', (('Tiny', 4, (40, 48)), ('Set5', 3, (24, 28))))
     return {'data': base / 'data', 'exp': base / 'experiment', 'cache': base / 'cache'}
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import main
+from conftest import write_blocky_folders
 
 TINY = ['--model', 'HSPAN', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8', '--reduction', '2',
         '--topk', '8', '--res_scale', '0.1', '--rgb_range', '1', '--scale', '2', '--patch_size', '16',
@@ -23,23 +24,11 @@ TINY = ['--model', 'HSPAN', '--n_resgroups', '1', '--n_resblocks', '1', '--n_fea
         '--gamma', '0.5', '--save_models', '--n_threads', '0', '--data_train', 'Tiny', '--data_test', 'Mini']
 
 
-def _image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Blocky random colours: structure a 2x upscaler can partly learn."""
-    x = np.kron(rng.random((h // 4 + 1, w // 4 + 1, 3)), np.ones((4, 4, 1)))[:h, :w]
-    return (x * 255).astype(np.uint8)
-
-
 @pytest.fixture(scope='module')
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """HR folders Tiny (training) and Mini (test) under one --dir_data, and an empty experiment root."""
-    import imageio.v3 as iio
-
     base = tmp_path_factory.mktemp('e2e')
-    rng = np.random.default_rng(0)
-    for name, count, (h, w) in (('Tiny', 4, (40, 48)), ('Mini', 2, (24, 28))):
-        (base / 'data' / name).mkdir(parents=True)
-        for i in range(count):
-            iio.imwrite(base / 'data' / name / f'im{i}.png', _image(rng, h, w))
+    write_blocky_folders(base / 'data', (('Tiny', 4, (40, 48)), ('Mini', 2, (24, 28))))
     return {'data': base / 'data', 'exp': base / 'experiment'}
 
 
