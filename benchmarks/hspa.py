@@ -1,4 +1,4 @@
-"""Benchmark: published dense HSPA vs the blocked exact HSPA of src/model/hspa_fast.py (issue 4).
+"""Benchmark: the published dense HSPA vs the project's HSPA layer (default impl) and the score-matmul floor.
 
 Not a test. Memory: every (case, implementation) runs once in a fresh subprocess; the worker builds
 its inputs, resets the kernel's peak-RSS counter (/proc/self/clear_refs, "5"), runs the case once and
@@ -8,14 +8,17 @@ folder and compared by the parent. Time: one more subprocess per case builds bot
 runs them alternately ``--repeats`` times after a warm-up (median reported), so that load changes on a
 shared machine hit both alike.
 
-The module is one HSPA layer as published (1x1 conv + PReLU embeddings, C -> C/reduction for the
-matching, C -> C for the assembly; score = embed1 . embed2 over all positions; soft thresholding;
-weights @ assembly; residual), with random weights. The baseline reimplements the published algorithm:
-full (L x L) score matrix, top-k based threshold with the 2k retry, dense weights @ values, and its
-saved-output backward.
+The layer is ``model.attention.HSPA`` built with the published signature (channel 192, reduction 2,
+res_scale 0.1, topk 128; random weights) as the project runs it by default, or, with ``--features
+trained``, the HSPA layer of the quick demo's trained checkpoint (``--weights``) on the inputs it gets
+from 128x128 LR crops of Set5 and Set14. The baseline runs the same layer's embeddings through the
+published algorithm, reimplemented here: full (L x L) score matrix, top-k based threshold with the 2k
+retry, dense weights @ values, and its saved-output backward. The floor is the score matmul alone
+(q @ k^T for every query row, in blocks of 2048 rows into one buffer), timed in the same worker.
 
-    python benchmarks/hspa.py --omp-wait-policy PASSIVE    # README table 1 (--threads 1: table 2)
-    python benchmarks/hspa.py --sizes 48 96 --repeats 2 --no-train
+    python benchmarks/hspa.py                                   # random features, 48..256 and training
+    python benchmarks/hspa.py --features trained --sizes 128 --no-train \
+        --weights experiment/quick/model/model_latest.pt
 """
 
 from __future__ import annotations
@@ -99,57 +102,103 @@ def _published_st_function():
     return PublishedSoftThreshold
 
 
+QUICK_FLAGS = ['--model', 'HSPAN', '--scale', '2', '--rgb_range', '1', '--n_resgroups', '1', '--n_resblocks', '6',
+               '--n_feats', '48', '--reduction', '2', '--topk', '128', '--res_scale', '1']
+
+
+def _trained_input(spec: dict):
+    """The quick demo's trained HSPA layer and its input on LR crops of Set5/Set14 (x2, from the repo's
+    datasets/ or ../shared): the features a trained network gives its attention."""
+    import imageio.v3 as imageio
+    import numpy as np
+    import torch
+
+    import model as model_pkg
+    import option
+
+    args = option.parse(['--cpu', '--test_only', *QUICK_FLAGS])
+    net = model_pkg.make_network(args)
+    model_pkg.load_into(net, spec['weights'])
+    layer = next(m for m in net.modules() if type(m).__name__ == 'HSPA')
+    captured = []
+    layer.register_forward_pre_hook(lambda mod, inputs: captured.append(inputs[0].detach()))
+    size = spec['size']
+    crops = []
+    for name in spec['images'][: spec['batch']]:
+        img = imageio.imread(name)
+        img = img[..., None].repeat(3, -1) if img.ndim == 2 else img[..., :3]
+        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
+        top, left = max(0, (t.shape[1] - size) // 2), max(0, (t.shape[2] - size) // 2)
+        crops.append(t[:, top:top + size, left:left + size])
+    with torch.no_grad():
+        net.eval()
+        layer.impl = 'dense' if size * size <= 4096 else 'fast'   # only the input is wanted here
+        net(torch.stack(crops))
+    layer.impl = 'auto'
+    return layer, captured[0]
+
+
 def _build(spec: dict):
-    """The HSPA layer, its input and the function that runs one case."""
+    """The HSPA layer, its input and the functions that run one case: 'dense' (the published algorithm),
+    'project' (the layer as the project builds it, default impl) and 'floor' (the score matmuls only)."""
     import torch
     from torch import nn
 
     sys.path.insert(0, str(ROOT / 'src'))
-    from model.hspa_fast import hspa_attention
+    from model.attention import HSPA
 
     torch.manual_seed(spec['seed'])
-    c, r, topk = spec['channels'], spec['reduction'], spec['topk']
-
-    def embed(c_out: int) -> nn.Module:
-        return nn.Sequential(nn.Conv2d(c, c_out, 1), nn.PReLU())
-
-    layer = nn.ModuleDict({'match1': embed(c // r), 'match2': embed(c // r), 'assembly': embed(c)})
-    size, batch = spec['size'], spec['batch']
-    if spec.get('features', 'randn') == 'image':
-        # Crops of a real LR image through a random 3x3 conv, as in an untrained network: compressed
-        # scores (near-uniform rows, supports of tens of entries), the hard case for candidate search.
-        import imageio.v3 as imageio
-        import numpy as np
-
-        img = imageio.imread(ROOT.parent / 'shared' / 'data' / 'benchmark' / 'Set5' / 'LR_bicubic' / 'X2' /
-                             'img_001x2.png')[..., :3]
-        img = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
-        span = min(img.shape[1], img.shape[2]) - size
-        if span < 0:
-            raise ValueError(f'--features image needs --sizes <= {min(img.shape[1:])}')
-        crops = [img[:, (7 * i) % (span + 1):, (13 * i) % (span + 1):][:, :size, :size] for i in range(batch)]
-        with torch.no_grad():
-            x = nn.Conv2d(3, c, 3, padding=1)(torch.stack(crops))
+    size, batch, topk = spec['size'], spec['batch'], spec['topk']
+    if spec['features'] == 'trained':
+        layer, x = _trained_input(spec)
+        topk = layer.topk
     else:
-        x = torch.randn(batch, c, size, size)
+        # The block the paper offers for other networks, built with the published signature.
+        layer = HSPA(channel=spec['channels'], reduction=spec['reduction'], res_scale=0.1, topk=topk)
+        c = spec['channels']
+        if spec['features'] == 'image':
+            # Crops of a real LR image through a random 3x3 conv, as in an untrained network.
+            import imageio.v3 as imageio
+            import numpy as np
+
+            img = imageio.imread(spec['images'][0])[..., :3]
+            img = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255
+            span = min(img.shape[1], img.shape[2]) - size
+            if span < 0:
+                raise ValueError(f'--features image needs --sizes <= {min(img.shape[1:])}')
+            crops = [img[:, (7 * i) % (span + 1):, (13 * i) % (span + 1):][:, :size, :size] for i in range(batch)]
+            with torch.no_grad():
+                x = nn.Conv2d(3, c, 3, padding=1)(torch.stack(crops))
+        else:
+            x = torch.randn(batch, c, size, size)
+    if spec['block']:
+        layer.block_size = spec['block']
     st = _published_st_function()
 
     def forward(inp):
-        n, _, h, w = inp.shape
-        q = layer['match1'](inp).flatten(2).transpose(1, 2)      # (N, L, C/r)
-        k = layer['match2'](inp).flatten(2).transpose(1, 2)
-        v = layer['assembly'](inp).flatten(2).transpose(1, 2)    # (N, L, C)
+        q, k, v = layer.embed(inp)
         if spec['impl'] == 'dense-rows':
             # Published algorithm on a subset of query rows only (the full 256x256 case does not fit).
-            rows = torch.arange(0, h * w, spec['row_stride'])
+            rows = torch.arange(0, q.shape[1], spec['row_stride'])
             return torch.bmm(st.apply(torch.bmm(q[:, rows], k.transpose(1, 2)), topk), v).transpose(1, 2) + \
                 inp.flatten(2)[:, :, rows]
         if spec['impl'] == 'dense':
-            out = torch.bmm(st.apply(torch.bmm(q, k.transpose(1, 2)), topk), v)
-        else:
-            out = hspa_attention(q, k, v, topk, spec['block'])
-        return out.transpose(1, 2).reshape(n, -1, h, w) + inp
+            return layer.combine(torch.bmm(st.apply(torch.bmm(q, k.transpose(1, 2)), topk), v), inp)
+        return layer(inp)
 
+    if spec['impl'] == 'floor':
+        with torch.no_grad():
+            q, k, _ = layer.embed(x)
+        block = min(2048, q.shape[1])
+        buf = torch.empty(block, q.shape[1])
+
+        def floor():
+            for s in range(q.shape[0]):
+                for r0 in range(0, q.shape[1], block):
+                    rows = min(block, q.shape[1] - r0)
+                    torch.mm(q[s, r0:r0 + rows], k[s].t(), out=buf[:rows])
+            return {}
+        return floor
     if spec['mode'] == 'infer':
         def run():
             with torch.no_grad():
@@ -252,6 +301,20 @@ def _fmt_mib(x: float | None) -> str:
     return '—' if x is None else (f'{x / 1024:.2f} GiB' if x >= 1024 else f'{x:.0f} MiB')
 
 
+def _images(features: str) -> list[str]:
+    """LR x2 images for the image and trained cases: Set5 and Set14 from ../shared (Set5 from the repo's
+    datasets/ copy when ../shared is absent)."""
+    paths = []
+    for base in (ROOT.parent / 'shared' / 'data' / 'benchmark', ROOT / 'datasets' / 'benchmark'):
+        for name in ('Set5', 'Set14'):
+            folder = base / name / 'LR_bicubic' / 'X2'
+            if folder.is_dir() and not any(Path(p).parent.parent.parent.name == name for p in paths):
+                paths += [str(p) for p in sorted(folder.glob('*.png'))]
+    if features != 'randn' and not paths:
+        raise SystemExit('no Set5/Set14 LR images found under ../shared/data/benchmark or datasets/benchmark')
+    return paths
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--sizes', type=int, nargs='*', default=[48, 96, 128, 256], help='inference map sizes')
@@ -259,17 +322,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--reduction', type=int, default=2)
     p.add_argument('--topk', type=int, default=128)
     p.add_argument('--repeats', type=int, default=5, help='timed runs of each implementation (after a warm-up)')
+    p.add_argument('--batch', type=int, default=1, help='inference batch (trained features: crops of this '
+                   'many images; each inference case runs them as one batch)')
     p.add_argument('--train-batch', type=int, default=16)
     p.add_argument('--train-size', type=int, default=48)
     p.add_argument('--no-train', action='store_true', help='skip the training-step case')
-    p.add_argument('--block', type=int, default=0, help='hspa_attention block_size (0: from its budget)')
+    p.add_argument('--block', type=int, default=0, help='HSPA block_size (0: automatic)')
     p.add_argument('--threads', type=int, default=0, help='torch threads in the workers (0: torch default)')
-    p.add_argument('--features', choices=['randn', 'image'], default='randn',
-                   help='layer input: N(0,1) features, or crops of a Set5 LR image (../shared) through a '
-                        'random 3x3 conv (near-uniform scores)')
+    p.add_argument('--features', choices=['randn', 'image', 'trained'], default='randn',
+                   help='layer input: N(0,1) features; crops of a Set5 LR image through a random 3x3 conv; or '
+                        'the input of the trained quick-demo HSPA layer on Set5/Set14 crops (--weights)')
+    p.add_argument('--weights', default=str(ROOT / 'experiment' / 'quick' / 'model' / 'model_latest.pt'),
+                   help='checkpoint for --features trained (made by: bash demo.sh quick)')
     p.add_argument('--omp-wait-policy', choices=['PASSIVE', 'ACTIVE'],
-                   help='OMP_WAIT_POLICY for the workers; PASSIVE stops idle OpenMP threads from spinning, '
-                        'which matters when other jobs share the cores')
+                   help='OMP_WAIT_POLICY for the workers (default: unset, as a user runs it)')
     p.add_argument('--dense-limit-gib', type=float, default=8.0,
                    help='skip the dense baseline when its (L x L) score matrix alone exceeds this')
     p.add_argument('--check-rows', type=int, default=1024,
@@ -279,12 +345,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _cell_time(t: float | None, why: str | None) -> str:
+    return f'{t:.3f} s' if t is not None else f'skipped ({why})'
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return 0
-    cases = [('infer', s, 1) for s in args.sizes]
+    images = _images(args.features)
+    if args.features == 'trained' and not Path(args.weights).is_file():
+        raise SystemExit(f'--weights {args.weights}: no such checkpoint (make it with: bash demo.sh quick)')
+    cases = [('infer', s, args.batch) for s in args.sizes]
     if not args.no_train:
         cases.append(('train', args.train_size, args.train_batch))
     rows = []
@@ -296,46 +369,45 @@ def main(argv: list[str] | None = None) -> int:
             base = {'mode': mode, 'size': size, 'batch': batch, 'channels': args.channels,
                     'reduction': args.reduction, 'topk': args.topk, 'block': args.block, 'seed': args.seed,
                     'threads': args.threads, 'row_stride': row_stride, 'repeats': args.repeats,
-                    'features': args.features}
-            impls = ['fast'] if too_big else ['dense', 'fast']
+                    'features': args.features, 'weights': args.weights, 'images': images}
+            impls = ['project'] if too_big else ['dense', 'project']
             mem = {}
             for impl in impls + (['dense-rows'] if too_big and mode == 'infer' else []):
                 mem[impl] = _run_case({**base, 'kind': 'memory', 'impl': impl,
                                        'save': str(Path(tmp) / f'{mode}{size}_{impl}.pt')}, args.omp_wait_policy)
                 print(f'# {mode} {size}x{size} batch {batch} {impl} memory: {mem[impl]}', file=sys.stderr, flush=True)
-            timing = _run_case({**base, 'kind': 'time', 'impls': impls}, args.omp_wait_policy)
+            timing = _run_case({**base, 'kind': 'time', 'impls': impls + ['floor']}, args.omp_wait_policy)
             print(f'# {mode} {size}x{size} batch {batch} timing: {timing}', file=sys.stderr, flush=True)
             medians = timing.get('median_s', {})
-            dense = {'median_s': medians.get('dense'), 'extra_mib': mem.get('dense', {}).get('extra_mib'),
-                     'threads': timing.get('threads'),
-                     'skipped': f'{batch * length * length * 4 / 2**30:.0f} GiB score matrix' if too_big else None,
-                     'error': mem.get('dense', {}).get('error') or timing.get('error')}
-            fast = {'median_s': medians.get('fast'), 'extra_mib': mem['fast'].get('extra_mib'),
-                    'error': mem['fast'].get('error') or timing.get('error')}
             diff = None
-            fast_path = str(Path(tmp) / f'{mode}{size}_fast.pt')
-            if 'extra_mib' in mem['fast'] and 'extra_mib' in mem.get('dense', {}):
-                diff = _max_diff(fast_path, str(Path(tmp) / f'{mode}{size}_dense.pt'))
-            elif 'extra_mib' in mem['fast'] and 'extra_mib' in mem.get('dense-rows', {}):
-                diff = _max_diff(fast_path, str(Path(tmp) / f'{mode}{size}_dense-rows.pt'), row_stride)
+            ours = str(Path(tmp) / f'{mode}{size}_project.pt')
+            if 'extra_mib' in mem['project'] and 'extra_mib' in mem.get('dense', {}):
+                diff = _max_diff(ours, str(Path(tmp) / f'{mode}{size}_dense.pt'))
+            elif 'extra_mib' in mem['project'] and 'extra_mib' in mem.get('dense-rows', {}):
+                diff = _max_diff(ours, str(Path(tmp) / f'{mode}{size}_dense-rows.pt'), row_stride)
                 diff['rows'] = len(range(0, length, row_stride))
-            rows.append((mode, size, batch, dense, fast, diff))
-    threads = next((r.get('threads') for row in rows for r in row[3:5] if r.get('threads')), 0)
+            skipped = f'{batch * length * length * 4 / 2**30:.0f} GiB score matrix' if too_big else \
+                (mem.get('dense', {}).get('error') or timing.get('error'))
+            rows.append({'mode': mode, 'size': size, 'batch': batch, 'medians': medians, 'skipped': skipped,
+                         'dense_mib': mem.get('dense', {}).get('extra_mib'),
+                         'ours_mib': mem['project'].get('extra_mib'),
+                         'error': mem['project'].get('error') or timing.get('error'), 'diff': diff,
+                         'threads': timing.get('threads')})
+    threads = next((r['threads'] for r in rows if r['threads']), 0)
     print(f'Machine: {_machine(threads, args.omp_wait_policy)}; layer input: {args.features}\n')
-    print('| case | dense time | fast time | speed-up | dense extra mem | fast extra mem | mem ratio '
-          '| max abs diff (out) | max rel diff (input grad) |')
-    print('|---|---|---|---|---|---|---|---|---|')
-    for mode, size, batch, dense, fast, diff in rows:
-        name = f'{"inference" if mode == "infer" else "train step"} {size}x{size}, batch {batch}'
-        d_t, f_t = dense.get('median_s'), fast.get('median_s')
-        d_m, f_m = dense.get('extra_mib'), fast.get('extra_mib')
-        skipped = dense.get('skipped') or dense.get('error')
-        cells = [name,
-                 f'{d_t:.3f} s' if d_t is not None else f'skipped ({skipped})',
-                 f'{f_t:.3f} s' if f_t is not None else f'failed ({fast.get("error")})',
-                 f'{d_t / f_t:.1f}x' if d_t and f_t else '—',
-                 _fmt_mib(d_m), _fmt_mib(f_m),
-                 f'{d_m / f_m:.1f}x' if d_m and f_m else '—',
+    print('| case | dense time | project time | speed-up | score-matmul floor | project / floor | dense extra mem '
+          '| project extra mem | mem ratio | max abs diff (out) | max rel diff (input grad) |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        name = f'{"inference" if r["mode"] == "infer" else "train step"} {r["size"]}x{r["size"]}, batch {r["batch"]}'
+        d_t, o_t, f_t = (r['medians'].get(k) for k in ('dense', 'project', 'floor'))
+        d_m, o_m, diff = r['dense_mib'], r['ours_mib'], r['diff']
+        cells = [name, _cell_time(d_t, r['skipped']),
+                 f'{o_t:.3f} s' if o_t is not None else f'failed ({r["error"]})',
+                 f'{d_t / o_t:.1f}x' if d_t and o_t else '—',
+                 f'{f_t:.3f} s' if f_t is not None else '—',
+                 f'{o_t / f_t:.1f}x' if o_t and f_t else '—',
+                 _fmt_mib(d_m), _fmt_mib(o_m), f'{d_m / o_m:.1f}x' if d_m and o_m else '—',
                  (f'{diff["out"]:.1e}' + (f' ({diff["rows"]} rows)' if 'rows' in diff else '')) if diff else '—',
                  f'{diff["grad_rel"]:.1e}' if diff and diff['grad_rel'] is not None else '—']
         print('| ' + ' | '.join(cells) + ' |')

@@ -69,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--topk', type=int, default=128, help='top-k scores from which HSPA finds its threshold')
     g.add_argument('--attention', type=str, default='hspa', choices=('hspa', 'softmax', 'none'),
                    help='attention in the HSPAN slot: hspa (published), softmax non-local, or none (ablation)')
-    g.add_argument('--hspa_impl', type=str, default='fast', choices=('fast', 'dense'),
-                   help='HSPA algorithm: fast (blocked, exact) or dense (published, N x N scores)')
+    g.add_argument('--hspa_impl', type=str, default='auto', choices=('auto', 'dense', 'fast'),
+                   help='HSPA algorithm: auto (by device and size), fast (blocked, exact; native kernels on '
+                        'the CPU) or dense (published, N x N scores)')
     g.add_argument('--hspa_block', type=int, default=0,
-                   help='queries per block for the fast HSPA (0: chosen from a memory budget)')
+                   help='query rows per block for the fast HSPA (0: automatic, about 4 MiB of scores)')
 
     g = p.add_argument_group('training')
     g.add_argument('--reset', action='store_true', help='delete the experiment folder and start afresh')

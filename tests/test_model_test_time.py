@@ -9,14 +9,10 @@ import torch
 
 import model
 import option
-from conftest import SRC, shared_path
+from conftest import shared_path
 from errors import UserError
 
-FAST_EXISTS = (SRC / 'model' / 'hspa_fast.py').exists()
-IMPLS = [
-    'dense',
-    pytest.param('fast', marks=pytest.mark.skipif(not FAST_EXISTS, reason='src/model/hspa_fast.py does not exist yet')),
-]
+IMPLS = ['dense', 'fast', 'auto']  # every HSPA algorithm the flag can select
 # EDSR without residual blocks: head, body conv, upsampler conv (LR, radius 3) and tail conv (HR, radius 1):
 # every output pixel depends on LR pixels at most 4 away.
 TINY_EDSR = ['--model', 'EDSR', '--n_resblocks', '0', '--n_feats', '4', '--rgb_range', '1']

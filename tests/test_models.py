@@ -10,7 +10,7 @@ import torch
 
 import model
 import option
-from conftest import SRC, shared_path
+from conftest import shared_path
 from errors import UserError
 from model import common
 from model.edsr import EDSR
@@ -19,11 +19,7 @@ from model.msnlan import MSNLAN
 
 HSPAN_DEFAULT = dict(n_feats=192, n_resgroups=10, n_resblocks=4, reduction=2, topk=128)
 MSNLAN_DEFAULT = dict(n_feats=64, n_resgroups=8, n_resblocks=9)
-FAST_EXISTS = (SRC / 'model' / 'hspa_fast.py').exists()
-IMPLS = [
-    'dense',
-    pytest.param('fast', marks=pytest.mark.skipif(not FAST_EXISTS, reason='src/model/hspa_fast.py does not exist yet')),
-]
+IMPLS = ['dense', 'fast', 'auto']  # every HSPA algorithm the flag can select
 
 
 def _layout(name: str) -> dict:
@@ -104,7 +100,7 @@ def _args(*argv: str):
 def test_registry_case_insensitive_alias_and_discovery() -> None:
     names = model.registered_models()
     assert {'hspan', 'msnlan', 'edsr'} <= set(names)
-    assert not {'common', 'attention', 'hspa_fast'} & set(names)
+    assert not {'common', 'attention', 'hspa_blocked', 'hspa_kernel', 'sparsemax'} & set(names)
     for text in ('HSPAN', 'hspan', 'HsPaN'):
         assert model.resolve_model_name(text) == 'hspan'
     assert model.resolve_model_name('MSDSN') == 'msnlan'

@@ -26,6 +26,7 @@ from torch import nn
 
 from errors import UserError
 from fileio import atomic_torch_save
+from model import attention
 
 ALIASES = {'msdsn': 'msnlan'}
 # Checkpoint containers: a state dict is looked for under these keys, in this order.
@@ -307,6 +308,9 @@ class Model(nn.Module):
         at += f' ({cfg})' if cfg else ''
         self.log(f'Model {type(net).__name__}{at}: {n_params:,} parameters '
                  f'({n_train:,} trainable), device {self.device}')
+        impls = sorted({m.impl for m in net.modules() if isinstance(m, attention.HSPA)})
+        for impl in impls:
+            self.log(attention.describe_impl(impl, self.device))
 
     def _scaled_path(self, path: str, index: int) -> str:
         """Checkpoint path of network `index`: '{scale}' replaced; with several networks and no

@@ -30,7 +30,7 @@ def make_model(args: argparse.Namespace) -> nn.Module:
         res_scale=args.res_scale,
         rgb_range=args.rgb_range,
         attention=getattr(args, 'attention', 'hspa'),
-        hspa_impl=getattr(args, 'hspa_impl', 'dense'),
+        hspa_impl=getattr(args, 'hspa_impl', 'auto'),
         hspa_block=getattr(args, 'hspa_block', 0),
     )
 
@@ -63,7 +63,7 @@ class HSPAM(nn.Module):
         n_resblocks: int,
         topk: int,
         attention: str = 'hspa',
-        hspa_impl: str = 'fast',
+        hspa_impl: str = 'auto',
         hspa_block: int = 0,
     ) -> None:
         super().__init__()
@@ -101,7 +101,7 @@ class HSPAN(nn.Module):
         res_scale: float = 0.1,
         rgb_range: float = 1,
         attention: str = 'hspa',
-        hspa_impl: str = 'fast',
+        hspa_impl: str = 'auto',
         hspa_block: int = 0,
         rgb_mean: tuple[float, float, float] = common.DIV2K_MEAN,
     ) -> None:

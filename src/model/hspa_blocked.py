@@ -1,0 +1,214 @@
+"""Exact, memory-bounded HSPA: ``sparsemax(q @ k^T) @ v`` computed over blocks of query rows.
+
+``hspa_attention(q, k, v, topk)`` never holds the (L x L) score matrix. Each block of query rows of one
+sample gets its scores from one BLAS matmul into a reused buffer; the rest depends on the back-end:
+
+* ``native`` (CPU; the C kernels of model/hspa_kernel.c): the exact threshold of each row by Michelot's
+  iteration (a few vectorised masked sums over the row, no sort), then the row's support as CSR and its
+  output sum_j p_j v_j, which costs O(|support| * C) instead of O(L * C). The supports are kept for
+  backward while they fit in ``memory_budget`` (blocks beyond it are recomputed). Backward applies the
+  sparsemax Jacobian on the support only (dS = dP - mean over the support of dP) and gets dK and dV
+  through a transpose of each block's CSR.
+* ``torch`` (any device): the block's weights from ``model.sparsemax.soft_threshold`` and a dense
+  weights @ V; backward recomputes each block and differentiates it with autograd. It is the fallback
+  where the kernels cannot be compiled, and what CUDA uses for score tensors too large to form whole.
+
+Scores and thresholds are float32 (float64 when an input is float64) with autocast disabled inside, so
+the result is exact under mixed precision too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model import hspa_kernel
+from model.sparsemax import soft_threshold
+
+__all__ = ['DEFAULT_MEMORY_BUDGET', 'BLOCK_BYTES', 'choose_block_size', 'hspa_attention']
+
+# Score-block size when block_size is 0: 4 MiB stays in a typical L3 cache between the matmul that
+# writes it and the kernels that read it, and keeps the matmul's rows in the tens or more.
+BLOCK_BYTES = 4 * 2**20
+# Bytes of CSR supports (column + weight per entry) kept from forward for backward.
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+
+
+def choose_block_size(length: int, element_size: int = 4, block_bytes: int = BLOCK_BYTES) -> int:
+    """Query rows per block so that one (block x length) score buffer takes about ``block_bytes``."""
+    return int(max(1, min(length, max(32, block_bytes // max(1, length * element_size)))))
+
+
+class _Inputs:
+    """One call's query, key and value in the compute dtype, with the block layout."""
+
+    def __init__(self, query: Tensor, key: Tensor, value: Tensor, block_size: int) -> None:
+        dtype = torch.float64 if torch.float64 in (query.dtype, key.dtype, value.dtype) else torch.float32
+        self.q, self.k, self.v = (t.to(dtype).contiguous() for t in (query, key, value))
+        self.n, self.length, self.kwidth = self.q.shape
+        self.width = self.v.shape[2]
+        elem = torch.finfo(dtype).bits // 8
+        self.block = min(self.length, block_size if block_size > 0 else choose_block_size(self.length, elem))
+        self.k_t = self.k.transpose(1, 2)
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """(sample, first row, end row) of every block."""
+        return [(s, r0, min(r0 + self.block, self.length))
+                for s in range(self.n) for r0 in range(0, self.length, self.block)]
+
+
+class _Native:
+    """The C kernels over one call's blocks; ``supports[i]`` is block i's (crow, cols, p) or None."""
+
+    def __init__(self, x: _Inputs, lib: Any) -> None:
+        self.x, self.lib = x, lib
+        self.threads = max(1, torch.get_num_threads())
+        self._scores = torch.empty(x.block, x.length, dtype=x.q.dtype)
+
+    def _fn(self, name: str):
+        return hspa_kernel.function(self.lib, name, self.x.q.dtype)
+
+    def support(self, s: int, r0: int, r1: int, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """CSR support of block (s, r0, r1); with ``out``, also writes the block's output rows."""
+        x, p = self.x, hspa_kernel.ptr
+        rows = r1 - r0
+        scores = self._scores[:rows]
+        torch.mm(x.q[s, r0:r1], x.k_t[s], out=scores)
+        tau = torch.empty(rows, dtype=x.q.dtype)
+        nnz = torch.empty(rows, dtype=torch.int64)
+        self._fn('hspa_threshold')(p(scores), rows, x.length, p(tau), p(nnz), self.threads)
+        crow = torch.zeros(rows + 1, dtype=torch.int64)
+        torch.cumsum(nnz, 0, out=crow[1:])
+        total = int(crow[-1])
+        cols = torch.empty(total, dtype=torch.int32)
+        vals = torch.empty(total, dtype=x.q.dtype)
+        target = out if out is not None else torch.empty(rows, x.width, dtype=x.q.dtype)
+        self._fn('hspa_gather')(p(scores), rows, x.length, p(tau), p(crow), p(cols), p(vals), p(x.v[s]),
+                                x.width, p(target), self.threads)
+        return crow, cols, vals
+
+    def attend(self, s: int, r0: int, r1: int, out: Tensor) -> None:
+        """Output rows of block (s, r0, r1), keeping no support."""
+        x, p = self.x, hspa_kernel.ptr
+        scores = self._scores[:r1 - r0]
+        torch.mm(x.q[s, r0:r1], x.k_t[s], out=scores)
+        self._fn('hspa_attend')(p(scores), r1 - r0, x.length, p(x.v[s]), x.width, p(out), self.threads)
+
+    def forward(self, keep_bytes: int) -> tuple[Tensor, list]:
+        x = self.x
+        out = torch.empty(x.n, x.length, x.width, dtype=x.q.dtype)
+        supports: list = []
+        kept = 0
+        for s, r0, r1 in x.blocks():
+            if kept >= keep_bytes:
+                self.attend(s, r0, r1, out[s, r0:r1])
+                supports.append(None)
+                continue
+            crow, cols, vals = self.support(s, r0, r1, out[s, r0:r1])
+            size = crow.numel() * 8 + cols.numel() * (4 + vals.element_size())
+            if kept + size <= keep_bytes:
+                supports.append((crow, cols, vals))
+                kept += size
+            else:
+                supports.append(None)  # recomputed in backward
+        return out, supports
+
+    def backward(self, supports: list, grad: Tensor, needs: tuple[bool, bool, bool]) -> tuple[Tensor, ...]:
+        x, p = self.x, hspa_kernel.ptr
+        g = grad.to(x.q.dtype).contiguous()
+        dq, dk, dv = (torch.zeros_like(t) if need else None for t, need in zip((x.q, x.k, x.v), needs, strict=True))
+        for (s, r0, r1), saved in zip(x.blocks(), supports, strict=True):
+            crow, cols, vals = saved if saved is not None else self.support(s, r0, r1)
+            ds = torch.empty_like(vals)
+            rows = r1 - r0
+            self._fn('hspa_grad_rows')(p(crow), p(cols), rows, p(g[s, r0:r1]), p(x.v[s]), x.width, p(x.k[s]),
+                                       x.kwidth, p(ds), p(dq[s, r0:r1]) if dq is not None else None,
+                                       self.threads)
+            if dk is not None or dv is not None:
+                status = self._fn('hspa_grad_keys')(
+                    p(crow), p(cols), p(vals), p(ds), rows, x.length, p(x.q[s, r0:r1]), x.kwidth,
+                    p(g[s, r0:r1]), x.width, p(dk[s]) if dk is not None else None,
+                    p(dv[s]) if dv is not None else None, self.threads)
+                if status != 0:
+                    raise MemoryError('HSPA backward: out of memory for a block transpose')
+        return dq, dk, dv
+
+
+def _torch_block(x: _Inputs, s: int, r0: int, r1: int, q: Tensor, k: Tensor, v: Tensor, topk: int) -> Tensor:
+    return soft_threshold(q[r0:r1] @ k.transpose(0, 1), dim=-1, topk=topk) @ v
+
+
+def _torch_forward(x: _Inputs, topk: int) -> Tensor:
+    out = torch.empty(x.n, x.length, x.width, dtype=x.q.dtype, device=x.q.device)
+    for s, r0, r1 in x.blocks():
+        out[s, r0:r1] = _torch_block(x, s, r0, r1, x.q[s], x.k[s], x.v[s], topk)
+    return out
+
+
+def _torch_backward(x: _Inputs, topk: int, grad: Tensor, needs: tuple[bool, bool, bool]) -> tuple[Tensor, ...]:
+    g = grad.to(x.q.dtype)
+    dq, dk, dv = (torch.zeros_like(t) for t in (x.q, x.k, x.v))
+    for s, r0, r1 in x.blocks():
+        with torch.enable_grad():
+            leaves = [t[s].detach().requires_grad_(True) for t in (x.q, x.k, x.v)]
+            out = _torch_block(x, s, r0, r1, *leaves, topk)
+            grads = torch.autograd.grad(out, leaves, g[s, r0:r1])
+        for acc, part in zip((dq, dk, dv), grads, strict=True):
+            acc[s].add_(part)
+    return tuple(d if need else None for d, need in zip((dq, dk, dv), needs, strict=True))
+
+
+class _HSPAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, topk: int, block_size: int,
+                memory_budget: int, backend: str) -> Tensor:
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            x = _Inputs(query, key, value, block_size)
+            if backend == 'native':
+                engine = _Native(x, hspa_kernel.load())
+                out, ctx.supports = engine.forward(memory_budget if any(ctx.needs_input_grad[:3]) else 0)
+                ctx.engine = engine
+            else:
+                out = _torch_forward(x, topk)
+                ctx.inputs = x
+        ctx.topk, ctx.backend = topk, backend
+        ctx.dtypes = (query.dtype, key.dtype, value.dtype)
+        return out.to(value.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor):
+        needs = tuple(ctx.needs_input_grad[:3])
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            if ctx.backend == 'native':
+                grads = ctx.engine.backward(ctx.supports, grad, needs)
+            else:
+                grads = _torch_backward(ctx.inputs, ctx.topk, grad, needs)
+        grads = tuple(None if d is None else d.to(dtype) for d, dtype in zip(grads, ctx.dtypes, strict=True))
+        return (*grads, None, None, None, None)
+
+
+def hspa_attention(query: Tensor, key: Tensor, value: Tensor, topk: int, block_size: int = 0,
+                   memory_budget: int = DEFAULT_MEMORY_BUDGET, backend: str | None = None) -> Tensor:
+    """Exact ``sparsemax(query @ key^T, dim=-1) @ value`` over blocks of query rows.
+
+    query, key: (N, L, Ck); value: (N, L, C). ``topk`` is where the torch back-end's threshold search
+    starts (the native one needs none; neither result depends on it). ``block_size``: query rows per
+    block (0: about BLOCK_BYTES of scores). ``memory_budget``: bytes of supports kept for backward.
+    ``backend``: 'native' or 'torch'; None takes 'native' on the CPU when the kernels compile.
+    """
+    if query.dim() != 3 or key.shape != query.shape or value.dim() != 3 or value.shape[:2] != query.shape[:2]:
+        raise ValueError(f'hspa_attention expects query/key (N, L, Ck) and value (N, L, C); got '
+                         f'{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}')
+    if topk < 1 or block_size < 0:
+        raise ValueError(f'hspa_attention needs topk >= 1 and block_size >= 0; got {topk}, {block_size}')
+    if backend is None:
+        backend = 'native' if query.device.type == 'cpu' and hspa_kernel.load() is not None else 'torch'
+    if backend == 'native' and (query.device.type != 'cpu' or hspa_kernel.load() is None):
+        raise ValueError(f'the native HSPA kernel needs CPU tensors and a C compiler '
+                         f'({hspa_kernel.unavailable_reason() or "tensors are on " + str(query.device)})')
+    if backend not in ('native', 'torch'):
+        raise ValueError(f"hspa_attention backend must be 'native' or 'torch', got {backend!r}")
+    return _HSPAFunction.apply(query, key, value, topk, block_size, memory_budget, backend)

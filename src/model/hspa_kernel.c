@@ -1,0 +1,377 @@
+/* Exact sparsemax attention kernels for the CPU (HSPA), called through ctypes by model/hspa_blocked.py.
+ *
+ * The caller computes a block of scores S (rows x L) with a BLAS matmul; these kernels do the rest:
+ *   threshold   tau of each row by Michelot's iteration: Newton's method on
+ *               f(tau) = sum_j max(s_j - tau, 0) - 1, which rises monotonically to the exact threshold
+ *               and stops when the support stops shrinking. It starts from the threshold of a subset of
+ *               the row (a lower bound: any subset's threshold is), the lane-wise maxima of 16-vector
+ *               groups gathered during the max pass, so a full row usually takes two or three passes.
+ *               Each pass is one vectorised masked sum: no sort, no gather.
+ *   gather      the support of each row as CSR (column, p = s - tau) and the row's output sum_j p_j v_j.
+ *   grad_rows   dP on the support, the sparsemax Jacobian (dS = dP - mean over the support) and dQ.
+ *   grad_keys   dK and dV, by key, through a counting-sort transpose of the block's CSR.
+ * Rows are shared among threads in small chunks from a common counter (rows differ in cost).
+ * This file includes itself twice to define every kernel for float (suffix f32) and double (f64).
+ */
+#ifndef HSPA_T
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
+
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int64_t n, chunk;
+    int64_t *next;
+} worker_arg;
+
+static void *worker(void *p) {
+    worker_arg *a = (worker_arg *)p;
+    for (;;) {
+        int64_t b = __atomic_fetch_add(a->next, a->chunk, __ATOMIC_RELAXED);
+        if (b >= a->n) break;
+        a->fn(a->ctx, b, b + a->chunk < a->n ? b + a->chunk : a->n);
+    }
+    return NULL;
+}
+
+/* Runs fn over [0, n) in chunks on up to n_threads threads (the calling thread is one of them). */
+static void parallel_for(int64_t n, int64_t chunk, int n_threads, range_fn fn, void *ctx) {
+    if (n <= 0) return;
+    int64_t n_chunks = (n + chunk - 1) / chunk;
+    if (n_threads > 64) n_threads = 64;
+    if (n_threads > n_chunks) n_threads = (int)n_chunks;
+    int64_t next = 0;
+    worker_arg arg = {fn, ctx, n, chunk, &next};
+    pthread_t threads[64];
+    int started = 0;
+    for (int t = 1; t < n_threads; t++)
+        if (pthread_create(&threads[started], NULL, worker, &arg) == 0) started++;
+    worker(&arg);
+    for (int t = 0; t < started; t++) pthread_join(threads[t], NULL);
+}
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define GROUP 16 /* vectors per group whose lane-wise maximum joins the subset */
+
+#define HSPA_T float
+#define HSPA_I int32_t
+#define SFX f32
+#include "hspa_kernel.c"
+#undef HSPA_T
+#undef HSPA_I
+#undef SFX
+
+#define HSPA_T double
+#define HSPA_I int64_t
+#define SFX f64
+#include "hspa_kernel.c"
+
+#else /* the kernels for one element type HSPA_T (HSPA_I: the integer of the same width) */
+
+#define T HSPA_T
+#define W (int64_t)(64 / sizeof(T)) /* lanes of one 64-byte vector */
+typedef T CAT(vec, SFX) __attribute__((vector_size(64)));
+typedef HSPA_I CAT(ivec, SFX) __attribute__((vector_size(64)));
+typedef uint64_t CAT(uvec, SFX) __attribute__((vector_size(64)));
+#define VEC CAT(vec, SFX)
+#define IVEC CAT(ivec, SFX)
+#define UVEC CAT(uvec, SFX)
+
+static inline VEC CAT(load, SFX)(const T *p) { VEC v; memcpy(&v, p, sizeof v); return v; }
+static inline VEC CAT(splat, SFX)(T x) { VEC v; for (int l = 0; l < W; l++) v[l] = x; return v; }
+static inline VEC CAT(vmax, SFX)(VEC a, VEC b) { IVEC m = a > b; return (VEC)(((IVEC)a & m) | ((IVEC)b & ~m)); }
+static inline int CAT(any, SFX)(IVEC m) {
+    UVEC u = (UVEC)m;
+    uint64_t r = 0;
+    for (int l = 0; l < 8; l++) r |= u[l];
+    return r != 0;
+}
+
+/* Sum of (x - m) over x > t, and their count, for x in s[0..n). */
+static T CAT(masked_sum, SFX)(const T *s, int64_t n, T t, T m, int64_t *count) {
+    const VEC tv = CAT(splat, SFX)(t), mv = CAT(splat, SFX)(m);
+    VEC acc0 = CAT(splat, SFX)(0), acc1 = acc0;
+    IVEC cnt0 = (IVEC)CAT(splat, SFX)(0), cnt1 = cnt0;
+    int64_t j = 0;
+    for (; j + 2 * W <= n; j += 2 * W) {
+        VEC x0 = CAT(load, SFX)(s + j), x1 = CAT(load, SFX)(s + j + W);
+        IVEC k0 = x0 > tv, k1 = x1 > tv;
+        acc0 += (VEC)((IVEC)(x0 - mv) & k0);
+        acc1 += (VEC)((IVEC)(x1 - mv) & k1);
+        cnt0 -= k0;
+        cnt1 -= k1;
+    }
+    T sum = 0;
+    int64_t cnt = 0;
+    for (int l = 0; l < W; l++) { sum += acc0[l] + acc1[l]; cnt += cnt0[l] + cnt1[l]; }
+    for (; j < n; j++)
+        if (s[j] > t) { sum += s[j] - m; cnt++; }
+    *count = cnt;
+    return sum;
+}
+
+/* Michelot's iteration on s[0..n) with maximum m from the lower bound t; returns tau, sets *support. */
+static T CAT(michelot, SFX)(const T *s, int64_t n, T m, T t, int64_t *support) {
+    int64_t prev = n + 1, cnt;
+    for (;;) {
+        T sum = CAT(masked_sum, SFX)(s, n, t, m, &cnt);
+        if (cnt == 0) { t = (T)NAN; break; } /* a row of NaNs */
+        if (cnt >= prev) break;               /* the support stopped shrinking: t is exact */
+        prev = cnt;
+        t = m + (sum - (T)1) / (T)cnt;
+    }
+    *support = cnt;
+    return t;
+}
+
+/* Exact threshold of row s[0..n); *support = #{s > tau}. subset: work space of n / GROUP entries. */
+static T CAT(row_threshold, SFX)(const T *s, int64_t n, T *subset, int64_t *support) {
+    const int64_t groups = n / (W * GROUP);
+    VEC best = CAT(splat, SFX)(-INFINITY);
+    int64_t j = 0;
+    for (int64_t g = 0; g < groups; g++, j += W * GROUP) {
+        VEC gm = CAT(load, SFX)(s + j);
+        for (int v = 1; v < GROUP; v++) gm = CAT(vmax, SFX)(gm, CAT(load, SFX)(s + j + v * W));
+        if (subset) memcpy(subset + g * W, &gm, sizeof gm);
+        best = CAT(vmax, SFX)(best, gm);
+    }
+    T m = -INFINITY;
+    for (int l = 0; l < W; l++) m = best[l] > m ? best[l] : m;
+    for (; j < n; j++) m = s[j] > m ? s[j] : m;
+    T t = m - (T)1;
+    if (groups > 1 && subset) {
+        /* The subset's threshold bounds the row's from below; the margin covers its rounding. */
+        int64_t unused;
+        T bound = CAT(michelot, SFX)(subset, groups * W, m, t, &unused);
+        bound -= (T)1e-5 * ((T)1 + fabs((double)m));
+        t = bound > t ? bound : t;
+    }
+    return CAT(michelot, SFX)(s, n, m, t, support);
+}
+
+static T *CAT(subset_buffer, SFX)(int64_t n) {
+    const int64_t groups = n / (W * GROUP);
+    return groups > 1 ? malloc((size_t)groups * W * sizeof(T)) : NULL;
+}
+
+/* Appends the support of row s (entries > t) to cols/vals from index e; returns the new end. */
+static int64_t CAT(row_support, SFX)(const T *s, int64_t n, T t, int32_t *cols, T *vals, int64_t e) {
+    const VEC tv = CAT(splat, SFX)(t);
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+        if (!CAT(any, SFX)(CAT(load, SFX)(s + j) > tv)) continue;
+        for (int64_t l = j; l < j + W; l++)
+            if (s[l] > t) { cols[e] = (int32_t)l; vals[e] = s[l] - t; e++; }
+    }
+    for (; j < n; j++)
+        if (s[j] > t) { cols[e] = (int32_t)j; vals[e] = s[j] - t; e++; }
+    return e;
+}
+
+/* o[0..w) = sum over entries [e0, e1) of vals[e] * v[cols[e]] (a NaN threshold gives NaNs). */
+static void CAT(row_output, SFX)(const int32_t *cols, const T *vals, int64_t e0, int64_t e1, T t, const T *v,
+                                 int64_t w, T *o) {
+    for (int64_t d = 0; d < w; d++) o[d] = t == t ? (T)0 : (T)NAN;
+    for (int64_t k = e0; k < e1; k++) {
+        const T pk = vals[k], *vr = v + (int64_t)cols[k] * w;
+        for (int64_t d = 0; d < w; d++) o[d] += pk * vr[d];
+    }
+}
+
+typedef struct {
+    const T *s;
+    int64_t length;
+    T *tau;
+    int64_t *nnz;
+} CAT(threshold_ctx, SFX);
+
+static void CAT(threshold_range, SFX)(void *p, int64_t begin, int64_t end) {
+    CAT(threshold_ctx, SFX) *c = p;
+    T *subset = CAT(subset_buffer, SFX)(c->length);
+    for (int64_t i = begin; i < end; i++)
+        c->tau[i] = CAT(row_threshold, SFX)(c->s + i * c->length, c->length, subset, &c->nnz[i]);
+    free(subset);
+}
+
+void CAT(hspa_threshold, SFX)(const T *s, int64_t rows, int64_t length, T *tau, int64_t *nnz, int n_threads) {
+    CAT(threshold_ctx, SFX) c = {s, length, tau, nnz};
+    parallel_for(rows, 4, n_threads, CAT(threshold_range, SFX), &c);
+}
+
+typedef struct {
+    const T *s;
+    int64_t length;
+    const T *tau;
+    const int64_t *crow;
+    int32_t *cols;
+    T *vals;
+    const T *v;
+    int64_t width;
+    T *out;
+} CAT(gather_ctx, SFX);
+
+static void CAT(gather_range, SFX)(void *p, int64_t begin, int64_t end) {
+    CAT(gather_ctx, SFX) *c = p;
+    for (int64_t i = begin; i < end; i++) {
+        const T t = c->tau[i];
+        int64_t e = t == t ? CAT(row_support, SFX)(c->s + i * c->length, c->length, t, c->cols, c->vals, c->crow[i])
+                           : c->crow[i];
+        CAT(row_output, SFX)(c->cols, c->vals, c->crow[i], e, t, c->v, c->width, c->out + i * c->width);
+    }
+}
+
+void CAT(hspa_gather, SFX)(const T *s, int64_t rows, int64_t length, const T *tau, const int64_t *crow,
+                           int32_t *cols, T *vals, const T *v, int64_t width, T *out, int n_threads) {
+    CAT(gather_ctx, SFX) c = {s, length, tau, crow, cols, vals, v, width, out};
+    parallel_for(rows, 4, n_threads, CAT(gather_range, SFX), &c);
+}
+
+typedef struct {
+    const T *s;
+    int64_t length;
+    const T *v;
+    int64_t width;
+    T *out;
+} CAT(attend_ctx, SFX);
+
+static void CAT(attend_range, SFX)(void *p, int64_t begin, int64_t end) {
+    CAT(attend_ctx, SFX) *c = p;
+    const int64_t n = c->length;
+    T *subset = CAT(subset_buffer, SFX)(n);
+    int32_t *cols = malloc((size_t)n * sizeof(int32_t));
+    T *vals = malloc((size_t)n * sizeof(T));
+    for (int64_t i = begin; i < end; i++) {
+        const T *s = c->s + i * n;
+        int64_t nnz;
+        const T t = CAT(row_threshold, SFX)(s, n, subset, &nnz);
+        const int64_t e = t == t ? CAT(row_support, SFX)(s, n, t, cols, vals, 0) : 0;
+        CAT(row_output, SFX)(cols, vals, 0, e, t, c->v, c->width, c->out + i * c->width);
+    }
+    free(subset);
+    free(cols);
+    free(vals);
+}
+
+/* threshold + gather without keeping the support (inference): each row is read while still in cache. */
+void CAT(hspa_attend, SFX)(const T *s, int64_t rows, int64_t length, const T *v, int64_t width, T *out,
+                           int n_threads) {
+    CAT(attend_ctx, SFX) c = {s, length, v, width, out};
+    parallel_for(rows, 4, n_threads, CAT(attend_range, SFX), &c);
+}
+
+typedef struct {
+    const int64_t *crow;
+    const int32_t *cols;
+    const T *g, *v, *k;
+    int64_t width, kwidth;
+    T *ds, *dq;
+} CAT(rows_ctx, SFX);
+
+static void CAT(grad_rows_range, SFX)(void *p, int64_t begin, int64_t end) {
+    CAT(rows_ctx, SFX) *c = p;
+    const int64_t w = c->width, kw = c->kwidth;
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t e0 = c->crow[i], e1 = c->crow[i + 1];
+        if (e1 == e0) continue;
+        const T *g = c->g + i * w;
+        T total = 0;
+        for (int64_t e = e0; e < e1; e++) {
+            const T *vr = c->v + (int64_t)c->cols[e] * w;
+            T dot = 0;
+            for (int64_t d = 0; d < w; d++) dot += g[d] * vr[d];
+            c->ds[e] = dot;
+            total += dot;
+        }
+        const T mean = total / (T)(e1 - e0);
+        T *dq = c->dq ? c->dq + i * kw : NULL;
+        for (int64_t e = e0; e < e1; e++) {
+            const T d_s = c->ds[e] - mean;
+            c->ds[e] = d_s;
+            if (dq) {
+                const T *kr = c->k + (int64_t)c->cols[e] * kw;
+                for (int64_t d = 0; d < kw; d++) dq[d] += d_s * kr[d];
+            }
+        }
+    }
+}
+
+void CAT(hspa_grad_rows, SFX)(const int64_t *crow, const int32_t *cols, int64_t rows, const T *g, const T *v,
+                              int64_t width, const T *k, int64_t kwidth, T *ds, T *dq, int n_threads) {
+    CAT(rows_ctx, SFX) c = {crow, cols, g, v, k, width, kwidth, ds, dq};
+    parallel_for(rows, 8, n_threads, CAT(grad_rows_range, SFX), &c);
+}
+
+typedef struct {
+    const int64_t *kptr;
+    const int32_t *krow;
+    const T *kds, *kp, *q, *g;
+    int64_t kwidth, width;
+    T *dk, *dv;
+} CAT(keys_ctx, SFX);
+
+static void CAT(grad_keys_range, SFX)(void *p, int64_t begin, int64_t end) {
+    CAT(keys_ctx, SFX) *c = p;
+    const int64_t w = c->width, kw = c->kwidth;
+    for (int64_t j = begin; j < end; j++) {
+        T *dk = c->dk ? c->dk + j * kw : NULL;
+        T *dv = c->dv ? c->dv + j * w : NULL;
+        for (int64_t e = c->kptr[j]; e < c->kptr[j + 1]; e++) {
+            const int64_t r = c->krow[e];
+            if (dk) {
+                const T a = c->kds[e], *qr = c->q + r * kw;
+                for (int64_t d = 0; d < kw; d++) dk[d] += a * qr[d];
+            }
+            if (dv) {
+                const T a = c->kp[e], *gr = c->g + r * w;
+                for (int64_t d = 0; d < w; d++) dv[d] += a * gr[d];
+            }
+        }
+    }
+}
+
+/* Returns 0, or -1 when the transpose's work space cannot be allocated. */
+int CAT(hspa_grad_keys, SFX)(const int64_t *crow, const int32_t *cols, const T *vals, const T *ds, int64_t rows,
+                             int64_t length, const T *q, int64_t kwidth, const T *g, int64_t width, T *dk,
+                             T *dv, int n_threads) {
+    const int64_t nnz = crow[rows];
+    const size_t entries = (size_t)(nnz ? nnz : 1);
+    int64_t *kptr = calloc((size_t)length + 1, sizeof(int64_t));
+    int64_t *fill = malloc(((size_t)length + 1) * sizeof(int64_t));
+    int32_t *krow = malloc(entries * sizeof(int32_t));
+    T *kds = malloc(entries * sizeof(T)), *kp = malloc(entries * sizeof(T));
+    int status = -1;
+    if (kptr && fill && krow && kds && kp) {
+        for (int64_t e = 0; e < nnz; e++) kptr[cols[e] + 1]++;
+        for (int64_t j = 0; j < length; j++) kptr[j + 1] += kptr[j];
+        memcpy(fill, kptr, ((size_t)length + 1) * sizeof(int64_t));
+        for (int64_t i = 0; i < rows; i++)
+            for (int64_t e = crow[i]; e < crow[i + 1]; e++) {
+                const int64_t slot = fill[cols[e]]++;
+                krow[slot] = (int32_t)i;
+                kds[slot] = ds[e];
+                kp[slot] = vals[e];
+            }
+        CAT(keys_ctx, SFX) c = {kptr, krow, kds, kp, q, g, kwidth, width, dk, dv};
+        parallel_for(length, 16, n_threads, CAT(grad_keys_range, SFX), &c);
+        status = 0;
+    }
+    free(kptr);
+    free(fill);
+    free(krow);
+    free(kds);
+    free(kp);
+    return status;
+}
+
+#undef T
+#undef W
+#undef VEC
+#undef IVEC
+#undef UVEC
+#endif
