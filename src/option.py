@@ -69,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--topk', type=int, default=128, help='top-k scores from which HSPA finds its threshold')
     g.add_argument('--attention', type=str, default='hspa', choices=('hspa', 'softmax', 'none'),
                    help='attention in the HSPAN slot: hspa (published), softmax non-local, or none (ablation)')
-    g.add_argument('--hspa_impl', type=str, default='auto', choices=('auto', 'dense', 'fast'),
+    g.add_argument('--hspa_impl', type=str, default='auto', choices=('auto', 'dense', 'fast', 'triton'),
                    help='HSPA algorithm: auto (by device and size), fast (blocked, exact; native kernels on '
-                        'the CPU) or dense (published, N x N scores)')
+                        'the CPU), triton (fused exact kernels, CUDA) or dense (published, N x N scores)')
     g.add_argument('--hspa_block', type=int, default=0,
                    help='query rows per block for the fast HSPA (0: automatic, about 4 MiB of scores)')
 

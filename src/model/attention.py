@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import common, hspa_kernel
+from model import common, hspa_kernel, hspa_triton
 from model.hspa_blocked import hspa_attention
 from model.sparsemax import SoftThreshold, soft_threshold, sparsemax_threshold
 
@@ -41,35 +41,42 @@ class _Embeddings(nn.Module):
         return self.res_scale * attended.transpose(1, 2).reshape(x.shape) + x
 
 
-IMPLS = ('auto', 'dense', 'fast')
+IMPLS = ('auto', 'dense', 'fast', 'triton')
 # impl='auto' on CUDA forms the whole score tensor while it takes at most this share of free memory.
 CUDA_DENSE_SHARE = 0.25
 
 
 def choose_impl(impl: str, device: torch.device, batch: int, length: int, element_size: int = 4) -> str:
-    """'dense' or 'fast' for one forward. 'auto': on the CPU always 'fast' (exact and faster at every size
-    measured, see benchmarks/README.md); on CUDA 'dense' while the (batch, L, L) scores take at most
-    CUDA_DENSE_SHARE of the free memory, else 'fast' (its torch back-end)."""
+    """The algorithm of one forward: 'dense', 'fast' or 'triton'. 'auto': on the CPU always 'fast' (exact
+    and faster at every size measured, see benchmarks/README.md); on CUDA 'dense' while the (batch, L, L)
+    scores take at most CUDA_DENSE_SHARE of the free memory, else 'triton' (or 'fast', its torch
+    back-end, without the triton package)."""
     if impl != 'auto':
         return impl
     if device.type != 'cuda':
         return 'fast'
     free, _ = torch.cuda.mem_get_info(device)
-    return 'dense' if batch * length * length * element_size <= CUDA_DENSE_SHARE * free else 'fast'
+    if batch * length * length * element_size <= CUDA_DENSE_SHARE * free:
+        return 'dense'
+    return 'triton' if hspa_triton.available() else 'fast'
 
 
 def describe_impl(impl: str, device: torch.device) -> str:
     """One line saying which HSPA algorithm `impl` runs on `device`."""
     if impl == 'dense':
         return 'HSPA: dense (published algorithm, the full L x L scores)'
-    blocked = ('blocked exact, ' + hspa_kernel.describe() if device.type == 'cpu' and hspa_kernel.load()
-               else 'blocked exact, torch back-end' + (f' ({hspa_kernel.unavailable_reason()})'
-                                                       if device.type == 'cpu' else ''))
+    if impl == 'triton':
+        return 'HSPA: triton (fused exact kernels)'
+    if device.type == 'cpu':
+        blocked = (f'blocked exact, {hspa_kernel.describe()}' if hspa_kernel.load() is not None
+                   else f'blocked exact, torch back-end ({hspa_kernel.unavailable_reason()})')
+    else:
+        blocked = 'blocked exact, torch back-end'
     if impl == 'fast':
         return f'HSPA: fast ({blocked})'
     if device.type == 'cuda':
-        return (f'HSPA: auto (dense while the scores take <= {CUDA_DENSE_SHARE:.0%} of free GPU memory, '
-                f'else {blocked})')
+        large = 'triton (fused exact kernels)' if hspa_triton.available() else f'fast ({blocked})'
+        return f'HSPA: auto (dense while the scores take <= {CUDA_DENSE_SHARE:.0%} of free GPU memory, else {large})'
     return f'HSPA: auto -> fast ({blocked})'
 
 
@@ -77,8 +84,9 @@ class HSPA(_Embeddings):
     """High-Similarity-Pass Attention: x + res_scale * sparsemax(q k^T) v over all H*W positions.
 
     impl: 'dense' forms the (L, L) scores (published arithmetic); 'fast' calls
-    model.hspa_blocked.hspa_attention (same result, memory bounded, native kernels on the CPU); 'auto'
-    chooses per forward with `choose_impl`. block_size: query rows per block of 'fast' (0: automatic).
+    model.hspa_blocked.hspa_attention (same result, memory bounded, native kernels on the CPU); 'triton'
+    the fused kernels of model.hspa_triton (CUDA); 'auto' chooses per forward with `choose_impl`.
+    block_size: query rows per block of 'fast' (0: automatic).
     """
 
     def __init__(
@@ -105,8 +113,11 @@ class HSPA(_Embeddings):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.embed(x)
         n, length = q.shape[:2]
-        if choose_impl(self.impl, x.device, n, length) == 'fast':
+        impl = choose_impl(self.impl, x.device, n, length)
+        if impl == 'fast':
             attended = hspa_attention(q, k, v, self.topk, self.block_size)
+        elif impl == 'triton':
+            attended = hspa_triton.hspa_triton(q, k, v)
         else:
             scores = torch.matmul(q, k.transpose(1, 2))
             attended = torch.matmul(soft_threshold(scores, dim=-1, topk=self.topk), v)
