@@ -67,27 +67,27 @@ def test_main_returns_instead_of_exiting(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_experiment_root_ignores_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import utility
+    import experiment
 
     monkeypatch.delenv('SR_EXPERIMENT_ROOT', raising=False)
     monkeypatch.chdir(tmp_path)
-    assert utility.experiment_root() == ROOT / 'experiment'
+    assert experiment.experiment_root() == ROOT / 'experiment'
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path / 'x'))
-    assert utility.experiment_root() == tmp_path / 'x'
+    assert experiment.experiment_root() == tmp_path / 'x'
 
 
 def test_reset_deletes_in_python(tmp_path: Path) -> None:
     import argparse
 
-    import utility
+    import experiment
 
     name = 'odd name; rm -rf $HOME'  # a shell would split this; shutil takes it as one folder name
     old = tmp_path / name
     (old / 'model').mkdir(parents=True)
     (old / 'model' / 'model_latest.pt').write_bytes(b'old')
-    (old / 'optimizer.pt').write_bytes(b'old')
+    (old / 'training_state.pt').write_bytes(b'old')
     args = argparse.Namespace(save=name, load='', reset=True, resume=0, test_only=False)
-    ckp = utility.Checkpoint(args, root=tmp_path)
+    ckp = experiment.Experiment(args, root=tmp_path)
     ckp.done()
     assert sorted(p.name for p in old.iterdir()) == ['config.txt', 'log.txt']
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]

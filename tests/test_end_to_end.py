@@ -84,7 +84,7 @@ def test_resume_continues_exactly(runs: dict) -> None:
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
-    state = torch.load(part / 'optimizer.pt', map_location='cpu', weights_only=True)
+    state = torch.load(part / 'training_state.pt', map_location='cpu', weights_only=True)
     assert state['epoch'] == 3
     assert state['optimizer']['param_groups'][0]['lr'] == pytest.approx(1.25e-4)  # for epoch 4 (milestone 3 passed)
     assert torch.load(part / 'loss_log.pt').shape == (3, 1)
@@ -93,7 +93,7 @@ def test_resume_continues_exactly(runs: dict) -> None:
 
 def test_experiment_folder_and_results_json(runs: dict) -> None:
     full = runs['full']
-    for rel in ('config.txt', 'log.txt', 'optimizer.pt', 'psnr_log.pt', 'loss_log.pt', 'loss_L1.png',
+    for rel in ('config.txt', 'log.txt', 'training_state.pt', 'psnr_log.pt', 'loss_log.pt', 'loss_L1.png',
                 'psnr_Mini.png', 'results.json', 'model/model_latest.pt', 'model/model_best.pt',
                 'model/model_1.pt', 'model/model_2.pt', 'model/model_3.pt'):
         assert (full / rel).is_file(), rel
@@ -135,7 +135,7 @@ def test_test_only_with_pre_train(runs: dict, world: dict, monkeypatch: pytest.M
     for stem in ('im0', 'im1'):
         for tag in ('SR', 'LR', 'HR'):
             assert (ev / 'results-Mini' / f'{stem}_x2_{tag}.png').is_file()
-    assert not (ev / 'optimizer.pt').exists() and not (ev / 'model').exists()
+    assert not (ev / 'training_state.pt').exists() and not (ev / 'model').exists()
 
 
 def test_existing_run_is_not_overwritten(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch,
@@ -148,7 +148,7 @@ def test_existing_run_is_not_overwritten(runs: dict, world: dict, monkeypatch: p
 def test_batch_lr_cosine_and_warmup() -> None:
     from argparse import Namespace
 
-    from trainer import batch_lr
+    from schedule import lr_at as batch_lr
 
     cos = Namespace(lr_schedule='cosine', lr=1e-3, min_lr=1e-5, epochs=2, test_every=50, warmup=0,
                     decay_milestones=[], gamma=0.5)

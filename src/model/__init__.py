@@ -30,6 +30,8 @@ from fileio import atomic_torch_save
 ALIASES = {'msdsn': 'msnlan'}
 # Checkpoint containers: a state dict is looked for under these keys, in this order.
 WRAPPER_KEYS = ('params_ema', 'params', 'state_dict', 'model')
+# Model files this project reads, in the order they are looked for.
+CHECKPOINT_SUFFIXES = ('.pt', '.safetensors')
 # The published HSPAN forward_chop: overlap 10 LR pixels, split further while a quarter has >= 120000
 # pixels, quarter height/width rounded up to the next multiple of 4 / 8 (always adding at least 1).
 HSPAN_CHOP = {'shave': 10, 'min_size': 120000, 'h_mult': 4, 'w_mult': 8}
@@ -345,10 +347,29 @@ class Model(nn.Module):
 
     # ---- checkpoints
 
-    def load_state(self, path: str | Path) -> None:
+    def checkpoint_path(self, folder: str | Path, stem: str) -> Path:
+        """folder/model/<stem>.pt (or .safetensors when only that exists) of the first network."""
+        base = Path(folder) / 'model'
+        for suffix in CHECKPOINT_SUFFIXES:
+            if Path(self._scaled_path(str(base / f'{stem}{suffix}'), 0)).is_file():
+                return base / f'{stem}{suffix}'
+        return base / f'{stem}{CHECKPOINT_SUFFIXES[0]}'
+
+    def load_state(self, path: str | Path, flag: str = 'checkpoint') -> None:
         """Strictly load a checkpoint written by save() (per-scale files when there are several networks)."""
+        for i in range(len(self.nets)):
+            file = Path(self._scaled_path(str(path), i))
+            if not file.is_file():
+                have = sorted(p.name for p in file.parent.glob('model_*')) if file.parent.is_dir() else []
+                raise UserError(f'{flag}: {file} does not exist (have: {", ".join(have) or "none"}; '
+                                'per-epoch files need --save_models)')
         for i, net in enumerate(self.nets):
-            load_into(net, self._scaled_path(str(path), i), flag='checkpoint')
+            load_into(net, self._scaled_path(str(path), i), flag=flag)
+
+    def load_weights(self, state: Mapping[str, torch.Tensor], source: str) -> None:
+        """Strictly load this wrapper's own state dict (as in a training state); UserError naming the keys."""
+        check_state_fits(self, state, source)
+        self.load_state_dict(state, strict=True)
 
     def save(self, apath: str | Path, epoch: int, is_best: bool = False) -> None:
         """Write apath/model/model_latest.pt (+ model_best.pt, model_<epoch>.pt with --save_models):
