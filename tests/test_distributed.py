@@ -53,7 +53,10 @@ def _run(world: dict, *argv: str, ddp: bool, ok: bool = True) -> subprocess.Comp
 
 
 def _weights(path: Path) -> dict:
-    return torch.load(path, map_location='cpu', weights_only=True)
+    """The state dict of a model file (which also carries the network's configuration)."""
+    from model import read_state_dict
+
+    return read_state_dict(path)
 
 
 def _max_diff(a: dict, b: dict) -> float:

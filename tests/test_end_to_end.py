@@ -46,7 +46,10 @@ def _content(log: Path) -> list[str]:
 
 
 def _weights(path: Path) -> dict:
-    return torch.load(path, map_location='cpu', weights_only=True)
+    """The state dict of a model file (which also carries the network's configuration)."""
+    from model import read_state_dict
+
+    return read_state_dict(path)
 
 
 @pytest.fixture(scope='module')
@@ -136,6 +139,26 @@ def test_test_only_with_pre_train(runs: dict, world: dict, monkeypatch: pytest.M
         for tag in ('SR', 'LR', 'HR'):
             assert (ev / 'results-Mini' / f'{stem}_x2_{tag}.png').is_file()
     assert not (ev / 'training_state.pt').exists() and not (ev / 'model').exists()
+
+
+def test_checkpoint_rebuilds_its_network_without_architecture_flags(
+        runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The model files carry the network's configuration: --test_only --model HSPAN --pre_train <it> scores
+    what the training run's evaluation scored; a contradicting flag is refused in one line naming it."""
+    full = runs['full']
+    monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(world['exp']))
+    bare = ['--model', 'HSPAN', '--test_only', '--pre_train', str(full / 'model' / 'model_latest.pt'),
+            '--data_test', 'Mini', '--dir_data', str(world['data']), '--n_threads', '0']
+    assert main.main([*bare, '--save', 'rebuilt']) == 0
+    got = json.loads((world['exp'] / 'rebuilt' / 'results.json').read_text())
+    want = json.loads((full / 'results.json').read_text())
+    assert [(e['dataset'], e['scale']) for e in got] == [('Mini', 2)]
+    assert got[0]['psnr'] == pytest.approx(want[0]['psnr'], abs=1e-9)
+    assert got[0]['ssim'] == pytest.approx(want[0]['ssim'], abs=1e-9)
+    capsys.readouterr()
+    assert main.main([*bare, '--save', 'refused', '--n_feats', '32']) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: --n_feats 32 contradicts') and '--n_feats 8' in err[0]
 
 
 def test_existing_run_is_not_overwritten(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch,

@@ -10,7 +10,7 @@ import pytest
 
 import metrics
 from conftest import shared_path
-from data.imresize import contributions, imresize
+from imresize import contributions, imresize
 
 SETS = ('Set5', 'Set14', 'B100')
 SCALES = (2, 3, 4)

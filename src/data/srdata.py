@@ -39,8 +39,8 @@ import torch
 from torch.utils.data import Dataset
 
 from data import cache, common
-from data.imresize import imresize
 from errors import UserError
+from imresize import imresize
 
 logger = logging.getLogger('data')
 
