@@ -119,12 +119,12 @@ class Evaluator:
                    rounds: int) -> list[ImageScore]:
         """All processes' per-image scores of one test set at one scale, in dataset order."""
         mine: list[tuple[int, ImageScore]] = []
-        for lr_img, hr, filename in tqdm(loader, desc=f'{ds.name} x{scale}', ncols=100, leave=False,
-                                         disable=not self.progress, file=sys.stdout):
-            stem = filename[0] if isinstance(filename, (list, tuple)) else str(filename)
-            chunks = lr_img.to(self.device).chunk(max(1, self.args.split_batch), dim=0)
+        for item in tqdm(loader, desc=f'{ds.name} x{scale}', ncols=100, leave=False,  # data.common.TestItem
+                         disable=not self.progress, file=sys.stdout):
+            stem = item.name[0] if isinstance(item.name, (list, tuple)) else str(item.name)
+            chunks = item.lr.to(self.device).chunk(max(1, self.args.split_batch), dim=0)
             sr = torch.cat([self.model(c, idx_scale) for c in chunks], dim=0)
-            score, images = self._score(ds, scale, lr_img, hr, sr, stem)
+            score, images = self._score(ds, scale, item.lr, item.hr, sr, stem)
             self._write_images(ds.name, scale, (stem, images))
             mine.append((positions[len(mine)], score))
         for _ in range(rounds - len(mine)):  # a process with fewer images still takes part in each round

@@ -105,9 +105,9 @@ class Trainer:
         timer_data, timer_model = Timer(), Timer()
         bar = tqdm(total=args.test_every, desc=f'Epoch {epoch}', ncols=100, leave=False, disable=not self.tty,
                    file=sys.stdout)
-        for batch, (lr_img, hr, idx_scale) in enumerate(cycle_batches(self.loader_train, args.test_every)):
-            idx_scale = int(idx_scale.flatten()[0]) if torch.is_tensor(idx_scale) else int(idx_scale)
-            lr_img, hr = lr_img.to(self.device, non_blocking=True), hr.to(self.device, non_blocking=True)
+        for batch, item in enumerate(cycle_batches(self.loader_train, args.test_every)):  # data.common.TrainItem
+            idx_scale = int(item.idx_scale.flatten()[0]) if torch.is_tensor(item.idx_scale) else int(item.idx_scale)
+            lr_img, hr = item.lr.to(self.device, non_blocking=True), item.hr.to(self.device, non_blocking=True)
             timer_data.hold()
             timer_model.tic()
             lr_now = self._set_lr(first + batch)
