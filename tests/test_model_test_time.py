@@ -9,7 +9,7 @@ import torch
 
 import model
 import option
-from conftest import SRC, shared_path
+from conftest import SRC, load_reference
 from errors import UserError
 
 FAST_EXISTS = (SRC / 'model' / 'hspa_fast.py').exists()
@@ -39,7 +39,7 @@ def _plain(m: model.Model, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize('impl', IMPLS)
 def test_chop_reproduces_published_forward_chop(tmp_path: Path, impl: str) -> None:
-    ref = torch.load(shared_path('reference', 'hspan_reference.pt'), weights_only=True)
+    ref = load_reference('hspan')
     a = ref['small_args']
     torch.save(ref['x2_state'], tmp_path / 'x2.pt')
     flags = ['--model', 'HSPAN', '--scale', '2', '--n_resgroups', str(a['n_resgroups']),

@@ -10,7 +10,7 @@ import torch
 
 import model
 import option
-from conftest import SRC, shared_path
+from conftest import SRC, load_reference, reference_path
 from errors import UserError
 from model import common
 from model.edsr import EDSR
@@ -27,11 +27,11 @@ IMPLS = [
 
 
 def _layout(name: str) -> dict:
-    return json.loads(Path(shared_path('reference', f'{name}_layout.json')).read_text())
+    return json.loads(Path(reference_path(f'{name}_layout.json')).read_text())
 
 
 def _reference(name: str) -> dict:
-    return torch.load(shared_path('reference', f'{name}_reference.pt'), weights_only=True)
+    return load_reference(name)
 
 
 @pytest.mark.parametrize('scale', [2, 3, 4])
