@@ -38,7 +38,7 @@ def shared_path(*parts: str) -> Path:
         return reference_path(parts[1])
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f'{path} is absent: ../shared (reference data) is not beside this checkout')
+        pytest.skip(f'{path} is absent: ../shared (the benchmark and training image sets) is not beside this checkout')
     return path
 
 
