@@ -183,13 +183,17 @@ def validate(args: argparse.Namespace) -> None:
     is built: model/<name>.make_model)."""
     at_least = {'patch_size': 1, 'batch_size': 1, 'test_every': 1, 'rgb_range': 1, 'n_feats': 1, 'print_every': 1,
                 'n_resgroups': 1, 'n_resblocks': 0, 'reduction': 1, 'topk': 1, 'hspa_block': 0, 'tile': 0,
-                'tile_overlap': 0, 'split_batch': 1, 'n_GPUs': 1, 'gan_k': 1, 'warmup': 0, 'n_threads': 0}
+                'tile_overlap': 0, 'split_batch': 1, 'n_GPUs': 1, 'gan_k': 1, 'warmup': 0, 'n_threads': 0,
+                'epochs': 0, 'resume': -1}
     for flag, low in at_least.items():
         if getattr(args, flag) < low:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected an integer >= {low}')
-    for flag in ('lr', 'gamma'):
+    for flag in ('lr', 'gamma', 'epsilon', 'skip_threshold'):
         if not getattr(args, flag) > 0:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected a positive number')
+    for flag in ('gclip', 'weight_decay', 'momentum'):
+        if not getattr(args, flag) >= 0:
+            raise UserError(f'--{flag} {getattr(args, flag)}: expected 0 or a positive number')
     if args.min_lr < 0 or args.min_lr > args.lr:
         raise UserError(f'--min_lr {args.min_lr}: expected 0 <= min_lr <= --lr {args.lr}')
     if args.tile and args.chop:

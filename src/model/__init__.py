@@ -99,10 +99,14 @@ def check_model_flags(args: argparse.Namespace) -> None:
                         f'{", ".join("--" + f for f in module.FLAGS) or "no model flags"})')
 
 
-def adopt_checkpoint_config(args: argparse.Namespace, config: Mapping[str, object], source: str) -> None:
+def adopt_checkpoint_config(args: argparse.Namespace, config: Mapping[str, object], source: str) -> list[str]:
     """Set the flags a checkpoint's configuration states, so `--pre_train X` rebuilds its network; a flag
-    given on the command line that contradicts it is refused, naming both values."""
+    given on the command line that contradicts it is refused, naming both values. Returns the flags set
+    ('--n_feats 64', ...). With several --scale values the checkpoint's scale is left to the per-scale files."""
+    adopted = []
     for key, value in config.items():
+        if key not in vars(args) or (key == 'scale' and len(args.scale) > 1):
+            continue
         if key == 'model':
             given, current = args.model, resolve_model_name(args.model)
             value = resolve_model_name(str(value))
@@ -117,6 +121,8 @@ def adopt_checkpoint_config(args: argparse.Namespace, config: Mapping[str, objec
             shown = '+'.join(map(str, value)) if key == 'scale' else value
             raise UserError(f'--{key} {given} contradicts {source}, which was saved with --{key} {shown}')
         setattr(args, key, value)
+        adopted.append(f'--{key} {"+".join(map(str, value)) if key == "scale" else value}')
+    return adopted
 
 
 # ---------------------------------------------------------------- the wrapper
@@ -132,10 +138,11 @@ class Model(nn.Module):
         super().__init__()
         self.log = log
         pre_train = str(args.pre_train)
-        if pre_train not in ('', '.') and len(args.scale) == 1:
+        if pre_train not in ('', '.'):
             config = read_checkpoint(pre_train.replace('{scale}', str(args.scale[0])))[1]
-            if config is not None:
-                adopt_checkpoint_config(args, config, f'--pre_train {pre_train}')
+            adopted = adopt_checkpoint_config(args, config or {}, f'--pre_train {pre_train}')
+            if adopted:
+                log(f'From the checkpoint\'s configuration: {" ".join(adopted)}')
         self.name = resolve_model_name(args.model)
         check_model_flags(args)
         self.scales = list(args.scale)
