@@ -205,3 +205,23 @@ def test_cosine_warmup_resume_matches_uninterrupted(world: dict, monkeypatch: py
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     assert torch.allclose(torch.load(part / 'psnr_log.pt'), torch.load(full / 'psnr_log.pt'), atol=1e-6)
+
+
+def test_gan_discriminator_follows_the_one_schedule(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The discriminator's optimizer gets the network's learning rate, batch by batch (here cosine with
+    warm-up, which its own MultiStepLR used to ignore)."""
+    import option
+    import trainer
+    from schedule import lr_at
+
+    flags = ['--loss', '1*L1+0.01*GAN', '--lr_schedule', 'cosine', '--warmup', '1', '--epochs', '3']
+    with monkeypatch.context() as m:
+        m.setattr(trainer.Trainer, 'terminate', lambda self: self.epoch >= 1)
+        _main(world, m, '--save', 'gan', *flags)
+    state = torch.load(world['exp'] / 'gan' / 'training_state.pt', map_location='cpu', weights_only=True)
+    args = option.parse([*TINY, *flags])
+    next_lr = lr_at(args, args.test_every)  # the optimizers hold the LR of the next batch: 1e-3 * 0.75
+    assert next_lr not in (args.lr, args.lr * args.gamma)  # neither the base LR nor the step schedule's
+    assert state['optimizer']['param_groups'][0]['lr'] == pytest.approx(next_lr)
+    dis = state['loss']['modules']['1._extra_state']['optimizer']
+    assert [g['lr'] for g in dis['param_groups']] == pytest.approx([next_lr])
