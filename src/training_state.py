@@ -3,7 +3,8 @@
 It holds the weights, the optimizer, the loss log (and the GAN discriminator), the evaluation history, the
 --skip_threshold reference, the GradScaler and the log.txt positions of each checkpoint. It is written
 last at every checkpoint, atomically, so a run killed at any moment resumes from one consistent epoch.
-Files named optimizer.pt (format 1, written before this file had its name) are read as a fallback.
+An experiment folder without it is read from optimizer.pt (format 1: the same content plus a 'scheduler'
+entry, which the learning-rate schedule no longer needs).
 
 Under torchrun, rank 0 reads the file and the other processes receive it by broadcast (see
 Trainer.resume): one resume path for any number of processes.

@@ -125,6 +125,23 @@ def test_resume_from_numbered_checkpoint(runs: dict, world: dict, monkeypatch: p
     assert len(torch.load(part / 'psnr_log.pt')) == 3
 
 
+def test_resume_reads_an_older_optimizer_pt(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder whose training state is the older optimizer.pt (format 1, with a MultiStepLR state)."""
+    import shutil
+
+    old = world['exp'] / 'old_format'
+    shutil.copytree(runs['full'], old)
+    state = torch.load(old / 'training_state.pt', map_location='cpu', weights_only=True)
+    (old / 'training_state.pt').unlink()
+    state.update(format=1, scheduler={'milestones': {1: 1, 2: 1, 3: 1, 4: 1}, 'gamma': 0.5, 'last_epoch': 3})
+    torch.save(state, old / 'optimizer.pt')
+    _main(world, monkeypatch, '--load', 'old_format', '--resume', '-1', '--epochs', '4')
+    lines = _content(old / 'log.txt')
+    assert 'Resumed at epoch 3 (learning rate 1.25e-04)' in lines
+    assert [ln for ln in lines if ln.startswith('[Epoch')][-1] == '[Epoch 4]\tLearning rate: 1.25e-04'
+    assert torch.load(old / 'training_state.pt', weights_only=True)['epoch'] == 4
+
+
 def test_test_only_with_pre_train(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     full = runs['full']
     _main(world, monkeypatch, '--save', 'eval', '--test_only', '--save_results', '--save_gt',
