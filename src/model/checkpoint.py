@@ -18,6 +18,7 @@ from torch import nn
 
 from errors import UserError
 from fileio import atomic_write, atomic_write_bytes
+from model.contract import SRNetwork
 
 # Checkpoint containers: a state dict is looked for under these keys, in this order.
 WRAPPER_KEYS = ('params_ema', 'params', 'state_dict', 'model')
@@ -99,11 +100,10 @@ def _few(items: list[str], limit: int = 6) -> str:
 
 def likely_cause(net: nn.Module, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
     """Best guess at why `state` does not fit `net`, from the configuration each set of keys implies
-    (the network class's infer_config), else from how many keys the two share."""
-    infer = getattr(type(net), 'infer_config', None)
-    if infer is not None:
+    (SRNetwork.infer_config), else from how many keys the two share."""
+    if isinstance(net, SRNetwork):
         try:
-            mine, theirs = infer(own), infer(state)
+            mine, theirs = net.infer_config(own), net.infer_config(state)
         except Exception:  # a foreign layout can break the inference; fall back to the generic hints
             mine, theirs = {}, {}
         if mine and not theirs:
@@ -148,7 +148,7 @@ def load_into(net: nn.Module, path: str | Path, flag: str = '--pre_train') -> No
     """Strictly load the checkpoint at `path` into `net`, refusing (UserError) before changing anything."""
     state, config = read_checkpoint(path, flag)
     check_state_fits(net, state, f'{flag} {path}')
-    diffs = config_mismatches(config or {}, getattr(net, 'config', {}))
+    diffs = config_mismatches(config or {}, net.config if isinstance(net, SRNetwork) else {})
     if diffs:
         raise UserError(f'{flag} {path}: the checkpoint was built with {", ".join(diffs)}')
     net.load_state_dict(state, strict=True)
