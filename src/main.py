@@ -53,9 +53,12 @@ def run(args: argparse.Namespace) -> None:
         rank, world = (dist_env.rank, dist_env.world_size) if dist_env else (0, 1)
         # The same seed everywhere while the network is built (DDP also broadcasts rank 0's weights).
         seed_everything(args.seed)
+        adopted = model.configure(args)  # the checkpoint's architecture flags, before config.txt is written
         experiment = Experiment(args)
         try:
             experiment.write_log(f'Experiment folder: {experiment.dir}')
+            if adopted:
+                experiment.write_log(model.configuration_note(adopted))
             if dist_env is not None:
                 experiment.write_log(f'Distributed: {world} processes ({dist_env.backend}); global batch '
                                      f'{args.batch_size} = {args.batch_size // world} per process')

@@ -125,6 +125,23 @@ def adopt_checkpoint_config(args: argparse.Namespace, config: Mapping[str, objec
     return adopted
 
 
+def configuration_note(adopted: list[str]) -> str:
+    return f"From the checkpoint's configuration: {' '.join(adopted)}"
+
+
+def configure(args: argparse.Namespace) -> list[str]:
+    """Complete args from the --pre_train checkpoint's configuration and refuse model flags --model does not
+    read; returns the flags the checkpoint set. Called before anything is written (main), and again,
+    then setting nothing, by Model."""
+    adopted = []
+    pre_train = str(args.pre_train)
+    if pre_train not in ('', '.'):
+        config = read_checkpoint(pre_train.replace('{scale}', str(args.scale[0])))[1]
+        adopted = adopt_checkpoint_config(args, config or {}, f'--pre_train {pre_train}')
+    check_model_flags(args)
+    return adopted
+
+
 # ---------------------------------------------------------------- the wrapper
 
 class Model(nn.Module):
@@ -137,14 +154,11 @@ class Model(nn.Module):
     def __init__(self, args: argparse.Namespace, log: Callable[[str], Any] = print) -> None:
         super().__init__()
         self.log = log
-        pre_train = str(args.pre_train)
-        if pre_train not in ('', '.'):
-            config = read_checkpoint(pre_train.replace('{scale}', str(args.scale[0])))[1]
-            adopted = adopt_checkpoint_config(args, config or {}, f'--pre_train {pre_train}')
-            if adopted:
-                log(f'From the checkpoint\'s configuration: {" ".join(adopted)}')
+        adopted = configure(args)
+        if adopted:
+            log(configuration_note(adopted))
         self.name = resolve_model_name(args.model)
-        check_model_flags(args)
+        pre_train = str(args.pre_train)
         self.scales = list(args.scale)
         self.idx_scale = 0
         self.self_ensemble, self.chop = args.self_ensemble, args.chop
