@@ -122,14 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _to_bool(value: object) -> object:
-    if value in ('True', 'true'):
-        return True
-    if value in ('False', 'false'):
-        return False
-    return value
-
-
 def _int_list(text: str, sep: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in str(text).split(sep) if v != '']
@@ -157,8 +149,6 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.cli_flags = given_flags(argv)
     template.set_template(args, args.cli_flags)
-    for name, value in vars(args).items():
-        setattr(args, name, _to_bool(value))
 
     args.scale = _int_list(args.scale, '+', '--scale')
     if any(s < 1 for s in args.scale):
