@@ -53,13 +53,22 @@ def _distributed() -> bool:
 
 # ---------------------------------------------------------------- registry
 
+def _module_names() -> list[str]:
+    return sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith('_'))
+
+
 def registered_models() -> list[str]:
-    """Names of the modules of this package that define make_model (found by importing them)."""
+    """Names of the modules of this package that define make_model, found by importing them (a module
+    whose optional dependencies are missing here, e.g. a Triton kernel, is left out)."""
     names = []
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith('_') and hasattr(import_module(f'model.{info.name}'), 'make_model'):
-            names.append(info.name)
-    return sorted(names)
+    for name in _module_names():
+        try:
+            module = import_module(f'model.{name}')
+        except ImportError:
+            continue
+        if hasattr(module, 'make_model'):
+            names.append(name)
+    return names
 
 
 def resolve_model_name(name: str) -> str:
@@ -68,6 +77,11 @@ def resolve_model_name(name: str) -> str:
     key = ALIASES.get(key, key)
     names = registered_models()
     if key not in names:
+        if key in _module_names():
+            try:
+                import_module(f'model.{key}')
+            except ImportError as e:
+                raise UserError(f'--model {name}: model/{key}.py cannot be imported here ({e})') from None
         aliases = [f'{a} (= {t})' for a, t in sorted(ALIASES.items()) if t in names]
         raise UserError(f'--model {name}: unknown model; registered: {", ".join(names + aliases)}')
     return key
