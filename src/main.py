@@ -53,7 +53,10 @@ def run(args: argparse.Namespace) -> None:
         rank, world = (dist_env.rank, dist_env.world_size) if dist_env else (0, 1)
         # The same seed everywhere while the network is built (DDP also broadcasts rank 0's weights).
         seed_everything(args.seed)
-        adopted = model.configure(args)  # the checkpoint's architecture flags, before config.txt is written
+        try:  # the checkpoint's architecture flags, before config.txt is written
+            adopted = model.configure(args)
+        except UserError as e:  # decided alike by every process: reported once under torchrun
+            raise distributed.RankZeroError(str(e)) from None
         experiment = Experiment(args)
         try:
             experiment.write_log(f'Experiment folder: {experiment.dir}')

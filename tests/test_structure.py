@@ -1,5 +1,6 @@
 """Code shape: no file in src/ over 400 lines, a Trainer class of at most 200 lines, no import cycle among
-the modules of src/ (imports inside functions count; `if TYPE_CHECKING:` blocks, which never run, do not)."""
+the modules of src/ (imports inside functions count; `if TYPE_CHECKING:` blocks, which never run, do not),
+and a README of a user's manual's length."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from conftest import SRC
 
 MAX_LINES = 400
 MAX_TRAINER_LINES = 200
+MAX_README_LINES = 220
 # Owned by the HSPA engine work, to be split there.
 EXEMPT = {'model/hspa_fast.py', 'model/attention.py'}
 
@@ -112,3 +114,7 @@ def test_trainer_class_is_edsr_sized() -> None:
     tree = ast.parse((SRC / 'trainer.py').read_text(encoding='utf-8'))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == 'Trainer')
     assert cls.end_lineno - cls.lineno + 1 <= MAX_TRAINER_LINES
+
+
+def test_readme_is_a_manual_not_a_notebook() -> None:
+    assert len((SRC.parent / 'README.md').read_text(encoding='utf-8').splitlines()) <= MAX_README_LINES
