@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--resume', type=int, default=0,
                    help='with --load: -1 resumes from model_latest.pt, N from model_N.pt')
     g.add_argument('--save_models', action='store_true', help='keep a checkpoint of every epoch')
-    g.add_argument('--save_format', default='pt', choices=('pt', 'safetensors'),
-                   help='file format of the model files written to experiment/<save>/model/')
+    g.add_argument('--save_format', default='pt', choices=('pt', 'safetensors', 'bare_pt'),
+                   help="model files in experiment/<save>/model/: pt ({'config', 'state_dict'}), safetensors "
+                        '(configuration in the metadata), or bare_pt (a plain state dict, the published layout, '
+                        'without the configuration)')
     g.add_argument('--print_every', type=int, default=100, help='batches between training log lines')
     g.add_argument('--save_results', action='store_true', help='save SR images')
     g.add_argument('--save_gt', action='store_true', help='also save the LR and HR images')

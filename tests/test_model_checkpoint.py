@@ -224,10 +224,11 @@ def test_safetensors_round_trip_with_configuration(tmp_path: Path) -> None:
     assert loaded.model.config == m.model.config
     for k, v in m.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[k], v), k
-    # without a configuration: the published layout (a bare state dict), read back with flags as before
-    model.write_checkpoint(tmp_path / 'bare.pt', state, None)
-    bare = torch.load(tmp_path / 'bare.pt', weights_only=True)
-    assert list(bare) == list(state) and model.read_checkpoint(tmp_path / 'bare.pt')[1] is None
+    # --save_format bare_pt: the published layout (a bare state dict), read back with flags as before
+    model.Model(_args(*HSPAN_SMALL, '--save_format', 'bare_pt'), log=lambda s: None).save(tmp_path / 'b', epoch=1)
+    bare = torch.load(tmp_path / 'b' / 'model' / 'model_latest.pt', weights_only=True)
+    assert list(bare) == list(m.model.state_dict()) and all(torch.is_tensor(v) for v in bare.values())
+    assert model.read_checkpoint(tmp_path / 'b' / 'model' / 'model_latest.pt')[1] is None
 
 
 def test_checkpoint_configuration_contradicted_on_the_command_line(tmp_path: Path) -> None:

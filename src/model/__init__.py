@@ -177,7 +177,7 @@ class Model(nn.Module):
         self.idx_scale = 0
         self.self_ensemble, self.chop = args.self_ensemble, args.chop
         self.tile, self.tile_overlap = args.tile, args.tile_overlap
-        self.save_models, self.save_suffix = args.save_models, f'.{args.save_format}'
+        self.save_models, self.save_format = args.save_models, args.save_format
         self.device = self._choose_device(args, log)
         first = make_network(args)
         nets = [first]
@@ -310,11 +310,12 @@ class Model(nn.Module):
         if self.save_models:
             names.append(f'model_{epoch}')
         folder = Path(apath) / 'model'
+        suffix = '.safetensors' if self.save_format == 'safetensors' else '.pt'
         for i, net in enumerate(self.nets):
             state = plain_state_dict(net)
-            config = {'model': self.name, **net.config}
+            config = None if self.save_format == 'bare_pt' else {'model': self.name, **net.config}
             for name in names:
-                write_checkpoint(self._scaled_path(str(folder / f'{name}{self.save_suffix}'), i), state, config)
+                write_checkpoint(self._scaled_path(str(folder / f'{name}{suffix}'), i), state, config)
 
     # ---- forwards
 
