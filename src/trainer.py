@@ -56,6 +56,9 @@ def cycle_batches(loader: object, count: int) -> Iterator:
 
 
 class Trainer:
+    """main() calls train() and test() until terminate(): one epoch of --test_every batches, then evaluation
+    and a checkpoint (model files, logs, plots, then the training state)."""
+
     def __init__(self, args: argparse.Namespace, loader: object, model: torch.nn.Module,
                  loss: torch.nn.Module | None, experiment: Experiment) -> None:
         self.args, self.exp, self.model, self.loss = args, experiment, model, loss
@@ -89,6 +92,7 @@ class Trainer:
         return set_lr([self.optimizer, *self.loss.optimizers()], lr_at(self.args, batch))
 
     def train(self) -> None:
+        """One epoch: --test_every batches at the schedule's learning rates."""
         args = self.args
         epoch = self.epoch + 1
         # Per-epoch, per-process seeds: an epoch's random draws depend on its number only, so a resumed run
@@ -156,6 +160,7 @@ class Trainer:
         return self.loss.last_total()
 
     def test(self) -> None:
+        """Evaluate; when training, checkpoint (model_best too when the first set's PSNR improved)."""
         is_best = self.evaluator.run(self.epoch)
         if not self.args.test_only:
             self.save(is_best)
