@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--n_colors', type=int, default=3, choices=(1, 3), help='1 (Y channel) or 3 (RGB)')
     g.add_argument('--chop', action='store_true',
                    help="test-time forward on overlapping quarters (the model's published forward_chop)")
-    g.add_argument('--no_chop', dest='chop', action='store_false',
+    g.add_argument('--no_chop', dest='chop', action='store_false', default=argparse.SUPPRESS,
                    help='no --chop (to override a --template that sets it)')
     g.add_argument('--tile', type=int, default=0,
                    help='test-time forward on LR tiles of this size with --tile_overlap (0: off)')
