@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
@@ -18,43 +17,9 @@ from tqdm import tqdm
 import distributed
 import metrics
 from errors import UserError
+from experiment import Experiment
+from records import HistoryEntry, ImageScore, SetResult
 from timer import Timer
-
-if TYPE_CHECKING:  # annotations only: the experiment folder is passed in
-    from experiment import Experiment
-
-
-@dataclass(frozen=True)
-class ImageScore:
-    """One test image's scores (None without ground truth)."""
-
-    stem: str
-    psnr: float | None
-    ssim: float | None
-
-
-@dataclass(frozen=True)
-class HistoryEntry:
-    """The mean scores of one test set at one scale after one epoch: best tracking, plots, psnr_log.pt."""
-
-    epoch: int
-    dataset: str
-    scale: int
-    psnr: float | None
-    ssim: float | None
-
-
-@dataclass(frozen=True)
-class SetResult:
-    """One row of results.json: a test set at one scale in the latest evaluation."""
-
-    dataset: str
-    scale: int
-    psnr: float | None
-    ssim: float | None
-    images: int
-    seconds: float
-    epoch: int
 
 
 def summarise(name: str, scale: int, scores: list[ImageScore], seconds: float, epoch: int) -> SetResult:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from errors import UserError
-from evaluate import HistoryEntry
 from fileio import atomic_torch_save
+from records import HistoryEntry
 
 FORMAT = 2
 STATE_FILE = 'training_state.pt'
