@@ -186,6 +186,8 @@ def validate(args: argparse.Namespace) -> None:
     for flag in ('gclip', 'weight_decay', 'momentum'):
         if not getattr(args, flag) >= 0:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected 0 or a positive number')
+    if not all(0 <= b < 1 for b in args.betas):
+        raise UserError(f'--betas {" ".join(map(str, args.betas))}: expected two numbers in [0, 1)')
     if args.min_lr < 0 or args.min_lr > args.lr:
         raise UserError(f'--min_lr {args.min_lr}: expected 0 <= min_lr <= --lr {args.lr}')
     if args.tile and args.chop:

@@ -57,6 +57,7 @@ def test_multi_scale_and_zero_epochs():
     (['--load', 'x', '--resume', '-2'], '--resume -2'),
     (['--lr', '0'], '--lr 0'),
     (['--gclip', '-1'], '--gclip -1'),
+    (['--betas', '0.9', '1.5'], '--betas 0.9 1.5'),
     (['--min_lr', '1', '--lr', '1e-3'], '--min_lr 1'),
     (['--tile', '16', '--tile_overlap', '16'], '--tile_overlap 16'),
     (['--template', 'HSPAN', '--tile', '64'], '--chop and --tile'),
