@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'src'))
 
-from data.imresize import imresize  # noqa: E402
+from imresize import imresize  # noqa: E402
 from model.hspan import HSPAN  # noqa: E402
 
 

@@ -4,7 +4,7 @@ The only place that exits the process. Mistakes a user can make end as one line,
 and exit status 1; --debug adds the traceback.
 
 `torchrun --nproc_per_node N main.py ...` runs the same program in N processes (DistributedDataParallel,
-see utility.init_distributed); an error every process hits alike is printed by rank 0 only.
+see distributed.init_distributed); an error every process hits alike is printed by rank 0 only.
 """
 
 from __future__ import annotations
@@ -40,41 +40,47 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    import torch
-
     import data
+    import distributed
     import loss
     import model
-    import utility
+    from experiment import Experiment
+    from seeding import seed_everything
     from trainer import Trainer
 
-    dist_env = utility.init_distributed(args)  # None unless started by torchrun
+    dist_env = distributed.init_distributed(args)  # None unless started by torchrun
     try:
         rank, world = (dist_env.rank, dist_env.world_size) if dist_env else (0, 1)
         # The same seed everywhere while the network is built (DDP also broadcasts rank 0's weights).
-        utility.seed_everything(args.seed)
-        ckp = utility.Checkpoint(args)
+        seed_everything(args.seed)
+        try:  # the checkpoint's architecture flags, before config.txt is written
+            adopted = model.configure(args)
+        except UserError as e:  # decided alike by every process: reported once under torchrun
+            raise distributed.RankZeroError(str(e)) from None
+        experiment = Experiment(args)
         try:
-            ckp.write_log(f'Experiment folder: {ckp.dir}')
+            experiment.write_log(f'Experiment folder: {experiment.dir}')
+            if adopted:
+                experiment.write_log(model.configuration_note(adopted))
             if dist_env is not None:
-                ckp.write_log(f'Distributed: {world} processes ({dist_env.backend}); global batch '
-                              f'{args.batch_size} = {args.batch_size // world} per process')
+                experiment.write_log(f'Distributed: {world} processes ({dist_env.backend}); global batch '
+                                     f'{args.batch_size} = {args.batch_size // world} per process')
             # The model first: a wrong --model or a checkpoint that does not fit is refused before any data work.
-            net = model.Model(args, log=ckp.write_log)
-            loader = data.Data(args, rank, world, log=ckp.write_log)
+            net = model.Model(args, log=experiment.write_log)
+            loader = data.Data(args, rank, world, log=experiment.write_log)
             criterion = None
             if not args.test_only:
-                criterion = loss.Loss(args, device=getattr(net, 'device', torch.device('cpu')))
-                ckp.write_log(f'Loss: {criterion.describe()}')
-            t = Trainer(args, loader, net, criterion, ckp)
+                criterion = loss.Loss(args, device=net.device)
+                experiment.write_log(f'Loss: {criterion.describe()}')
+            t = Trainer(args, loader, net, criterion, experiment)
             while not t.terminate():
                 t.train()
                 t.test()
-            utility.barrier()  # rank 0 finishes its last checkpoint before the job ends
+            distributed.barrier()  # rank 0 finishes its last checkpoint before the job ends
         finally:
-            ckp.done()
+            experiment.done()
     finally:
-        utility.destroy_distributed()
+        distributed.destroy_distributed()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
         run(args)
     except UserError as e:
-        # torchrun: an error all processes raise alike (utility.RankZeroError) is reported by rank 0.
+        # torchrun: an error all processes raise alike (distributed.RankZeroError) is reported by rank 0.
         if getattr(e, 'rank_zero_only', False) and os.environ.get('RANK', '0') != '0':
             # Exit a moment after rank 0, which torchrun would otherwise stop before it has printed.
             time.sleep(RANK_ZERO_GRACE)

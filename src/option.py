@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--rgb_range', type=int, default=255, help='maximum pixel value seen by the network')
     g.add_argument('--n_colors', type=int, default=3, choices=(1, 3), help='1 (Y channel) or 3 (RGB)')
     g.add_argument('--chop', action='store_true',
-                   help='test-time forward on overlapping quarters (published forward_chop)')
+                   help="test-time forward on overlapping quarters (the model's published forward_chop)")
+    g.add_argument('--no_chop', dest='chop', action='store_false', default=argparse.SUPPRESS,
+                   help='no --chop (to override a --template that sets it)')
     g.add_argument('--tile', type=int, default=0,
                    help='test-time forward on LR tiles of this size with --tile_overlap (0: off)')
     g.add_argument('--tile_overlap', type=int, default=16, help='LR overlap between tiles for --tile')
@@ -53,15 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('model')
     g.add_argument('--model', default='EDSR', help='network name (HSPAN, MSNLAN/MSDSN, EDSR, Bicubic)')
-    g.add_argument('--act', type=str, default='relu', help='activation function')
     g.add_argument('--pre_train', type=str, default='.',
-                   help="checkpoint to load ('.' for none); '{scale}' is replaced by each scale")
-    g.add_argument('--extend', type=str, default='.', help='checkpoint to load (EDSR compatibility)')
+                   help="checkpoint to load, .pt or .safetensors ('.' for none); '{scale}' is replaced by each "
+                        'scale. A checkpoint saved by this project sets the architecture flags it was built with')
     g.add_argument('--n_resblocks', type=int, default=20, help='residual blocks per group')
     g.add_argument('--n_feats', type=int, default=64, help='feature channels')
     g.add_argument('--res_scale', type=float, default=1, help='residual scaling')
-    g.add_argument('--shift_mean', default=True, help='subtract the dataset mean from the input')
-    g.add_argument('--dilation', action='store_true', help='use dilated convolution')
     g.add_argument('--precision', type=str, default='single', choices=('single', 'half'),
                    help='floating-point precision at test time')
     g.add_argument('--n_resgroups', type=int, default=10, help='residual groups')
@@ -116,18 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--resume', type=int, default=0,
                    help='with --load: -1 resumes from model_latest.pt, N from model_N.pt')
     g.add_argument('--save_models', action='store_true', help='keep a checkpoint of every epoch')
+    g.add_argument('--save_format', default='pt', choices=('pt', 'safetensors', 'bare_pt'),
+                   help="model files in experiment/<save>/model/: pt ({'config', 'state_dict'}), safetensors "
+                        '(configuration in the metadata), or bare_pt (a plain state dict, the published layout, '
+                        'without the configuration)')
     g.add_argument('--print_every', type=int, default=100, help='batches between training log lines')
     g.add_argument('--save_results', action='store_true', help='save SR images')
     g.add_argument('--save_gt', action='store_true', help='also save the LR and HR images')
     return p
-
-
-def _to_bool(value: object) -> object:
-    if value in ('True', 'true'):
-        return True
-    if value in ('False', 'false'):
-        return False
-    return value
 
 
 def _int_list(text: str, sep: str, flag: str) -> list[int]:
@@ -140,12 +135,23 @@ def _int_list(text: str, sep: str, flag: str) -> list[int]:
     return values
 
 
+def given_flags(argv: Sequence[str] | None) -> frozenset[str]:
+    """The destinations of the flags written on the command line (defaults and templates excluded)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv)))
+
+
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse argv (sys.argv[1:] when None), apply the template, and normalise/validate values."""
+    """Parse argv (sys.argv[1:] when None), apply the template's defaults, normalise and validate values.
+
+    `args.cli_flags` holds the flags written on the command line: they win over the template and over the
+    configuration a --pre_train checkpoint carries.
+    """
     args = build_parser().parse_args(argv)
-    template.set_template(args)
-    for name, value in vars(args).items():
-        setattr(args, name, _to_bool(value))
+    args.cli_flags = given_flags(argv)
+    template.set_template(args, args.cli_flags)
 
     args.scale = _int_list(args.scale, '+', '--scale')
     if any(s < 1 for s in args.scale):
@@ -158,16 +164,40 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.epochs == 0:
         args.epochs = int(1e8)
     args.betas = tuple(args.betas)
+    if args.template != '.' and not template.template_values(args.template):
+        raise UserError(f'--template {args.template}: unknown; known: {", ".join(template.TEMPLATES)} '
+                        f'(and {", ".join(template.ALIASES)})')
+    validate(args)
+    return args
 
-    for flag in ('patch_size', 'batch_size', 'test_every', 'rgb_range', 'n_feats', 'print_every'):
-        if getattr(args, flag) <= 0:
-            raise UserError(f'--{flag} {getattr(args, flag)}: expected a positive integer')
-    if args.warmup < 0:
-        raise UserError(f'--warmup {args.warmup}: expected 0 or more batches')
+
+def validate(args: argparse.Namespace) -> None:
+    """Refuse values no run can use, naming the flag (combinations a network cannot use are refused where it
+    is built: model/<name>.make_model)."""
+    at_least = {'patch_size': 1, 'batch_size': 1, 'test_every': 1, 'rgb_range': 1, 'n_feats': 1, 'print_every': 1,
+                'n_resgroups': 1, 'n_resblocks': 0, 'reduction': 1, 'topk': 1, 'hspa_block': 0, 'tile': 0,
+                'tile_overlap': 0, 'split_batch': 1, 'n_GPUs': 1, 'gan_k': 1, 'warmup': 0, 'n_threads': 0,
+                'epochs': 0, 'resume': -1}
+    for flag, low in at_least.items():
+        if getattr(args, flag) < low:
+            raise UserError(f'--{flag} {getattr(args, flag)}: expected an integer >= {low}')
+    for flag in ('lr', 'gamma', 'epsilon', 'skip_threshold'):
+        if not getattr(args, flag) > 0:
+            raise UserError(f'--{flag} {getattr(args, flag)}: expected a positive number')
+    for flag in ('gclip', 'weight_decay', 'momentum'):
+        if not getattr(args, flag) >= 0:
+            raise UserError(f'--{flag} {getattr(args, flag)}: expected 0 or a positive number')
+    if not all(0 <= b < 1 for b in args.betas):
+        raise UserError(f'--betas {" ".join(map(str, args.betas))}: expected two numbers in [0, 1)')
+    if args.min_lr < 0 or args.min_lr > args.lr:
+        raise UserError(f'--min_lr {args.min_lr}: expected 0 <= min_lr <= --lr {args.lr}')
+    if args.tile and args.chop:
+        raise UserError('--chop and --tile are two ways to cut the test input: choose one (--no_chop drops a '
+                        "template's --chop)")
+    if args.tile and args.tile_overlap >= args.tile:
+        raise UserError(f'--tile_overlap {args.tile_overlap}: expected less than --tile {args.tile}')
     if args.lr_schedule == 'cosine' and args.epochs >= int(1e8) and not args.test_only:
         raise UserError('--lr_schedule cosine needs --epochs > 0: the curve spans --epochs x --test_every batches')
-    if args.n_threads < 0:
-        raise UserError(f'--n_threads {args.n_threads}: expected 0 or more')
     if args.model.lower() == 'bicubic' and not args.test_only:
         raise UserError('--model Bicubic has no parameters to train: add --test_only')
     if args.resume != 0 and not args.load:
@@ -175,4 +205,3 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for s in args.scale:
         if not args.test_only and args.patch_size % s:
             raise UserError(f'--patch_size {args.patch_size} is not a multiple of --scale {s}')
-    return args

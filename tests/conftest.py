@@ -1,4 +1,5 @@
-"""Shared test set-up: src/ on sys.path, and ../shared located (tests needing it skip without it)."""
+"""Shared test set-up: src/ on sys.path, the in-repository reference data (tests/reference), and ../shared
+located (the larger image sets; tests needing them skip without it)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,34 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / 'src'
 SHARED = ROOT.parent / 'shared'
+REFERENCE = ROOT / 'tests' / 'reference'
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 
+def reference_path(name: str) -> Path:
+    """tests/reference/<name>: the published implementations' outputs, shipped with the repository."""
+    path = REFERENCE / name
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: reference data missing from the checkout (see tests/reference/README.md)')
+    return path
+
+
+def load_reference(name: str) -> dict:
+    """The published model's states and outputs: load_reference('hspan') or load_reference('msnlan')."""
+    import torch
+
+    return torch.load(reference_path(f'{name}_reference.pt'), weights_only=True)
+
+
 def shared_path(*parts: str) -> Path:
-    """Path under ../shared, or skip the calling test with the reason when it is absent."""
+    """Path under ../shared, or skip the calling test with the reason when it is absent. Reference data
+    ('reference', name) comes from tests/reference, so it never skips."""
+    if len(parts) == 2 and parts[0] == 'reference':
+        return reference_path(parts[1])
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f'{path} is absent: ../shared (reference data) is not beside this checkout')
+        pytest.skip(f'{path} is absent: ../shared (the benchmark and training image sets) is not beside this checkout')
     return path
 
 

@@ -67,27 +67,60 @@ def test_main_returns_instead_of_exiting(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_experiment_root_ignores_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import utility
+    import experiment
 
     monkeypatch.delenv('SR_EXPERIMENT_ROOT', raising=False)
     monkeypatch.chdir(tmp_path)
-    assert utility.experiment_root() == ROOT / 'experiment'
+    assert experiment.experiment_root() == ROOT / 'experiment'
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path / 'x'))
-    assert utility.experiment_root() == tmp_path / 'x'
+    assert experiment.experiment_root() == tmp_path / 'x'
 
 
 def test_reset_deletes_in_python(tmp_path: Path) -> None:
     import argparse
 
-    import utility
+    import experiment
 
     name = 'odd name; rm -rf $HOME'  # a shell would split this; shutil takes it as one folder name
     old = tmp_path / name
     (old / 'model').mkdir(parents=True)
     (old / 'model' / 'model_latest.pt').write_bytes(b'old')
-    (old / 'optimizer.pt').write_bytes(b'old')
+    (old / 'training_state.pt').write_bytes(b'old')
     args = argparse.Namespace(save=name, load='', reset=True, resume=0, test_only=False)
-    ckp = utility.Checkpoint(args, root=tmp_path)
+    ckp = experiment.Experiment(args, root=tmp_path)
     ckp.done()
     assert sorted(p.name for p in old.iterdir()) == ['config.txt', 'log.txt']
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--model', 'HSPAN', '--topk', '0'], '--topk 0'),
+    (['--model', 'HSPAN', '--reduction', '0'], '--reduction 0'),
+    (['--model', 'HSPAN', '--n_feats', '8'], '--reduction 16 with --n_feats 8'),  # zero-width embeddings
+    (['--model', 'MSNLAN', '--n_resgroups', '3'], '--n_resgroups 3'),
+    (['--model', 'MSNLAN', '--n_feats', '8'], '--n_feats 8'),
+    (['--model', 'EDSR', '--topk', '8'], '--topk is not used by --model EDSR'),
+    (['--model', 'EDSR', '--scale', '5'], '--scale 5'),
+    (['--chop', '--tile', '32'], '--chop and --tile'),
+    (['--tile', '-1'], '--tile -1'),
+    (['--template', 'RCAN'], '--template RCAN'),
+    (['--dilation'], 'unrecognized arguments: --dilation'),
+    (['--act', 'relu'], 'unrecognized arguments: --act'),
+])
+def test_values_a_run_cannot_use_are_one_line(argv: list[str], expected: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import main
+
+    monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path))
+    assert main.main(['--cpu', '--test_only', '--scale', '2', '--n_threads', '0', *argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and expected in err[0], err
+
+
+def test_template_sets_defaults_and_the_command_line_wins() -> None:
+    import option
+
+    a = option.parse(['--template', 'MSNLAN', '--n_feats', '32', '--no_chop'])
+    assert (a.model, a.n_resgroups, a.n_feats, a.chop, a.lr) == ('MSNLAN', 8, 32, False, 2e-4)
+    assert option.parse(['--template', 'MSNLAN']).chop
+    assert option.parse(['--template', 'HSPAN', '--rgb_range', '255']).rgb_range == 255

@@ -1,5 +1,5 @@
 """Through the CLI: `--test_only --data_test Demo --pre_train <published weights>` saves SR images equal to
-the published code's outputs (../shared/reference), up to one grey level on rounding boundaries."""
+the published code's outputs (tests/reference), up to one grey level on rounding boundaries."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import main
-from conftest import shared_path
+from conftest import load_reference
 
 MODEL_FLAGS = {
     'hspan': ('HSPAN', ('n_resgroups', 'n_resblocks', 'n_feats', 'topk', 'reduction', 'rgb_range', 'res_scale')),
@@ -22,7 +22,7 @@ def _to_png(t: torch.Tensor, rgb_range: float) -> np.ndarray:
 
 
 def _run_demo(monkeypatch, tmp_path, name: str, scale: int, state: dict, lr: torch.Tensor, *extra: str) -> np.ndarray:
-    ref_args = torch.load(shared_path('reference', f'{name}_reference.pt'), weights_only=True)['small_args']
+    ref_args = load_reference(name)['small_args']
     model_name, keys = MODEL_FLAGS[name]
     demo = tmp_path / 'demo'
     demo.mkdir(exist_ok=True)
@@ -41,7 +41,7 @@ def _run_demo(monkeypatch, tmp_path, name: str, scale: int, state: dict, lr: tor
 @pytest.mark.parametrize('scale', [2, 3, 4])
 @pytest.mark.parametrize('name', ['hspan', 'msnlan'])
 def test_demo_reproduces_published_outputs(monkeypatch, tmp_path, name: str, scale: int) -> None:
-    ref = torch.load(shared_path('reference', f'{name}_reference.pt'), weights_only=True)
+    ref = load_reference(name)
     sr = _run_demo(monkeypatch, tmp_path, name, scale, ref[f'x{scale}_state'], ref['input'])
     expected = _to_png(ref[f'x{scale}_output'], ref['small_args']['rgb_range'])
     assert sr.shape == expected.shape
@@ -50,7 +50,7 @@ def test_demo_reproduces_published_outputs(monkeypatch, tmp_path, name: str, sca
 
 
 def test_demo_with_chop_reproduces_published_forward_chop(monkeypatch, tmp_path) -> None:
-    ref = torch.load(shared_path('reference', 'hspan_reference.pt'), weights_only=True)
+    ref = load_reference('hspan')
     sr = _run_demo(monkeypatch, tmp_path, 'hspan', 2, ref['x2_state'], ref['chop_input'], '--chop')
     expected = _to_png(ref['x2_chop_output'], 1)
     diff = np.abs(sr.astype(int) - expected.astype(int))

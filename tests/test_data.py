@@ -17,8 +17,8 @@ import data
 import option
 from conftest import shared_path
 from data import common
-from data.imresize import imresize
 from errors import UserError
+from imresize import imresize
 
 
 def quiet(_msg: str) -> None:

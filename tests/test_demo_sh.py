@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import model
 import option
 
 DEMO = Path(__file__).resolve().parents[1] / 'demo.sh'
@@ -63,6 +64,7 @@ def test_seed_commands_verbatim() -> None:
 @pytest.mark.parametrize('function, argv', _main_commands(), ids=lambda v: v if isinstance(v, str) else '')
 def test_every_main_command_parses(function: str, argv: list[str]) -> None:
     args = option.parse(argv)
+    model.check_model_flags(args)  # no model flag the model would ignore
     if function in ('quick', 'cpu_recipe', 'ablation') and not args.test_only:
         # The CPU demos anneal to the end of their own budget.
         assert args.lr_schedule == 'cosine' and args.warmup > 0 and args.epochs < 10

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+import distributed
 import main
 import option
-import utility
+import seeding
 from conftest import ROOT, write_blocky_folders
 from errors import UserError
 
@@ -41,7 +42,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def _run(world: dict, *argv: str, ddp: bool, ok: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, SR_EXPERIMENT_ROOT=str(world['exp']), OMP_NUM_THREADS='1')
-    for k in utility.TORCHRUN_VARS:  # a pytest itself started by torchrun must not leak its rank
+    for k in distributed.TORCHRUN_VARS:  # a pytest itself started by torchrun must not leak its rank
         env.pop(k, None)
     cmd = [*(TORCHRUN if ddp else [sys.executable]), str(ROOT / 'src' / 'main.py'), *TINY,
            '--dir_data', str(world['data']), '--dir_cache', str(world['cache']), *argv]
@@ -52,7 +53,10 @@ def _run(world: dict, *argv: str, ddp: bool, ok: bool = True) -> subprocess.Comp
 
 
 def _weights(path: Path) -> dict:
-    return torch.load(path, map_location='cpu', weights_only=True)
+    """The state dict of a model file (which also carries the network's configuration)."""
+    from model import read_state_dict
+
+    return read_state_dict(path)
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -116,7 +120,7 @@ def test_torchrun_logs_each_evaluation_once(trained: dict) -> None:
     results = _results(ddp)
     assert len(results) == 1 and results[0]['images'] == 3 and results[0]['epoch'] == 2
     assert torch.load(ddp / 'psnr_log.pt').shape == (2, 1, 1)
-    state = torch.load(ddp / 'optimizer.pt', map_location='cpu', weights_only=True)
+    state = torch.load(ddp / 'training_state.pt', map_location='cpu', weights_only=True)
     assert state['epoch'] == 2 and not [k for k in state['model'] if k.startswith('module.')]
 
 
@@ -135,7 +139,7 @@ def test_killed_ddp_run_resumes_at_same_epoch_and_lr(trained: dict, world: dict)
     diff = _max_diff(_weights(part / 'model' / 'model_latest.pt'), _weights(full / 'model' / 'model_latest.pt'))
     print(f'max |w_resumed - w_uninterrupted| (2 processes): {diff:.3g}')
     assert diff <= 1e-6
-    state = torch.load(part / 'optimizer.pt', map_location='cpu', weights_only=True)
+    state = torch.load(part / 'training_state.pt', map_location='cpu', weights_only=True)
     assert state['epoch'] == 2
     assert state['optimizer']['param_groups'][0]['lr'] == pytest.approx(2.5e-4)  # milestone 2 passed
 
@@ -163,7 +167,7 @@ def test_amp_training_step_on_cpu(amp: str, world: dict, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(model_pkg.Model, 'forward', spy)
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(world['exp']))
-    for k in utility.TORCHRUN_VARS:
+    for k in distributed.TORCHRUN_VARS:
         monkeypatch.delenv(k, raising=False)
     argv = [*TINY, '--dir_data', str(world['data']), '--dir_cache', str(world['cache']), '--save', f'amp_{amp}',
             '--epochs', '1', '--test_every', '2', '--amp', amp]
@@ -173,7 +177,7 @@ def test_amp_training_step_on_cpu(amp: str, world: dict, monkeypatch: pytest.Mon
     losses = torch.load(folder / 'loss_log.pt')
     assert losses.shape == (1, 1) and torch.isfinite(losses).all() and losses.item() > 0
     assert _lines(folder, 'Mixed precision:')
-    state = torch.load(folder / 'optimizer.pt', map_location='cpu', weights_only=True)
+    state = torch.load(folder / 'training_state.pt', map_location='cpu', weights_only=True)
     assert bool(state['scaler']) == (amp == 'fp16')  # the GradScaler's state rides in the checkpoint
     assert all(torch.isfinite(v).all() for v in _weights(folder / 'model' / 'model_latest.pt').values())
 
@@ -203,11 +207,11 @@ def test_torchrun_refuses_bad_flags_before_joining(flags: list[str], expect: str
 
 
 def test_torchrun_env_and_help() -> None:
-    assert utility.torchrun_env({}) is None
-    assert utility.torchrun_env({'RANK': '3', 'WORLD_SIZE': '8', 'LOCAL_RANK': '1'}) == utility.DistEnv(3, 8, 1)
+    assert distributed.torchrun_env({}) is None
+    assert distributed.torchrun_env({'RANK': '3', 'WORLD_SIZE': '8', 'LOCAL_RANK': '1'}) == distributed.DistEnv(3, 8, 1)
     with pytest.raises(UserError):
-        utility.torchrun_env({'RANK': '2', 'WORLD_SIZE': '2', 'LOCAL_RANK': '0'})
-    assert utility.rank_seed(7, 0) == 7 and utility.rank_seed(7, 1) != 7
+        distributed.torchrun_env({'RANK': '2', 'WORLD_SIZE': '2', 'LOCAL_RANK': '0'})
+    assert seeding.rank_seed(7, 0) == 7 and seeding.rank_seed(7, 1) != 7
     assert 'global batch size' in ' '.join(option.build_parser().format_help().split())
 
 

@@ -46,7 +46,10 @@ def _content(log: Path) -> list[str]:
 
 
 def _weights(path: Path) -> dict:
-    return torch.load(path, map_location='cpu', weights_only=True)
+    """The state dict of a model file (which also carries the network's configuration)."""
+    from model import read_state_dict
+
+    return read_state_dict(path)
 
 
 @pytest.fixture(scope='module')
@@ -84,7 +87,7 @@ def test_resume_continues_exactly(runs: dict) -> None:
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
-    state = torch.load(part / 'optimizer.pt', map_location='cpu', weights_only=True)
+    state = torch.load(part / 'training_state.pt', map_location='cpu', weights_only=True)
     assert state['epoch'] == 3
     assert state['optimizer']['param_groups'][0]['lr'] == pytest.approx(1.25e-4)  # for epoch 4 (milestone 3 passed)
     assert torch.load(part / 'loss_log.pt').shape == (3, 1)
@@ -93,7 +96,7 @@ def test_resume_continues_exactly(runs: dict) -> None:
 
 def test_experiment_folder_and_results_json(runs: dict) -> None:
     full = runs['full']
-    for rel in ('config.txt', 'log.txt', 'optimizer.pt', 'psnr_log.pt', 'loss_log.pt', 'loss_L1.png',
+    for rel in ('config.txt', 'log.txt', 'training_state.pt', 'psnr_log.pt', 'loss_log.pt', 'loss_L1.png',
                 'psnr_Mini.png', 'results.json', 'model/model_latest.pt', 'model/model_best.pt',
                 'model/model_1.pt', 'model/model_2.pt', 'model/model_3.pt'):
         assert (full / rel).is_file(), rel
@@ -122,6 +125,23 @@ def test_resume_from_numbered_checkpoint(runs: dict, world: dict, monkeypatch: p
     assert len(torch.load(part / 'psnr_log.pt')) == 3
 
 
+def test_resume_reads_an_older_optimizer_pt(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder whose training state is the older optimizer.pt (format 1, with a MultiStepLR state)."""
+    import shutil
+
+    old = world['exp'] / 'old_format'
+    shutil.copytree(runs['full'], old)
+    state = torch.load(old / 'training_state.pt', map_location='cpu', weights_only=True)
+    (old / 'training_state.pt').unlink()
+    state.update(format=1, scheduler={'milestones': {1: 1, 2: 1, 3: 1, 4: 1}, 'gamma': 0.5, 'last_epoch': 3})
+    torch.save(state, old / 'optimizer.pt')
+    _main(world, monkeypatch, '--load', 'old_format', '--resume', '-1', '--epochs', '4')
+    lines = _content(old / 'log.txt')
+    assert 'Resumed at epoch 3 (learning rate 1.25e-04)' in lines
+    assert [ln for ln in lines if ln.startswith('[Epoch')][-1] == '[Epoch 4]\tLearning rate: 1.25e-04'
+    assert torch.load(old / 'training_state.pt', weights_only=True)['epoch'] == 4
+
+
 def test_test_only_with_pre_train(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     full = runs['full']
     _main(world, monkeypatch, '--save', 'eval', '--test_only', '--save_results', '--save_gt',
@@ -135,7 +155,27 @@ def test_test_only_with_pre_train(runs: dict, world: dict, monkeypatch: pytest.M
     for stem in ('im0', 'im1'):
         for tag in ('SR', 'LR', 'HR'):
             assert (ev / 'results-Mini' / f'{stem}_x2_{tag}.png').is_file()
-    assert not (ev / 'optimizer.pt').exists() and not (ev / 'model').exists()
+    assert not (ev / 'training_state.pt').exists() and not (ev / 'model').exists()
+
+
+def test_checkpoint_rebuilds_its_network_without_architecture_flags(
+        runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The model files carry the network's configuration: --test_only --model HSPAN --pre_train <it> scores
+    what the training run's evaluation scored; a contradicting flag is refused in one line naming it."""
+    full = runs['full']
+    monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(world['exp']))
+    bare = ['--model', 'HSPAN', '--test_only', '--pre_train', str(full / 'model' / 'model_latest.pt'),
+            '--data_test', 'Mini', '--dir_data', str(world['data']), '--n_threads', '0']
+    assert main.main([*bare, '--save', 'rebuilt']) == 0
+    got = json.loads((world['exp'] / 'rebuilt' / 'results.json').read_text())
+    want = json.loads((full / 'results.json').read_text())
+    assert [(e['dataset'], e['scale']) for e in got] == [('Mini', 2)]
+    assert got[0]['psnr'] == pytest.approx(want[0]['psnr'], abs=1e-9)
+    assert got[0]['ssim'] == pytest.approx(want[0]['ssim'], abs=1e-9)
+    capsys.readouterr()
+    assert main.main([*bare, '--save', 'refused', '--n_feats', '32']) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: --n_feats 32 contradicts') and '--n_feats 8' in err[0]
 
 
 def test_existing_run_is_not_overwritten(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch,
@@ -148,7 +188,7 @@ def test_existing_run_is_not_overwritten(runs: dict, world: dict, monkeypatch: p
 def test_batch_lr_cosine_and_warmup() -> None:
     from argparse import Namespace
 
-    from trainer import batch_lr
+    from schedule import lr_at as batch_lr
 
     cos = Namespace(lr_schedule='cosine', lr=1e-3, min_lr=1e-5, epochs=2, test_every=50, warmup=0,
                     decay_milestones=[], gamma=0.5)
@@ -182,3 +222,23 @@ def test_cosine_warmup_resume_matches_uninterrupted(world: dict, monkeypatch: py
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     assert torch.allclose(torch.load(part / 'psnr_log.pt'), torch.load(full / 'psnr_log.pt'), atol=1e-6)
+
+
+def test_gan_discriminator_follows_the_one_schedule(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The discriminator's optimizer gets the network's learning rate, batch by batch (here cosine with
+    warm-up, which its own MultiStepLR used to ignore)."""
+    import option
+    import trainer
+    from schedule import lr_at
+
+    flags = ['--loss', '1*L1+0.01*GAN', '--lr_schedule', 'cosine', '--warmup', '1', '--epochs', '3']
+    with monkeypatch.context() as m:
+        m.setattr(trainer.Trainer, 'terminate', lambda self: self.epoch >= 1)
+        _main(world, m, '--save', 'gan', *flags)
+    state = torch.load(world['exp'] / 'gan' / 'training_state.pt', map_location='cpu', weights_only=True)
+    args = option.parse([*TINY, *flags])
+    next_lr = lr_at(args, args.test_every)  # the optimizers hold the LR of the next batch: 1e-3 * 0.75
+    assert next_lr not in (args.lr, args.lr * args.gamma)  # neither the base LR nor the step schedule's
+    assert state['optimizer']['param_groups'][0]['lr'] == pytest.approx(next_lr)
+    dis = state['loss']['modules']['1._extra_state']['optimizer']
+    assert [g['lr'] for g in dis['param_groups']] == pytest.approx([next_lr])

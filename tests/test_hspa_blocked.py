@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import shared_path
-from model import attention, hspa_kernel
+from conftest import ROOT
+from model import attention, hspa_kernel, hspa_triton
 from model.hspa_blocked import choose_block_size, hspa_attention
 
 # Every back-end that impl 'fast' (and so 'auto' on the CPU) can run: the native kernels where a C compiler
@@ -180,7 +180,7 @@ def test_autocast_computes_scores_in_float32(backend):
 
 def test_real_features_set5(backend):
     imageio = pytest.importorskip('imageio.v3')
-    path = shared_path('data', 'benchmark', 'Set5', 'LR_bicubic', 'X4', 'img_001x4.png')
+    path = ROOT / 'datasets' / 'benchmark' / 'Set5' / 'LR_bicubic' / 'X4' / 'img_001x4.png'
     img = torch.from_numpy(np.ascontiguousarray(imageio.imread(path)[:32, :32, :3])).float() / 255
     torch.manual_seed(0)
     head = torch.nn.Conv2d(3, 32, 3, padding=1)
@@ -237,10 +237,11 @@ def test_auto_policy(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (4 * 2**30, 8 * 2**30))
     gpu = torch.device('cuda')
     assert attention.choose_impl('auto', gpu, 1, 16384) == 'dense'    # exactly 1 GiB: a quarter
-    assert attention.choose_impl('auto', gpu, 1, 16500) == 'fast'
-    assert attention.choose_impl('auto', gpu, 1, 16000) == 'dense'
     assert attention.choose_impl('auto', gpu, 16, 2304) == 'dense'    # the published training batch: 340 MB
-    assert attention.choose_impl('auto', gpu, 16, 8192) == 'fast'
+    for has_triton, large in ((True, 'triton'), (False, 'fast')):    # above: the fused kernels, if installed
+        monkeypatch.setattr(hspa_triton, 'available', lambda has=has_triton: has)
+        assert attention.choose_impl('auto', gpu, 1, 16500) == large
+        assert attention.choose_impl('auto', gpu, 16, 8192) == large
     assert 'dense while' in attention.describe_impl('auto', gpu)
 
 

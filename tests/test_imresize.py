@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import metrics
-from conftest import shared_path
-from data.imresize import contributions, imresize
+from conftest import ROOT, shared_path
+from imresize import contributions, imresize
 
 SETS = ('Set5', 'Set14', 'B100')
 SCALES = (2, 3, 4)
@@ -43,6 +43,21 @@ def test_reproduces_every_benchmark_lr_file_bit_exactly(benchmark_images):
                 assert n_bad == 0, f'{name} {stem} x{s}: {n_bad} pixels differ'
                 checked += 1
     assert checked == 3 * (5 + 14 + 100)
+
+
+def test_reproduces_the_shipped_set5_lr_files_bit_exactly():
+    """The Set5 copy in datasets/ (shipped, so a fresh clone checks MATLAB exactness too)."""
+    root = ROOT / 'datasets' / 'benchmark' / 'Set5'
+    checked = 0
+    for hr_path in sorted((root / 'HR').glob('*.png')):
+        hr = iio.imread(hr_path)
+        for s in SCALES:
+            lr = iio.imread(root / 'LR_bicubic' / f'X{s}' / f'{hr_path.stem}x{s}.png')
+            h, w = hr.shape[0] // s, hr.shape[1] // s
+            out = imresize(hr[:h * s, :w * s], 1 / s)
+            assert out.shape == lr.shape and np.count_nonzero(out != lr) == 0, (hr_path.stem, s)
+            checked += 1
+    assert checked == 3 * 5
 
 
 def test_per_pass_rounding_and_axis_order_matter(benchmark_images):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import loss
 from errors import UserError
+from schedule import set_lr
 
 
 def _args(spec: str, **kw: object) -> argparse.Namespace:
@@ -79,9 +80,9 @@ def test_state_round_trip_truncates_to_resumed_epoch() -> None:
 
 
 def test_loss_files(tmp_path) -> None:
-    import utility
+    import experiment
 
-    ckp = utility.Checkpoint(argparse.Namespace(save='lossrun', load='', reset=False, resume=0, test_only=False),
+    ckp = experiment.Experiment(argparse.Namespace(save='lossrun', load='', reset=False, resume=0, test_only=False),
                              root=tmp_path)
     crit = loss.Loss(_args('1*L1+0.1*MSE'))
     for _ in range(2):
@@ -117,11 +118,13 @@ def test_gan_term_trains_discriminator_and_resumes() -> None:
     assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))  # D stepped
     crit.record()
     crit.end_log()
-    crit.step_epoch()
+    adv = crit.functions[1]
+    assert crit.optimizers() == [adv.optimizer]  # the trainer sets its LR from the one schedule
+    set_lr(crit.optimizers(), 3e-5)
     twin = loss.Loss(_args('1*L1+0.01*GAN'))
     twin.load(crit.state(), epochs=1)
-    adv, adv2 = crit.functions[1], twin.functions[1]
-    assert adv2.scheduler.last_epoch == adv.scheduler.last_epoch == 1
+    adv2 = twin.functions[1]
+    assert [g['lr'] for g in adv2.optimizer.param_groups] == [3e-5]
     assert adv2.optimizer.state_dict()['state'].keys() == adv.optimizer.state_dict()['state'].keys()
     for p, q in zip(adv.dis.parameters(), adv2.dis.parameters(), strict=True):
         assert torch.equal(p, q)

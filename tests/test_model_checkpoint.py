@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -158,7 +159,9 @@ def test_save_plain_atomic_and_round_trip(tmp_path: Path) -> None:
     m.save(tmp_path, epoch=5, is_best=True)
     files = sorted(p.name for p in (tmp_path / 'model').iterdir())
     assert files == ['model_5.pt', 'model_best.pt', 'model_latest.pt']  # no temporary files left
-    saved = torch.load(tmp_path / 'model' / 'model_latest.pt', weights_only=True)
+    stored = torch.load(tmp_path / 'model' / 'model_latest.pt', weights_only=True)
+    assert stored['config'] == {'model': 'hspan', **m.model.config}  # self-describing
+    saved = stored['state_dict']
     assert list(saved) == list(m.model.state_dict())
     assert not any(k.startswith('module.') for k in saved)
     assert model.plain_state_dict(torch.nn.DataParallel(m.model)).keys() == saved.keys()
@@ -199,3 +202,42 @@ def test_startup_log_line(tmp_path: Path) -> None:
     n = sum(p.numel() for p in m.model.parameters())
     line = next(line for line in logs if line.startswith('Model HSPAN'))
     assert f'{n:,} parameters' in line and 'n_feats=16' in line and 'n_resgroups=2' in line and 'cpu' in line
+
+
+def test_safetensors_round_trip_with_configuration(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    torch.manual_seed(7)
+    m = model.Model(_args(*HSPAN_SMALL, '--save_format', 'safetensors'), log=lambda s: None)
+    m.save(tmp_path, epoch=1)
+    path = tmp_path / 'model' / 'model_latest.safetensors'
+    assert sorted(p.name for p in (tmp_path / 'model').iterdir()) == ['model_latest.safetensors']
+    with safe_open(str(path), framework='pt') as f:
+        assert json.loads(f.metadata()['sr_config']) == {'model': 'hspan', **m.model.config}
+    state, config = model.read_checkpoint(path)
+    assert config == {'model': 'hspan', **m.model.config}
+    for k, v in m.model.state_dict().items():
+        assert torch.equal(state[k], v), k
+    # --pre_train reads it (and its configuration supplies the architecture flags left out here)
+    loaded = model.Model(_args('--model', 'HSPAN', '--hspa_impl', 'dense', '--pre_train', str(path)),
+                         log=lambda s: None)
+    assert loaded.model.config == m.model.config
+    for k, v in m.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    # --save_format bare_pt: the published layout (a bare state dict), read back with flags as before
+    model.Model(_args(*HSPAN_SMALL, '--save_format', 'bare_pt'), log=lambda s: None).save(tmp_path / 'b', epoch=1)
+    bare = torch.load(tmp_path / 'b' / 'model' / 'model_latest.pt', weights_only=True)
+    assert list(bare) == list(m.model.state_dict()) and all(torch.is_tensor(v) for v in bare.values())
+    assert model.read_checkpoint(tmp_path / 'b' / 'model' / 'model_latest.pt')[1] is None
+
+
+def test_checkpoint_configuration_contradicted_on_the_command_line(tmp_path: Path) -> None:
+    m = model.Model(_args(*HSPAN_SMALL), log=lambda s: None)
+    m.save(tmp_path, epoch=1)
+    path = str(tmp_path / 'model' / 'model_latest.pt')
+    with pytest.raises(UserError, match=r'^--topk 4 contradicts --pre_train .*, which was saved with --topk 8$'):
+        model.Model(_args('--model', 'HSPAN', '--topk', '4', '--pre_train', path), log=lambda s: None)
+    with pytest.raises(UserError, match=r'^--model EDSR contradicts .* saved with --model hspan$'):
+        model.Model(_args('--model', 'EDSR', '--pre_train', path), log=lambda s: None)
+    with pytest.raises(UserError, match=r'^--scale 3 contradicts'):
+        model.Model(_args('--model', 'HSPAN', '--scale', '3', '--pre_train', path), log=lambda s: None)

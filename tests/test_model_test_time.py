@@ -9,7 +9,7 @@ import torch
 
 import model
 import option
-from conftest import shared_path
+from conftest import load_reference
 from errors import UserError
 
 IMPLS = ['dense', 'fast', 'auto']  # every HSPA algorithm the flag can select
@@ -35,7 +35,7 @@ def _plain(m: model.Model, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize('impl', IMPLS)
 def test_chop_reproduces_published_forward_chop(tmp_path: Path, impl: str) -> None:
-    ref = torch.load(shared_path('reference', 'hspan_reference.pt'), weights_only=True)
+    ref = load_reference('hspan')
     a = ref['small_args']
     torch.save(ref['x2_state'], tmp_path / 'x2.pt')
     flags = ['--model', 'HSPAN', '--scale', '2', '--n_resgroups', str(a['n_resgroups']),
@@ -70,11 +70,18 @@ def test_chop_equals_plain_for_local_model_and_recurses() -> None:
 
 
 def test_chop_rules() -> None:
-    assert model.HSPAN_CHOP == {'shave': 10, 'min_size': 120000, 'h_mult': 4, 'w_mult': 8}
+    from model.contract import EDSR_CHOP
+    from model.hspan import HSPAN_CHOP
+
+    assert HSPAN_CHOP == model.ChopRule(shave=10, min_size=120000, h_mult=4, w_mult=8)
+    m = _model('--model', 'HSPAN', '--scale', '2', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8',
+               '--reduction', '2', '--topk', '8')
+    assert m.chop_rule() == HSPAN_CHOP
     m = _model('--model', 'MSNLAN', '--scale', '4', '--n_resgroups', '2', '--n_resblocks', '1', '--n_feats', '16')
-    assert m._chop_rule() == {'shave': 10, 'min_size': 3600, 'h_mult': 4, 'w_mult': 4}
+    assert m.chop_rule() == model.ChopRule(shave=10, min_size=3600, h_mult=4, w_mult=4)
+    # EDSR's own rule (EDSR-PyTorch's forward_chop: min_size 160000, quarters not rounded), not HSPAN's
     m = _model(*TINY_EDSR, '--scale', '2')
-    assert m._chop_rule() == model.HSPAN_CHOP
+    assert m.chop_rule() == EDSR_CHOP == model.ChopRule(shave=10, min_size=160000, h_mult=0, w_mult=0)
 
 
 def test_tile_geometry_and_weights() -> None:
@@ -127,9 +134,10 @@ def test_tile_flag_validation_and_precedence() -> None:
         _model(*TINY_EDSR, '--tile', '24', '--tile_overlap', '24')
     with pytest.raises(UserError, match='--tile -1'):
         _model(*TINY_EDSR, '--tile', '-1')
-    logs: list[str] = []
-    _model(*TINY_EDSR, '--tile', '24', '--chop', logs=logs)
-    assert any('replaces --chop' in line for line in logs)
+    with pytest.raises(UserError, match='--chop and --tile'):  # one of them would silently win
+        _model(*TINY_EDSR, '--tile', '24', '--chop')
+    assert _model('--template', 'MSNLAN', '--model', 'EDSR', '--n_resblocks', '0', '--n_feats', '4',
+                  '--res_scale', '1', '--tile', '24', '--no_chop').tile == 24
 
 
 def _manual_x8(forward, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +181,7 @@ def test_self_ensemble_wraps_chop() -> None:
 
 def test_training_mode_is_plain_forward() -> None:
     torch.manual_seed(5)
-    m = _model(*TINY_EDSR, '--scale', '2', '--chop', '--self_ensemble', '--tile', '8', '--tile_overlap', '2')
+    m = _model(*TINY_EDSR, '--scale', '2', '--self_ensemble', '--tile', '8', '--tile_overlap', '2')
     m.train()
     x = torch.rand(1, 3, 30, 30)
     out = m(x)

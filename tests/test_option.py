@@ -50,6 +50,18 @@ def test_multi_scale_and_zero_epochs():
     (['--batch_size', '0'], '--batch_size'),
     (['--warmup', '-1'], '--warmup'),
     (['--lr_schedule', 'cosine', '--epochs', '0'], '--lr_schedule cosine'),
+    (['--topk', '0'], '--topk 0'),
+    (['--reduction', '0'], '--reduction 0'),
+    (['--n_resgroups', '0'], '--n_resgroups 0'),
+    (['--epochs', '-3'], '--epochs -3'),
+    (['--load', 'x', '--resume', '-2'], '--resume -2'),
+    (['--lr', '0'], '--lr 0'),
+    (['--gclip', '-1'], '--gclip -1'),
+    (['--betas', '0.9', '1.5'], '--betas 0.9 1.5'),
+    (['--min_lr', '1', '--lr', '1e-3'], '--min_lr 1'),
+    (['--tile', '16', '--tile_overlap', '16'], '--tile_overlap 16'),
+    (['--template', 'HSPAN', '--tile', '64'], '--chop and --tile'),
+    (['--template', 'nope'], '--template nope'),
 ])
 def test_bad_values_name_the_flag(argv, words):
     with pytest.raises(UserError, match=words):

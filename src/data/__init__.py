@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data.common import TrainItem
 from errors import UserError
 
 # name (lower case) -> (module, class); anything else is a folder of images.
@@ -69,7 +70,7 @@ class TrainSet(Dataset):
     def __len__(self) -> int:
         return self.offsets[-1]
 
-    def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int, int]) -> TrainItem:
         i, si, seed = key if isinstance(key, tuple) else (key, 0, None)
         d = bisect.bisect_right(self.offsets, i) - 1
         return self.datasets[d][(i - self.offsets[d], si, seed)]
@@ -171,7 +172,7 @@ class Data:
 
     def __init__(self, args: Any, rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print) -> None:
         workers = min(int(args.n_threads), os.cpu_count() or 1)
-        pin = not getattr(args, 'cpu', True) and torch.cuda.is_available()
+        pin = not args.cpu and torch.cuda.is_available()
         self.loader_train: DataLoader | None = None
         if not args.test_only:
             if not args.data_train:

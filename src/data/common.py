@@ -10,11 +10,30 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from errors import UserError
+
+
+class TrainItem(NamedTuple):
+    """A training sample (or, collated, a batch): aligned LR and HR patches and the scale index."""
+
+    lr: torch.Tensor
+    hr: torch.Tensor
+    idx_scale: int | torch.Tensor
+
+
+class TestItem(NamedTuple):
+    """A test image: the whole LR image, its HR image cropped to match (empty without ground truth) and
+    the HR file's stem (collated: a list of stems)."""
+
+    lr: torch.Tensor
+    hr: torch.Tensor
+    name: str | list[str]
+
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.gif')
 

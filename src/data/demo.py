@@ -44,9 +44,9 @@ class Demo(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def __getitem__(self, idx: int) -> common.TestItem:
         lr = common.set_channel(common.read_image(self.files[idx]), self.n_colors)
-        return common.to_tensor(lr, self.rgb_range), torch.empty(0), self.files[idx].stem
+        return common.TestItem(common.to_tensor(lr, self.rgb_range), torch.empty(0), self.files[idx].stem)
 
     def is_gray(self, filename: str) -> bool:
         return filename in self.gray_stems

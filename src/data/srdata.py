@@ -39,8 +39,8 @@ import torch
 from torch.utils.data import Dataset
 
 from data import cache, common
-from data.imresize import imresize
 from errors import UserError
+from imresize import imresize
 
 logger = logging.getLogger('data')
 
@@ -122,7 +122,7 @@ class SRData(Dataset):
 
     def _bin_dir(self, args: Any, log: Callable[[str], None]) -> Path:
         digest = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:8]
-        dir_cache = getattr(args, 'dir_cache', None)
+        dir_cache = args.dir_cache
         if dir_cache:
             return Path(dir_cache) / f'{self.name}-{digest}'
         if writable(self.root / 'bin'):
@@ -247,28 +247,26 @@ class SRData(Dataset):
     def __len__(self) -> int:
         return len(self.hr_files) * self.repeat if self.train else len(self.hr_files)
 
-    def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def __getitem__(self, key: int | tuple[int, int, int]) -> common.TrainItem | common.TestItem:
         if self.train:
             i, si, seed = key if isinstance(key, tuple) else (key, self.idx_scale, None)
             return self.train_item(int(i) % len(self.hr_files), int(si), seed)
         return self.test_item(int(key))
 
-    def train_item(self, i: int, si: int, seed: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Random aligned patches of image i at scale index si: (lr, hr, si)."""
+    def train_item(self, i: int, si: int, seed: int | None) -> common.TrainItem:
+        """Random aligned patches of image i at scale index si."""
         rng = np.random.default_rng(seed)
         lr, hr = common.get_patch(self._lr(i, si), self._hr(i), self.patch_size, self.scales[si], rng)
         if self.augment:
             lr, hr = common.augment(lr, hr, rng)
-        lr_t, hr_t = self._tensors(lr, hr)
-        return lr_t, hr_t, si
+        return common.TrainItem(*self._tensors(lr, hr), si)
 
-    def test_item(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def test_item(self, i: int) -> common.TestItem:
         """The whole LR image at the current scale, HR cropped to match, and the HR file's stem."""
         s = self.scales[self.idx_scale]
         lr = self._lr(i, self.idx_scale)
         hr = self._hr(i)[:lr.shape[0] * s, :lr.shape[1] * s]
-        lr_t, hr_t = self._tensors(lr, hr)
-        return lr_t, hr_t, self.hr_files[i].stem
+        return common.TestItem(*self._tensors(lr, hr), self.hr_files[i].stem)
 
     def is_gray(self, filename: str) -> bool:
         """Whether the HR image `filename` (a stem, as in test items) is grayscale in its file: metrics

@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from errors import UserError
+
+if TYPE_CHECKING:  # for annotations only: the experiment folder is passed in, never imported
+    from experiment import Experiment
 
 PIXEL_TERMS = ('L1', 'MSE')
 VGG_TERMS = ('VGG22', 'VGG54')
@@ -102,11 +105,9 @@ class Loss(nn.Module):
         self._last = values
         return total
 
-    def step_epoch(self) -> None:
-        """End of an epoch for terms with their own learning-rate schedule (the GAN discriminator)."""
-        for f in self.functions:
-            if hasattr(f, 'step_epoch'):
-                f.step_epoch()
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Optimizers of terms that train their own network (the GAN discriminator), for the LR schedule."""
+        return [f.optimizer for f in self.functions if isinstance(getattr(f, 'optimizer', None), torch.optim.Optimizer)]
 
     # ---------------------------------------------------------------- per-epoch log
     def start_log(self) -> None:
@@ -162,14 +163,10 @@ class Loss(nn.Module):
         self.functions.load_state_dict(state['modules'])
         self.log = state['log'][:epochs].clone()
 
-    def save(self, ckp: object) -> None:
-        """loss_log.pt and one loss_<term>.png per column (ckp: utility.Checkpoint)."""
-        from utility import save_plot
-
-        ckp.save_torch(self.log.clone(), 'loss_log.pt')
-        if not ckp.is_main:
-            return
+    def save(self, experiment: Experiment) -> None:
+        """loss_log.pt and one loss_<term>.png per column, in the experiment folder."""
+        experiment.save_torch(self.log.clone(), 'loss_log.pt')
         epochs = range(1, len(self.log) + 1)
         for i, c in enumerate(self.columns):
             pts = list(zip(epochs, self.log[:, i].tolist(), strict=True))
-            save_plot(Path(ckp.path(f'loss_{c}.png')), f'{c} loss', 'Loss', {c: pts})
+            experiment.plot(f'loss_{c}', f'{c} loss', 'Loss', {c: pts})

@@ -1,8 +1,8 @@
 """Adversarial loss term 'GAN' (SRGAN-style, non-saturating BCE) with its own discriminator.
 
 Each call updates the discriminator --gan_k times on (detached SR, HR), then returns the generator's
-loss. The discriminator, its optimizer and its schedule are saved with the loss (get_extra_state), so
-a resumed run continues them too.
+loss. The discriminator and its optimizer are saved with the loss (get_extra_state), so a resumed run
+continues them too; its learning rate is set by the trainer from the run's one schedule (schedule.lr_at).
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ class Adversarial(nn.Module):
         self.dis = Discriminator(args.n_colors)
         self.optimizer = torch.optim.Adam(self.dis.parameters(), lr=args.lr, betas=tuple(args.betas),
                                           eps=args.epsilon, weight_decay=args.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=args.decay_milestones,
-                                                              gamma=args.gamma)
         self.loss_d = 0.0
 
     def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -65,12 +63,8 @@ class Adversarial(nn.Module):
         d_fake = self.dis(fake)
         return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
 
-    def step_epoch(self) -> None:
-        self.scheduler.step()
-
     def get_extra_state(self) -> dict:
-        return {'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict()}
+        return {'optimizer': self.optimizer.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])

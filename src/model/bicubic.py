@@ -10,17 +10,21 @@ import argparse
 
 import numpy as np
 import torch
-from torch import nn
 
-from data.imresize import imresize
+from imresize import imresize
+from model.contract import SRNetwork
+
+FLAGS: tuple[str, ...] = ()
 
 
-def make_model(args: argparse.Namespace) -> nn.Module:
+def make_model(args: argparse.Namespace) -> SRNetwork:
     return Bicubic(scales=args.scale, rgb_range=args.rgb_range)
 
 
-class Bicubic(nn.Module):
+class Bicubic(SRNetwork):
     """Upscale each image like MATLAB's imresize(uint8_lr, scale) (inputs are 8-bit images scaled to rgb_range)."""
+
+    multi_scale = True
 
     def __init__(self, scales: list[int], rgb_range: float = 255) -> None:
         super().__init__()

@@ -11,8 +11,6 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from errors import UserError
-
 ConvFactory = Callable[..., nn.Module]
 
 DIV2K_MEAN = (0.4488, 0.4371, 0.4040)
@@ -48,7 +46,7 @@ class MeanShift(nn.Conv2d):
         if n_colors == 1:
             mean, std = mean.mean().view(1), std.mean().view(1)
         elif n_colors != 3:
-            raise UserError(f'--n_colors {n_colors}: expected 1 or 3')
+            raise ValueError(f'--n_colors {n_colors}: expected 1 or 3')
         with torch.no_grad():
             self.weight.copy_(torch.eye(n_colors).view(n_colors, n_colors, 1, 1) / std.view(n_colors, 1, 1, 1))
             self.bias.copy_(sign * rgb_range * mean / std)
@@ -118,7 +116,7 @@ class Upsampler(nn.Sequential):
         elif scale == 3:
             steps = [3]
         else:
-            raise UserError(f'--scale {scale}: the upsampler supports powers of 2 and 3')
+            raise ValueError(f'--scale {scale}: the upsampler supports powers of 2 and 3')
         for r in steps:
             layers.append(conv(n_feats, r * r * n_feats, 3, bias=bias))
             layers.append(nn.PixelShuffle(r))

@@ -13,13 +13,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from errors import UserError
 from model import common
+from model.contract import SRNetwork
+
+FLAGS = ('n_resblocks', 'n_feats', 'res_scale')
 
 
-def make_model(args: argparse.Namespace) -> nn.Module:
-    if getattr(args, 'dilation', False):
-        raise UserError('--dilation is not supported by EDSR here')
+def make_model(args: argparse.Namespace) -> SRNetwork:
     return EDSR(
         scale=args.scale[0],
         n_colors=args.n_colors,
@@ -30,7 +30,7 @@ def make_model(args: argparse.Namespace) -> nn.Module:
     )
 
 
-class EDSR(nn.Module):
+class EDSR(SRNetwork):
     """sub_mean -> conv -> n_resblocks ResBlocks + conv (global residual) -> upsampler + conv -> add_mean."""
 
     def __init__(

@@ -16,9 +16,19 @@ from torch import nn
 
 from model import attention as attn
 from model import common
+from model.contract import ChopRule, SRNetwork
+
+FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale', 'reduction', 'topk', 'attention', 'hspa_impl',
+         'hspa_block')
+# The published HSPAN forward_chop: overlap 10 LR pixels, split further while a quarter has >= 120000
+# pixels, quarter height/width rounded up to the next multiple of 4 / 8 (always adding at least 1).
+HSPAN_CHOP = ChopRule(shave=10, min_size=120000, h_mult=4, w_mult=8)
 
 
-def make_model(args: argparse.Namespace) -> nn.Module:
+def make_model(args: argparse.Namespace) -> SRNetwork:
+    if args.attention != 'none' and args.n_feats // args.reduction < 1:
+        raise ValueError(f'--reduction {args.reduction} with --n_feats {args.n_feats}: the attention embeddings '
+                         f'would have n_feats // reduction = 0 channels')
     return HSPAN(
         scale=args.scale[0],
         n_colors=args.n_colors,
@@ -29,9 +39,9 @@ def make_model(args: argparse.Namespace) -> nn.Module:
         topk=args.topk,
         res_scale=args.res_scale,
         rgb_range=args.rgb_range,
-        attention=getattr(args, 'attention', 'hspa'),
-        hspa_impl=getattr(args, 'hspa_impl', 'auto'),
-        hspa_block=getattr(args, 'hspa_block', 0),
+        attention=args.attention,
+        hspa_impl=args.hspa_impl,
+        hspa_block=args.hspa_block,
     )
 
 
@@ -86,7 +96,7 @@ class HSPAM(nn.Module):
         return self.body(x).mul(self.res_scale) + x
 
 
-class HSPAN(nn.Module):
+class HSPAN(SRNetwork):
     """sub_mean -> head conv -> n_resgroups HSPAMs + conv (global residual) -> upsampler + conv -> add_mean."""
 
     def __init__(
@@ -108,7 +118,7 @@ class HSPAN(nn.Module):
         super().__init__()
         self.config = dict(scale=scale, n_colors=n_colors, n_feats=n_feats, n_resgroups=n_resgroups,
                            n_resblocks=n_resblocks, reduction=reduction, topk=topk, res_scale=res_scale,
-                           rgb_range=rgb_range, attention=attention, hspa_impl=hspa_impl, hspa_block=hspa_block)
+                           rgb_range=rgb_range, attention=attention)  # hspa_impl/hspa_block: how, not what
         conv = common.default_conv
         kernel_size = 3
         # Registration order fixes the state-dict order: a, sub_mean, add_mean, head, body, tail.
@@ -134,6 +144,9 @@ class HSPAN(nn.Module):
         x = self.head(self.sub_mean(x))
         res = self.body(x) + x
         return self.add_mean(self.tail(res))
+
+    def chop_rule(self, scale: int) -> ChopRule:
+        return HSPAN_CHOP
 
     @staticmethod
     def infer_config(state: Mapping[str, torch.Tensor]) -> dict[str, object]:

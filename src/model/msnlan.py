@@ -15,15 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from errors import UserError
 from model import common
+from model.contract import ChopRule, SRNetwork
 
 MSNLAN_MEAN = (0.4025, 0.4482, 0.4264)
+FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale')
+CCA_REDUCTION = 16  # channel reduction of the contrast channel attention in every RMAB
 
 
-def make_model(args: argparse.Namespace) -> nn.Module:
-    if getattr(args, 'dilation', False):
-        raise UserError('--dilation is not supported by MSNLAN')
+def make_model(args: argparse.Namespace) -> SRNetwork:
+    if args.n_resgroups < 2 or args.n_resgroups % 2:
+        raise ValueError(f'--n_resgroups {args.n_resgroups}: MSNLAN needs an even number of groups, at least 2 '
+                         '(half before its attention block, half after)')
+    if args.n_feats < CCA_REDUCTION:
+        raise ValueError(f'--n_feats {args.n_feats}: MSNLAN needs at least {CCA_REDUCTION} (its channel '
+                         f'attention reduces the features {CCA_REDUCTION}-fold)')
     return MSNLAN(
         scale=args.scale[0],
         n_colors=args.n_colors,
@@ -73,7 +79,7 @@ class RMAB(nn.Module):
         self.branch2 = nn.Sequential(conv(n_feats, n_feats, 3), nn.GELU())
         self.branch3 = nn.Sequential(conv(n_feats, n_feats, 3), nn.GELU())
         self.fusion = conv(n_feats * 3, n_feats, 1)
-        self.CCA = ChannelAttention(n_feats, contrast=True)
+        self.CCA = ChannelAttention(n_feats, reduction=CCA_REDUCTION, contrast=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1 = self.branch1(x)
@@ -168,7 +174,7 @@ class MSNLAB(nn.Module):
         return x + self.CA(self.fusion(torch.cat(branches, dim=1)))
 
 
-class MSNLAN(nn.Module):
+class MSNLAN(SRNetwork):
     """head -> G/2 residual groups (outputs fused 1x1) -> MSNLAB -> G/2 residual groups, each after the first
     fed with a 1x1 fusion of the previous output and the MSNLAB output -> conv, global skip -> upsampler."""
 
@@ -225,10 +231,10 @@ class MSNLAN(nn.Module):
         y = self.body[2 * self.half + 1](y)
         return self.add_mean(self.tail(head + y))
 
-    def chop_rule(self, scale: int) -> dict[str, int]:
+    def chop_rule(self, scale: int) -> ChopRule:
         """The published MSNLAN forward_chop: quarters rounded up to a multiple of the scale, smaller
         quarters (its cross-scale attention is quadratic in the patch area)."""
-        return {'shave': 10, 'min_size': 3600 if scale == 4 else 4000, 'h_mult': scale, 'w_mult': scale}
+        return ChopRule(shave=10, min_size=3600 if scale == 4 else 4000, h_mult=scale, w_mult=scale)
 
     @staticmethod
     def infer_config(state: Mapping[str, torch.Tensor]) -> dict[str, object]:

@@ -1,0 +1,173 @@
+"""torchrun (env://) set-up and thin wrappers over torch.distributed's collectives.
+
+Every wrapper degrades to the identity in a single process, so the trainer has one code path. Rank 0 is the
+only process that reads or writes the experiment folder; the others receive what it read (resume state,
+folder checks) through broadcasts, so several machines need not share that folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from errors import UserError
+
+# Variables torchrun (and torch.distributed.launch) sets for every worker; env:// reads MASTER_ADDR/PORT too.
+TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of an initialised torch.distributed group."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+class RankZeroError(UserError):
+    """A UserError that every process raises alike (decided by the flags or broadcast by rank 0): main()
+    prints it on rank 0 only, so a torchrun job reports it once."""
+
+    rank_zero_only = True
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a torchrun job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str = ''
+
+
+def torchrun_env(environ: Mapping[str, str] | None = None) -> DistEnv | None:
+    """RANK / WORLD_SIZE / LOCAL_RANK as set by torchrun, or None when the process was not started by it."""
+    env = os.environ if environ is None else environ
+    if not all(k in env for k in TORCHRUN_VARS):
+        return None
+    try:
+        rank, world, local = (int(env[k]) for k in TORCHRUN_VARS)
+    except ValueError:
+        raise UserError('RANK/WORLD_SIZE/LOCAL_RANK: expected integers (start the job with torchrun)') from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise UserError(f'RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}: inconsistent torchrun variables')
+    return DistEnv(rank, world, local)
+
+
+def uses_cuda(args: argparse.Namespace) -> bool:
+    """The device rule of model.Model: CUDA unless --cpu or no CUDA device is visible."""
+    return not args.cpu and torch.cuda.is_available()
+
+
+def check_distributed_args(args: argparse.Namespace, env: DistEnv) -> None:
+    """Flag combinations a torchrun job cannot run, refused alike by every process before any collective."""
+    n_gpus = args.n_GPUs
+    if n_gpus > 1:
+        raise RankZeroError(f'--n_GPUs {n_gpus} is DataParallel inside one process and cannot be combined with '
+                            'torchrun: drop --n_GPUs and start one process per GPU (--nproc_per_node)')
+    if args.batch_size % env.world_size:
+        raise RankZeroError(f'--batch_size {args.batch_size} is the global batch: it must be divisible by the '
+                            f'{env.world_size} torchrun processes (WORLD_SIZE)')
+    if not args.test_only and 'GAN' in str(args.loss).upper():
+        import loss
+
+        if any(t.name == 'GAN' for t in loss.parse_loss(args.loss)):
+            raise RankZeroError(f'--loss {args.loss}: the GAN term trains its own discriminator per process, '
+                                'which torchrun would let drift apart; train it in a single process')
+    if uses_cuda(args) and env.local_rank >= torch.cuda.device_count():
+        raise RankZeroError(f'LOCAL_RANK {env.local_rank}: only {torch.cuda.device_count()} CUDA devices are '
+                            'visible on this machine (lower --nproc_per_node, or use --cpu)')
+
+
+def init_distributed(args: argparse.Namespace) -> DistEnv | None:
+    """Join the torchrun job (env://): nccl on cuda:LOCAL_RANK, gloo with --cpu or without CUDA.
+
+    None in a plain `python main.py` run. Checks the flags first, so a bad combination fails the same way
+    on every process without waiting for a rendezvous.
+    """
+    env = torchrun_env()
+    if env is None:
+        return None
+    check_distributed_args(args, env)
+    import torch.distributed as dist
+
+    if uses_cuda(args):
+        device = torch.device('cuda', env.local_rank)
+        torch.cuda.set_device(device)  # object collectives and NCCL use the current device
+        dist.init_process_group('nccl', init_method='env://', device_id=device)
+    else:
+        dist.init_process_group('gloo', init_method='env://')
+    return DistEnv(env.rank, env.world_size, env.local_rank, dist.get_backend())
+
+
+def destroy_distributed() -> None:
+    """Leave the process group, if any (called on success and on errors alike)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` of rank `src` on every process (pickled; keep it small or on the CPU)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    world = get_world_size()
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(obj: Any) -> list | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0; None on the other ranks."""
+    world = get_world_size()
+    if world == 1:
+        return [obj]
+    rank = get_rank()
+    out: list | None = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_reduce_mean(values: Sequence[float], device: torch.device) -> list[float]:
+    """The mean over processes of each value (float64 on `device`: the backend's device)."""
+    if get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return (t / get_world_size()).tolist()
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Overwrite each tensor, in place, with rank `src`'s copy."""
+    if get_world_size() == 1:
+        return
+    for t in tensors:
+        torch.distributed.broadcast(t, src=src)

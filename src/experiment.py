@@ -1,0 +1,206 @@
+"""The experiment folder of a run: experiment/<save>/ with log.txt, config.txt, result images, results.json
+and plots.
+
+Everything a run writes lives in experiment/<save>/ (or experiment/<load>/ when continuing) at the
+repository root, whatever the working directory; SR_EXPERIMENT_ROOT overrides that root (tests use it).
+Only the main process writes, so a distributed run logs each line once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from distributed import RankZeroError, broadcast_object, is_main_process
+from errors import UserError
+from fileio import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from training_state import has_training_state
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def experiment_root() -> Path:
+    """<repo>/experiment, or $SR_EXPERIMENT_ROOT when set."""
+    override = os.environ.get('SR_EXPERIMENT_ROOT')
+    return Path(override).resolve() if override else REPO_ROOT / 'experiment'
+
+
+def encode_png(img: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 HxW or HxWxC image (C=1 is written as grayscale)."""
+    import imageio.v3 as iio
+
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    return iio.imwrite('<bytes>', img, extension='.png')
+
+
+class Experiment:
+    """The experiment folder of one run: paths, the log, config.txt, images, results.json and plots.
+
+    It only writes; what goes into a checkpoint and how a run resumes is the training state's business
+    (training_state.py).
+    """
+
+    def __init__(self, args: argparse.Namespace, root: str | os.PathLike | None = None,
+                 is_main: bool | None = None) -> None:
+        self.args = args
+        self.is_main = is_main_process() if is_main is None else is_main
+        name = args.load or args.save
+        if not name or Path(name).name != name or name in ('.', '..'):
+            raise UserError(f'--save/--load {name!r}: expected a plain folder name (experiment/<name>/)')
+        self.dir = Path(root).resolve() / name if root is not None else experiment_root() / name
+
+        reset = bool(args.reset)
+        if reset:
+            args.load = ''
+            args.resume = 0
+        problem = None
+        if self.is_main:
+            if reset and self.dir.exists():
+                # In Python, never through a shell: a name with spaces or ';' cannot do harm.
+                shutil.rmtree(self.dir)
+            problem = self._folder_problem(args)
+        # Barrier: the other processes wait for rank 0's reset and checks, and fail with its message.
+        problem = broadcast_object(problem)
+        if problem is not None:
+            raise RankZeroError(problem)
+
+        self._log_file = None
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.path('log.txt'), 'a', encoding='utf-8')  # noqa: SIM115 (kept open)
+            self._run_start = self._log_file.tell()  # where this run's lines begin
+            self._write_config()
+
+    def _folder_problem(self, args: argparse.Namespace) -> str | None:
+        """Why the experiment folder cannot serve this run (None when it can)."""
+        if args.load and not has_training_state(self.dir) and not _has_models(self.dir):
+            return f'--load {args.load}: {self.dir} holds no checkpoint to continue from'
+        if not args.load and not args.test_only and has_training_state(self.dir):
+            return (f'--save {args.save}: {self.dir} already holds a training run; continue it with '
+                    f'--load {args.save} --resume -1, start over with --reset, or choose another --save')
+        return None
+
+    # ------------------------------------------------------------------ paths and log
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    def write_log(self, line: str, echo: bool = True) -> None:
+        """Append `line` to log.txt and print it unless echo is False (main process only)."""
+        if not self.is_main:
+            return
+        if echo:
+            from tqdm import tqdm
+
+            # tqdm.write keeps an active progress bar intact; it is a plain print otherwise.
+            tqdm.write(line, file=sys.stdout)
+        if self._log_file is not None:
+            self._log_file.write(line + '\n')
+            self._log_file.flush()
+
+    def log_size(self) -> int:
+        """Bytes in log.txt so far: stored in each checkpoint so a resume can drop later lines."""
+        if self._log_file is None:
+            return 0
+        self._log_file.flush()
+        return self._log_file.tell()
+
+    def rewind_log(self, size: int, note: str) -> None:
+        """Drop what earlier runs wrote to log.txt after its first `size` bytes (lines of an epoch that
+        is about to be redone), keep this run's own lines, and add `note`.
+
+        The dropped lines are kept in log_discarded.txt rather than lost.
+        """
+        if self._log_file is None:
+            return
+        self._log_file.close()
+        path = self.path('log.txt')
+        data = path.read_bytes()
+        start = min(self._run_start, len(data))
+        if size < start:
+            with open(self.path('log_discarded.txt'), 'ab') as f:
+                f.write(data[size:start])
+            atomic_write_bytes(path, data[:size] + data[start:])
+            self._run_start = size
+        self._log_file = open(path, 'a', encoding='utf-8')  # noqa: SIM115
+        self.write_log(note)
+
+    def _write_config(self) -> None:
+        now = datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')
+        lines = [f'# {now}  {" ".join(sys.argv)}']
+        lines += [f'{k}: {v}' for k, v in sorted(vars(self.args).items())]
+        old = self.path('config.txt').read_text(encoding='utf-8') if self.path('config.txt').exists() else ''
+        atomic_write_text(self.path('config.txt'), old + '\n'.join(lines) + '\n\n')
+
+    def done(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    # ------------------------------------------------------------------ outputs
+    def save_image(self, dataset: str, stem: str, scale: int, tag: str, img: np.ndarray) -> Path:
+        """results-<dataset>/<stem>_x<scale>_<tag>.png, atomically (inline: simple, and nothing to flush)."""
+        path = self.path(f'results-{dataset}', f'{stem}_x{scale}_{tag}.png')
+        if self.is_main:
+            atomic_write_bytes(path, encode_png(img))
+        return path
+
+    def write_results(self, entries: Sequence[dict]) -> None:
+        """results.json: one object per (dataset, scale) of the latest evaluation."""
+        if self.is_main:
+            atomic_write_text(self.path('results.json'), json.dumps(list(entries), indent=2) + '\n')
+
+    def save_torch(self, obj: object, name: str) -> None:
+        if self.is_main:
+            atomic_torch_save(obj, self.path(name))
+
+    def plot(self, name: str, title: str, ylabel: str, series: dict[str, list[tuple[int, float]]]) -> None:
+        """<name>.png: one line per series of (epoch, value) points (main process only)."""
+        if self.is_main:
+            save_plot(self.path(f'{name}.png'), title, ylabel, series)
+
+
+def _has_models(folder: Path) -> bool:
+    return (folder / 'model').is_dir() and any((folder / 'model').glob('model_*'))
+
+
+def save_plot(path: Path, title: str, ylabel: str, series: dict[str, list[tuple[int, float]]]) -> None:
+    """Line plot of (epoch, value) series as a PNG, written atomically (matplotlib Agg, no display)."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    try:
+        plotted = False
+        for label, pts in series.items():
+            pts = [(e, v) for e, v in pts if v is not None and math.isfinite(v)]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker='.' if len(pts) < 30 else None, label=label)
+                plotted = True
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.set_title(title)
+        ax.set_xlabel('Epoch')
+        ax.set_ylabel(ylabel)
+        ax.grid(True)
+        if plotted:  # (all-NaN series, e.g. an epoch of skipped batches, draw nothing to label)
+            ax.legend()
+        buf = io.BytesIO()
+        fig.savefig(buf, format='png', dpi=100)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,161 @@
+"""Model files: reading (bare or wrapped state dicts, .pt or .safetensors), strict fitting, writing.
+
+The model files this project writes carry the network's configuration (contract.SRNetwork.config plus the
+model name): in a .pt file as {'config': {...}, 'state_dict': {...}}, in a .safetensors file as the
+metadata entry 'sr_config' (JSON). Published checkpoints are bare state dicts and load as before; with
+config=None, write_checkpoint writes that bare layout too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from errors import UserError
+from fileio import atomic_write, atomic_write_bytes
+from model.contract import SRNetwork
+
+# Checkpoint containers: a state dict is looked for under these keys, in this order.
+WRAPPER_KEYS = ('params_ema', 'params', 'state_dict', 'model')
+# Model files this project reads and writes, in the order they are looked for.
+CHECKPOINT_SUFFIXES = ('.pt', '.safetensors')
+SAFETENSORS_CONFIG = 'sr_config'
+
+
+def unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """The state dict in a checkpoint object: bare, or under one of WRAPPER_KEYS (nested wrappers are
+    unwrapped too); 'module.' prefixes (DataParallel/DDP) are stripped."""
+    for _ in range(4):
+        if not isinstance(obj, Mapping):
+            break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            state = {}
+            for key, value in obj.items():
+                key = str(key)
+                while key.startswith('module.'):
+                    key = key[len('module.'):]
+                state[key] = value
+            return state
+        inner = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = obj[inner]
+    raise UserError(f'{source}: no state dict found (expected a dict of tensors, bare or under one of '
+                    f'{", ".join(repr(k) for k in WRAPPER_KEYS)})')
+
+
+def read_checkpoint(path: str | Path, flag: str = '--pre_train') -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state dict on the CPU, configuration or None) of a .pt (weights_only) or .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'{flag} {path}: no such file')
+    config = None
+    try:
+        if path.suffix == '.safetensors':
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework='pt', device='cpu') as f:
+                meta = f.metadata() or {}
+                obj = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            config = json.loads(meta[SAFETENSORS_CONFIG]) if SAFETENSORS_CONFIG in meta else None
+        else:
+            obj = torch.load(path, map_location='cpu', weights_only=True)
+            if isinstance(obj, Mapping) and isinstance(obj.get('config'), Mapping):
+                config = dict(obj['config'])
+    except Exception as e:  # unpickling errors come in many types; the user needs the first line only
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'{flag} {path}: cannot read it as a weights file ({first})') from e
+    return unwrap_state_dict(obj, f'{flag} {path}'), config
+
+
+def read_state_dict(path: str | Path, flag: str = '--pre_train') -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint file, on the CPU."""
+    return read_checkpoint(path, flag)[0]
+
+
+def write_checkpoint(path: str | Path, state: Mapping[str, torch.Tensor], config: Mapping[str, object] | None) -> None:
+    """Write a model file atomically: .safetensors (config in its metadata) or .pt (config beside the state
+    dict; a bare state dict, the published layout, when config is None)."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if path.suffix == '.safetensors':
+        from safetensors.torch import save
+
+        meta = {SAFETENSORS_CONFIG: json.dumps(dict(config))} if config is not None else None
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+    else:
+        obj = tensors if config is None else {'config': dict(config), 'state_dict': tensors}
+        atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _few(items: list[str], limit: int = 6) -> str:
+    shown = ', '.join(items[:limit])
+    return shown + (f', ... (+{len(items) - limit} more)' if len(items) > limit else '')
+
+
+def likely_cause(net: nn.Module, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """Best guess at why `state` does not fit `net`, from the configuration each set of keys implies
+    (SRNetwork.infer_config), else from how many keys the two share."""
+    if isinstance(net, SRNetwork):
+        try:
+            mine, theirs = net.infer_config(own), net.infer_config(state)
+        except Exception:  # a foreign layout can break the inference; fall back to the generic hints
+            mine, theirs = {}, {}
+        if mine and not theirs:
+            return f'the checkpoint is not laid out like {type(net).__name__}: a checkpoint of a different --model?'
+        diffs = [f'--{k} {theirs[k]} (built with {mine[k]})' for k in mine
+                 if theirs.get(k) not in (None, 0, '') and theirs[k] != mine[k]]
+        if diffs:
+            return 'the checkpoint looks like ' + ', '.join(diffs)
+    common_keys = len(set(own) & set(state))
+    if common_keys < 0.5 * min(len(own), len(state)):
+        return (f'only {common_keys} of {len(state)} checkpoint keys exist in {type(net).__name__}: '
+                'a checkpoint of a different --model?')
+    return 'a different configuration (--scale, --n_feats, --n_resgroups, --n_resblocks, --reduction, ...)'
+
+
+def check_state_fits(net: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one UserError naming missing, unexpected and shape-mismatched keys when `state` does not fit."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f'{k} checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}'
+                  for k in own if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f'{source} does not fit {type(net).__name__}']
+    if missing:
+        parts.append(f'{len(missing)} missing keys: {_few(missing)}')
+    if unexpected:
+        parts.append(f'{len(unexpected)} unexpected keys: {_few(unexpected)}')
+    if mismatched:
+        parts.append(f'{len(mismatched)} shape mismatches: {_few(mismatched)}')
+    parts.append(f'likely cause: {likely_cause(net, own, state)}')
+    raise UserError('; '.join(parts))
+
+
+def config_mismatches(config: Mapping[str, object], own: Mapping[str, object]) -> list[str]:
+    """'--flag stored (here built with value)' for each flag both configurations state differently."""
+    return [f'--{k} {config[k]} (built with {own[k]})' for k in own if k in config and config[k] != own[k]]
+
+
+def load_into(net: nn.Module, path: str | Path, flag: str = '--pre_train') -> None:
+    """Strictly load the checkpoint at `path` into `net`, refusing (UserError) before changing anything."""
+    state, config = read_checkpoint(path, flag)
+    check_state_fits(net, state, f'{flag} {path}')
+    diffs = config_mismatches(config or {}, net.config if isinstance(net, SRNetwork) else {})
+    if diffs:
+        raise UserError(f'{flag} {path}: the checkpoint was built with {", ".join(diffs)}')
+    net.load_state_dict(state, strict=True)
+
+
+def plain_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The network's state dict on the CPU, without 'module.' prefixes."""
+    if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        net = net.module
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}

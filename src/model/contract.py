@@ -1,0 +1,67 @@
+"""What a network must and may provide to the Model wrapper.
+
+A model is a module `src/model/<name>.py` that defines
+
+- `make_model(args) -> SRNetwork`: builds the network from the parsed flags; raises ValueError naming the
+  flag (e.g. '--reduction 16: ...') for a value the network cannot use;
+- `FLAGS`: the model flags make_model reads (see MODEL_FLAGS); a flag of that list given on the command
+  line and not read by the model is refused.
+
+The network is an `SRNetwork`: an nn.Module with `forward(lr) -> sr` and
+
+- `config`: the flags that shape it (their parsed values, 'scale' as one int). Checkpoints carry it, so
+  `--test_only --pre_train X` rebuilds the same network without architecture flags;
+- `infer_config(state_dict)`: the same flags read back from a bare state dict, as far as its keys and
+  shapes tell (used to explain a checkpoint that does not fit);
+- `chop_rule(scale)`: how --chop cuts the LR image (the published rule of that model);
+- `multi_scale` / `set_scale(idx_scale)`: a network serving every --scale itself; otherwise the wrapper
+  builds one network per scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Flags that only some models read; each model names the ones it reads in its FLAGS.
+MODEL_FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale', 'reduction', 'topk', 'attention',
+               'hspa_impl', 'hspa_block')
+
+
+@dataclass(frozen=True)
+class ChopRule:
+    """The published forward_chop of a model: quarters overlapping by `shave` LR pixels, split further
+    while a quarter has at least `min_size` pixels. With h_mult/w_mult > 0, a quarter's height/width is
+    rounded up to the next multiple (always adding at least 1, as published); 0 leaves it as it is."""
+
+    shave: int = 10
+    min_size: int = 160000
+    h_mult: int = 0
+    w_mult: int = 0
+
+
+# EDSR-PyTorch's forward_chop: shave 10, min_size 160000, no rounding.
+EDSR_CHOP = ChopRule()
+
+
+class SRNetwork(nn.Module):
+    """Base class of the networks: defaults for everything the contract lets a network leave out."""
+
+    multi_scale = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config: dict[str, object] = {}  # subclasses fill it in __init__
+
+    @staticmethod
+    def infer_config(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
+        return {}
+
+    def chop_rule(self, scale: int) -> ChopRule:
+        return EDSR_CHOP
+
+    def set_scale(self, idx_scale: int) -> None:
+        """Select the scale of the next forward (multi-scale networks)."""
