@@ -138,7 +138,8 @@ def test_edsr_configurations() -> None:
     # parameters, paper x4 43.1M
     assert sum(p.numel() for p in baseline.parameters() if p.requires_grad) == 1_369_859
     assert round(sum(p.numel() for p in paper.parameters() if p.requires_grad) / 1e6, 1) == 43.1
-    assert EDSR.infer_config(paper.state_dict()) == {'n_feats': 256, 'n_colors': 3, 'scale': 4, 'n_resblocks': 32}
+    assert EDSR.infer_config(paper.state_dict()) == {'n_feats': 256, 'n_colors': 3, 'scale': 4, 'n_resblocks': 32,
+                                                     'attention': 'none'}
 
 
 @pytest.mark.parametrize('cls,kwargs', [(HSPAN, HSPAN_DEFAULT), (MSNLAN, MSNLAN_DEFAULT)])

@@ -29,7 +29,7 @@ def make_model(args: argparse.Namespace) -> nn.Module:
         topk=args.topk,
         res_scale=args.res_scale,
         rgb_range=args.rgb_range,
-        attention=getattr(args, 'attention', 'hspa'),
+        attention=getattr(args, 'attention', None) or 'hspa',  # None: the published attention
         hspa_impl=getattr(args, 'hspa_impl', 'auto'),
         hspa_block=getattr(args, 'hspa_block', 0),
     )
