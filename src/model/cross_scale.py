@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 from model.attention import soft_threshold
 
-# With block_size 0, tiles hold at most this many (query, key) scores (128 MiB in float32); the four
-# buffers of a tile hold up to about 1.5 times this many entries each (halo and padding).
-BLOCK_SCORES = 2**25
+# With block_size 0, tiles hold at most this many (query, key) scores (256 MiB in float32); the four
+# buffers of a tile hold up to about 1.6 times this many entries each (halo and padding). Smaller tiles
+# redo more of the halo: at 192 x 192 positions and ksize 7, half this budget took about 1.3x the time.
+BLOCK_SCORES = 2**26
 
 
 def tile_shape(block_size: int, height: int, width: int) -> tuple[int, int]:
