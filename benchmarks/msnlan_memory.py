@@ -11,6 +11,7 @@ the time depends on what else runs on the machine.
 
     python benchmarks/msnlan_memory.py                       # 96, 144, 192 with the default MSNLAB
     python benchmarks/msnlan_memory.py --sizes 96 --impl auto dense
+    python benchmarks/msnlan_memory.py --dense_sizes 96 144   # plus the published block where it fits
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--sizes', type=int, nargs='+', default=[96, 144, 192], help='LR image sizes (square)')
     p.add_argument('--impl', nargs='+', default=['auto'], choices=('auto', 'blocked', 'dense'),
                    help='MSNLAB implementations to run')
+    p.add_argument('--dense_sizes', type=int, nargs='*', default=[],
+                   help='sizes also run with the published dense MSNLAB, as a same-run baseline')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--worker', nargs=2, metavar=('SIZE', 'IMPL'), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     print('| LR size | MSNLAB impl | time (s) | peak RSS (GiB) | extra over the forward (GiB) | load after |')
     print('|---|---|---|---|---|---|')
     for size in a.sizes:
-        for impl in a.impl:
+        for impl in a.impl + (['dense'] if size in a.dense_sizes and 'dense' not in a.impl else []):
             cmd = [sys.executable, __file__, '--worker', str(size), impl, '--seed', str(a.seed)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
