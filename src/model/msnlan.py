@@ -4,6 +4,10 @@ Same modules, state-dict keys and arithmetic as kbzhang0505/MSNLAN (model/msdsn.
 residual multi-branch attention blocks (RMAB) in residual groups, one multi-scale non-local attention block
 (MSNLAB) in the middle, and dense skip fusions. The x3 upsampler uses groups=1, which is what the
 published x3 weights mean (the published helper passes `bias` into the groups slot).
+
+On large maps the MSNLAB's attention runs over tiles of query positions (model.cross_scale): the same
+outputs in bounded memory, so whole benchmark images evaluate without the chop. attention='hspa'
+(--attention hspa) normalises its scores by soft thresholding instead of the published softmax.
 """
 
 from __future__ import annotations
