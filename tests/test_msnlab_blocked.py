@@ -7,6 +7,8 @@ reference MSNLAN (../shared/reference), and entmax's sparsemax for the soft-thre
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,3 +150,46 @@ def test_blocked_msnlan_matches_published_model(scale: int) -> None:
             torch.testing.assert_close(net.double()(x.double()), truth, rtol=0, atol=1e-9)
             error = (net.float()(x).double() - truth).abs().max().item()
             assert error <= published_error, f'block {block}: {error} > {published_error}'
+
+
+_PEAK_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from model.msnlan import CrossScaleAttention
+
+def status(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field + ':'):
+            return int(line.split()[1]) * 1024
+
+torch.manual_seed(0)
+x_l, x_s = torch.randn(1, 16, 64, 64), torch.randn(1, 16, 68, 68)
+for impl, block in (('blocked', 64), ('dense', 0)):
+    module = CrossScaleAttention(16, 1.0, 7, 3, impl=impl, block_size=block).eval()
+    with torch.no_grad():
+        module(x_l[:, :, :8, :8], x_s[:, :, :12, :12])  # warm-up
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        before = status('VmRSS')
+        module(x_l, x_s)
+        print(impl, status('VmHWM') - before)
+'''
+
+
+def test_blocked_extra_memory_is_bounded_by_the_tile(tmp_path) -> None:
+    """Extra peak RSS of one 64x64 attention (4096 queries x 4624 patches, 76 MB per score map): the blocked
+    computation with 64-query tiles stays far below the published one, which holds whole score maps."""
+    import subprocess
+    import sys
+
+    from conftest import SRC
+
+    if not Path('/proc/self/clear_refs').exists():
+        pytest.skip('/proc/self/clear_refs is not available: no peak-RSS reset')
+    r = subprocess.run([sys.executable, '-c', _PEAK_SCRIPT, str(SRC)], capture_output=True, text=True, timeout=300)
+    if r.returncode and 'clear_refs' in r.stderr:
+        pytest.skip(f'peak-RSS reset refused: {r.stderr.strip().splitlines()[-1]}')
+    assert r.returncode == 0, r.stderr
+    extra = {line.split()[0]: int(line.split()[1]) for line in r.stdout.splitlines()}
+    assert extra['dense'] > 150e6  # two score maps at least: the measurement sees them
+    assert extra['blocked'] < 40e6  # measured 20 MB: four tile buffers of about 196 x 4900 floats and padding
