@@ -6,7 +6,8 @@
     python src/make_figures.py compare --hr HR.png --sr Bicubic=a.png HSPAN=b.png --box 120 80 64
 
 `ablation` plots PSNR against training iterations from each run's psnr_log.pt (epochs x sets x scales)
-and config.txt (--test_every); `compare` crops the same box from each image and lays them side by side.
+and config.txt (--test_every); runs given the same --names label (seeds) become one line of means with
+standard-deviation error bars; `compare` crops the same box from each image and lays them side by side.
 """
 
 from __future__ import annotations
@@ -121,13 +122,33 @@ def _psnr_curve(run: Path, dataset: str, scale: int) -> tuple[np.ndarray, np.nda
     return epochs[keep] * _iters_per_epoch(run), psnr[keep]
 
 
+def mean_curve(name: str, curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """Iterations evaluated in every run of `curves` ((iterations, PSNR) pairs), and the mean and sample
+    standard deviation of the PSNR there."""
+    common = sorted(set.intersection(*(set(i.tolist()) for i, _ in curves)))
+    if not common:
+        raise UserError(f'{name}: its {len(curves)} runs share no evaluation iteration')
+    table = np.array([[p[list(i).index(it)] for it in common] for i, p in curves])
+    return np.array(common), table.mean(axis=0), table.std(axis=0, ddof=1)
+
+
 def ablation(runs: Sequence[Path], names: Sequence[str], dataset: str, scale: int, out: Path,
              baseline: float | None = None) -> Path:
+    """PSNR against iterations, one line per name: runs sharing a name (e.g. seeds) are drawn as their mean
+    with error bars of one sample standard deviation, over the evaluations all of them have."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for run, name in zip(runs, names, strict=True):
-        iters, psnr = _psnr_curve(run, dataset, scale)
-        ax.plot(iters, psnr, marker='o', ms=3, label=f'{name} (final {psnr[-1]:.2f} dB)')
+        groups.setdefault(name, []).append(_psnr_curve(run, dataset, scale))
+    for name, curves in groups.items():
+        if len(curves) == 1:
+            iters, psnr = curves[0]
+            ax.plot(iters, psnr, marker='o', ms=3, label=f'{name} (final {psnr[-1]:.2f} dB)')
+            continue
+        common, mean, std = mean_curve(name, curves)
+        ax.errorbar(common, mean, yerr=std, marker='o', ms=3, capsize=3,
+                    label=f'{name} (final {mean[-1]:.2f} ± {std[-1]:.2f} dB, n={len(curves)})')
     if baseline is not None:
         ax.axhline(baseline, color='gray', ls='--', lw=1, label=f'bicubic ({baseline:.2f} dB)')
     ax.set_xlabel('training iterations')
@@ -167,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a.add_argument('--out', type=Path, default=FIGS / 'architecture.png')
     b = sub.add_parser('ablation', help='PSNR against iterations for several runs')
     b.add_argument('runs', nargs='+', type=Path)
-    b.add_argument('--names', nargs='+')
+    b.add_argument('--names', nargs='+', help='one label per run; runs sharing a label are averaged')
     b.add_argument('--set', default='Set5')
     b.add_argument('--scale', type=int, default=2)
     b.add_argument('--baseline', type=float, help='bicubic PSNR, drawn as a line')

@@ -3,14 +3,17 @@
     python src/make_table.py experiment/Bicubic experiment/EDSR experiment/HSPAN_x4_results
 
 Rows are methods (one per experiment, grouped by scale), columns are test sets, cells are
-PSNR/SSIM with the best value of each column and scale in bold. The Markdown is printed and written to
-table.md (beside results.json for one run; experiment/table.md or --out for several).
+PSNR/SSIM with the best value of each column and scale in bold. Runs given the same --names label (e.g.
+one per --seed) make one row of mean ± sample standard deviation, the best chosen by mean PSNR. The
+Markdown is printed and written to table.md (beside results.json for one run; experiment/table.md or
+--out for several).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,35 +44,51 @@ def load_results(run: Path) -> list[dict]:
     return entries
 
 
+def _cell_text(entries: list[dict]) -> tuple[float, str] | None:
+    """(PSNR for ranking, cell text) of one method's entries for one set and scale; None without scores."""
+    scored = [e for e in entries if e['psnr'] is not None]
+    if not scored:
+        return None
+    psnr = statistics.fmean(e['psnr'] for e in scored)
+    ssim = statistics.fmean(e['ssim'] for e in scored)
+    if len(scored) == 1:
+        return psnr, f'{psnr:.2f} / {ssim:.4f}'
+    psnr_sd = statistics.stdev(e['psnr'] for e in scored)
+    ssim_sd = statistics.stdev(e['ssim'] for e in scored)
+    return psnr, f'{psnr:.2f} ± {psnr_sd:.2f} / {ssim:.4f} ± {ssim_sd:.4f} (n={len(scored)})'
+
+
 def format_table(runs: Sequence[tuple[str, list[dict]]]) -> str:
-    """Markdown table: one row per (scale, method), one column per dataset, best per column in bold."""
+    """Markdown table: one row per (scale, method), one column per dataset, best per column in bold; runs
+    sharing a name are one row of mean ± standard deviation."""
     sets: list[str] = [s for s in KNOWN_SETS if any(e['dataset'] == s for _, es in runs for e in es)]
     for _, entries in runs:
         for e in entries:
             if e['dataset'] not in sets:
                 sets.append(e['dataset'])
     scales = sorted({int(e['scale']) for _, es in runs for e in es})
-    cell = {(name, int(e['scale']), e['dataset']): e for name, es in runs for e in es}
+    names = list(dict.fromkeys(name for name, _ in runs))
+    groups: dict[tuple[str, int, str], list[dict]] = {}
+    for name, entries in runs:
+        for e in entries:
+            groups.setdefault((name, int(e['scale']), e['dataset']), []).append(e)
+    cell = {key: text for key, es in groups.items() if (text := _cell_text(es)) is not None}
 
     lines = ['| Method | Scale | ' + ' | '.join(sets) + ' |', '|---|---|' + '---|' * len(sets)]
     for scale in scales:
-        best = {}
-        for d in sets:
-            # None (no ground truth) is not a score; it never counts as best.
-            scores = [cell[(n, scale, d)]['psnr'] for n, _ in runs
-                      if (n, scale, d) in cell and cell[(n, scale, d)]['psnr'] is not None]
-            best[d] = max(scores) if scores else None
-        for name, _ in runs:
-            if not any((name, scale, d) in cell for d in sets):
+        # None (no ground truth) is not a score; it never counts as best.
+        best = {d: max((cell[(n, scale, d)][0] for n in names if (n, scale, d) in cell), default=None)
+                for d in sets}
+        for name in names:
+            if not any((name, scale, d) in groups for d in sets):
                 continue
             row = []
             for d in sets:
-                e = cell.get((name, scale, d))
-                if e is None or e['psnr'] is None:
+                if (name, scale, d) not in cell:
                     row.append('–')
                     continue
-                text = f"{e['psnr']:.2f} / {e['ssim']:.4f}"
-                row.append(f'**{text}**' if len(runs) > 1 and e['psnr'] == best[d] else text)
+                psnr, text = cell[(name, scale, d)]
+                row.append(f'**{text}**' if len(names) > 1 and psnr == best[d] else text)
             lines.append(f'| {name} | x{scale} | ' + ' | '.join(row) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -77,7 +96,8 @@ def format_table(runs: Sequence[tuple[str, list[dict]]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description='PSNR/SSIM table in the paper layout from results.json files.')
     p.add_argument('runs', nargs='+', type=Path, help='experiment folders (or results.json files)')
-    p.add_argument('--names', nargs='+', help='row labels, one per run (default: folder names)')
+    p.add_argument('--names', nargs='+',
+                   help='row labels, one per run (default: folder names); repeated labels are averaged')
     p.add_argument('--out', type=Path, help='where to write the Markdown table')
     p.add_argument('--debug', action='store_true', help='show tracebacks')
     args = p.parse_args(argv)

@@ -61,13 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--n_resblocks', type=int, default=20, help='residual blocks per group')
     g.add_argument('--n_feats', type=int, default=64, help='feature channels')
     g.add_argument('--res_scale', type=float, default=1, help='residual scaling')
-    g.add_argument('--precision', type=str, default='single', choices=('single', 'half'),
-                   help='floating-point precision at test time')
+    g.add_argument('--precision', type=str, default='single', choices=('single', 'half', 'bf16'),
+                   help='precision at test time: single (float32), half (float16 weights, CUDA) or bf16 '
+                        '(bfloat16 autocast for the convolutions, CPU or CUDA; HSPA scores stay float32)')
     g.add_argument('--n_resgroups', type=int, default=10, help='residual groups')
     g.add_argument('--reduction', type=int, default=16, help='channel reduction of attention embeddings')
     g.add_argument('--topk', type=int, default=128, help='top-k scores from which HSPA finds its threshold')
-    g.add_argument('--attention', type=str, default='hspa', choices=('hspa', 'softmax', 'none'),
-                   help='attention in the HSPAN slot: hspa (published), softmax non-local, or none (ablation)')
+    g.add_argument('--attention', type=str, default=None, choices=('hspa', 'softmax', 'none'),
+                   help='non-local attention: hspa (soft thresholding), softmax, or none; default: the '
+                        "model's published one (HSPAN hspa, MSNLAN softmax, EDSR none). HSPAN: its attention "
+                        'slot; EDSR: an attention after every --attention_every residual blocks; MSNLAN: the '
+                        'normaliser of its multi-scale attention (hspa or softmax)')
+    g.add_argument('--attention_every', type=int, default=None,
+                   help='EDSR with --attention hspa|softmax: residual blocks per attention (default 8)')
     g.add_argument('--hspa_impl', type=str, default='auto', choices=('auto', 'dense', 'fast', 'triton'),
                    help='HSPA algorithm: auto (by device and size), fast (blocked, exact; native kernels on '
                         'the CPU), triton (fused exact kernels, CUDA) or dense (published, N x N scores)')
@@ -200,6 +206,10 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError('--lr_schedule cosine needs --epochs > 0: the curve spans --epochs x --test_every batches')
     if args.model.lower() == 'bicubic' and not args.test_only:
         raise UserError('--model Bicubic has no parameters to train: add --test_only')
+    if args.attention_every is not None and args.model.lower() != 'edsr':
+        raise UserError(f'--attention_every {args.attention_every}: only --model EDSR places attentions by it')
+    if args.attention is not None and args.model.lower() == 'bicubic':
+        raise UserError(f'--attention {args.attention}: --model Bicubic has no attention')
     if args.resume != 0 and not args.load:
         raise UserError(f'--resume {args.resume} needs --load <experiment name> to say what to resume')
     for s in args.scale:

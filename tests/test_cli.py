@@ -99,7 +99,7 @@ def test_reset_deletes_in_python(tmp_path: Path) -> None:
     (['--model', 'HSPAN', '--n_feats', '8'], '--reduction 16 with --n_feats 8'),  # zero-width embeddings
     (['--model', 'MSNLAN', '--n_resgroups', '3'], '--n_resgroups 3'),
     (['--model', 'MSNLAN', '--n_feats', '8'], '--n_feats 8'),
-    (['--model', 'EDSR', '--topk', '8'], '--topk is not used by --model EDSR'),
+    (['--model', 'EDSR', '--topk', '8'], '--topk 8 is not used by --model EDSR'),  # without an attention
     (['--model', 'EDSR', '--scale', '5'], '--scale 5'),
     (['--chop', '--tile', '32'], '--chop and --tile'),
     (['--tile', '-1'], '--tile -1'),

@@ -35,9 +35,9 @@ def _logical_lines(text: str) -> list[str]:
 def _main_commands() -> list[tuple[str, list[str]]]:
     """(function name, main.py arguments) for each main.py call, with shell variables made concrete."""
     text = DEMO.read_text()
-    recipe = re.search(r'^CPU_RECIPE=\((.*?)\)', text, re.S | re.M)
-    assert recipe, 'demo.sh defines CPU_RECIPE=(...)'
-    recipe_args = shlex.split(recipe.group(1).replace('\\\n', ' '))
+    arrays = {m.group(1): shlex.split(m.group(2).replace('\\\n', ' '))
+              for m in re.finditer(r'^(\w+)=\((.*?)\)', text, re.S | re.M)}
+    assert 'CPU_RECIPE' in arrays, 'demo.sh defines CPU_RECIPE=(...)'
     found, function = [], ''
     for line in _logical_lines(text):
         if m := re.match(r'^(\w+)\(\) \{', line):
@@ -47,10 +47,10 @@ def _main_commands() -> list[tuple[str, list[str]]]:
         words = shlex.split(line.split('main.py', 1)[1].split('>')[0])
         argv = []
         for w in words:
-            if w == '${CPU_RECIPE[@]}':
-                argv += recipe_args
+            if m := re.fullmatch(r'\$\{(\w+)\[@\]\}', w):
+                argv += arrays[m.group(1)]
             elif w != '$@':
-                argv.append(w.replace('$data', '/tmp/data').replace('$att', 'hspa'))
+                argv.append(w.replace('$data', '/tmp/data').replace('$att', 'hspa').replace('$seed', '2'))
         found.append((function, argv))
     return found
 
@@ -65,7 +65,7 @@ def test_seed_commands_verbatim() -> None:
 def test_every_main_command_parses(function: str, argv: list[str]) -> None:
     args = option.parse(argv)
     model.check_model_flags(args)  # no model flag the model would ignore
-    if function in ('quick', 'cpu_recipe', 'ablation') and not args.test_only:
+    if function in ('quick', 'cpu_recipe', 'ablation', 'attention_ablation') and not args.test_only:
         # The CPU demos anneal to the end of their own budget.
         assert args.lr_schedule == 'cosine' and args.warmup > 0 and args.epochs < 10
 
@@ -73,7 +73,7 @@ def test_every_main_command_parses(function: str, argv: list[str]) -> None:
 def test_all_functions_found() -> None:
     functions = {f for f, _ in _main_commands()}
     assert functions == {'hspan_train', 'hspan_test', 'msnlan_train', 'msnlan_test', 'quick', 'cpu_recipe',
-                         'ablation'}
+                         'ablation', 'attention_ablation'}
 
 
 def test_quick_demo_data_ships_with_the_repo(tmp_path: Path) -> None:

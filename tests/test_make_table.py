@@ -47,3 +47,17 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     (bad / 'results.json').write_text('[{"dataset": "Set5"}]')
     assert make_table.main([str(bad)]) == 1
     assert 'lacks scale, psnr, ssim' in capsys.readouterr().err
+
+
+def test_runs_with_the_same_name_are_mean_and_std(tmp_path):
+    seeds = [_run(tmp_path, f'hspa_s{i}', [('Set5', 2, p, q)]) for i, (p, q) in
+             enumerate([(35.70, 0.9490), (35.80, 0.9492), (35.60, 0.9494)])]
+    none = [_run(tmp_path, f'none_s{i}', [('Set5', 2, p, 0.9480)]) for i, p in enumerate([35.55, 35.65])]
+    out = tmp_path / 't.md'
+    runs = [str(r) for r in seeds + none]
+    assert make_table.main([*runs, '--names', 'HSPA', 'HSPA', 'HSPA', 'none', 'none', '--out', str(out)]) == 0
+    lines = out.read_text().splitlines()
+    # mean and sample standard deviation (n - 1): PSNR 35.70 ± 0.10, SSIM 0.9492 ± 0.0002
+    assert lines[2] == '| HSPA | x2 | **35.70 ± 0.10 / 0.9492 ± 0.0002 (n=3)** |'
+    assert lines[3] == '| none | x2 | 35.60 ± 0.07 / 0.9480 ± 0.0000 (n=2) |'
+    assert len(lines) == 4

@@ -115,8 +115,8 @@ def test_registry_case_insensitive_alias_and_discovery() -> None:
 
 @pytest.mark.parametrize('name,cls', [('HSPAN', HSPAN), ('MSNLAN', MSNLAN), ('MSDSN', MSNLAN), ('edsr', EDSR)])
 def test_make_model_maps_args(name: str, cls: type) -> None:
-    args = _args('--model', name, '--scale', '3', '--n_resgroups', '2', '--n_resblocks', '1',
-                 '--n_feats', '16', '--hspa_impl', 'dense')
+    args = _args('--model', name, '--scale', '3', '--n_resgroups', '2', '--n_resblocks', '1', '--n_feats', '16',
+                 *(['--hspa_impl', 'dense'] if name == 'HSPAN' else []))
     net = model.make_network(args)
     assert isinstance(net, cls)
     assert net.config['scale'] == 3 and net.config['n_feats'] == 16
@@ -138,7 +138,8 @@ def test_edsr_configurations() -> None:
     # parameters, paper x4 43.1M
     assert sum(p.numel() for p in baseline.parameters() if p.requires_grad) == 1_369_859
     assert round(sum(p.numel() for p in paper.parameters() if p.requires_grad) / 1e6, 1) == 43.1
-    assert EDSR.infer_config(paper.state_dict()) == {'n_feats': 256, 'n_colors': 3, 'scale': 4, 'n_resblocks': 32}
+    assert EDSR.infer_config(paper.state_dict()) == {'n_feats': 256, 'n_colors': 3, 'scale': 4, 'n_resblocks': 32,
+                                                     'attention': 'none'}
 
 
 @pytest.mark.parametrize('cls,kwargs', [(HSPAN, HSPAN_DEFAULT), (MSNLAN, MSNLAN_DEFAULT)])

@@ -192,10 +192,15 @@ class Model(nn.Module):
         self.nets.to(self.device)
 
         # --precision half: CUDA only. Evaluation-only runs convert the weights (published behaviour, half
-        # the memory); training runs keep float32 weights and evaluate under float16 autocast.
+        # the memory); training runs keep float32 weights and evaluate under float16 autocast. --precision bf16:
+        # evaluation under bfloat16 autocast on any device (HSPA computes its scores in float32 inside).
         want_half = args.precision == 'half'
         self.half_weights = want_half and self.device.type == 'cuda' and args.test_only
-        self.autocast_half = want_half and self.device.type == 'cuda' and not self.half_weights
+        self.eval_autocast: torch.dtype | None = None
+        if args.precision == 'bf16':
+            self.eval_autocast = torch.bfloat16
+        elif want_half and self.device.type == 'cuda' and not self.half_weights:
+            self.eval_autocast = torch.float16
         if want_half and self.device.type != 'cuda':
             log('--precision half needs CUDA: evaluating in float32 on the CPU')
         if self.half_weights:
@@ -346,8 +351,8 @@ class Model(nn.Module):
         runner = self._runners[self._index()]
         if self.half_weights:
             return runner(x.half()).float()
-        if self.autocast_half:
-            with torch.autocast('cuda', dtype=torch.float16):
+        if self.eval_autocast is not None:
+            with torch.autocast(self.device.type, dtype=self.eval_autocast):
                 return runner(x).float()
         return runner(x)
 

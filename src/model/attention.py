@@ -119,8 +119,11 @@ class HSPA(_Embeddings):
         elif impl == 'triton':
             attended = hspa_triton.hspa_triton(q, k, v)
         else:
-            scores = torch.matmul(q, k.transpose(1, 2))
-            attended = torch.matmul(soft_threshold(scores, dim=-1, topk=self.topk), v)
+            with torch.autocast(device_type=x.device.type, enabled=False):  # float32 scores under autocast
+                if q.dtype in (torch.float16, torch.bfloat16):
+                    q, k, v = q.float(), k.float(), v.float()
+                scores = torch.matmul(q, k.transpose(1, 2))
+                attended = torch.matmul(soft_threshold(scores, dim=-1, topk=self.topk), v)
         return self.combine(attended, x)
 
     def extra_repr(self) -> str:

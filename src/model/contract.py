@@ -28,7 +28,7 @@ from torch import nn
 
 # Flags that only some models read; each model names the ones it reads in its FLAGS.
 MODEL_FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale', 'reduction', 'topk', 'attention',
-               'hspa_impl', 'hspa_block')
+               'attention_every', 'hspa_impl', 'hspa_block')
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,9 @@ def available() -> bool:
 
 
 def _kernels() -> ModuleType:
-    from model import hspa_triton_kernels  # imports triton
+    from model import _hspa_triton_kernels  # imports triton (a leading _ keeps the registry from importing it)
 
-    return hspa_triton_kernels
+    return _hspa_triton_kernels
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -39,7 +39,7 @@ def make_model(args: argparse.Namespace) -> SRNetwork:
         topk=args.topk,
         res_scale=args.res_scale,
         rgb_range=args.rgb_range,
-        attention=args.attention,
+        attention=args.attention or 'hspa',  # None: the published attention
         hspa_impl=args.hspa_impl,
         hspa_block=args.hspa_block,
     )

@@ -4,6 +4,10 @@ Same modules, state-dict keys and arithmetic as kbzhang0505/MSNLAN (model/msdsn.
 residual multi-branch attention blocks (RMAB) in residual groups, one multi-scale non-local attention block
 (MSNLAB) in the middle, and dense skip fusions. The x3 upsampler uses groups=1, which is what the
 published x3 weights mean (the published helper passes `bias` into the groups slot).
+
+On large maps the MSNLAB's attention runs over tiles of query positions (model.cross_scale): the same
+outputs in bounded memory, so whole benchmark images evaluate without the chop. attention='hspa'
+(--attention hspa) normalises its scores by soft thresholding instead of the published softmax.
 """
 
 from __future__ import annotations
@@ -17,19 +21,31 @@ from torch import nn
 
 from model import common
 from model.contract import ChopRule, SRNetwork
+from model.cross_scale import cross_scale_attention
+from model.sparsemax import soft_threshold
 
 MSNLAN_MEAN = (0.4025, 0.4482, 0.4264)
-FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale')
+FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale', 'attention', 'topk')
 CCA_REDUCTION = 16  # channel reduction of the contrast channel attention in every RMAB
+# CrossScaleAttention impl='auto': images whose score map (positions x patches) has at most this many entries
+# (32 MiB in float32) take the published dense arithmetic, larger ones the blocked computation.
+DENSE_MAX_SCORES = 8 * 2**20
+ATTENTIONS = ('softmax', 'hspa')
 
 
 def make_model(args: argparse.Namespace) -> SRNetwork:
+    """MSNLAN from the flags; --attention (None: softmax, the published model) picks the normaliser of
+    the multi-scale attention: softmax or hspa (soft thresholding of the same scores)."""
     if args.n_resgroups < 2 or args.n_resgroups % 2:
         raise ValueError(f'--n_resgroups {args.n_resgroups}: MSNLAN needs an even number of groups, at least 2 '
                          '(half before its attention block, half after)')
     if args.n_feats < CCA_REDUCTION:
         raise ValueError(f'--n_feats {args.n_feats}: MSNLAN needs at least {CCA_REDUCTION} (its channel '
                          f'attention reduces the features {CCA_REDUCTION}-fold)')
+    attention = args.attention or 'softmax'
+    if attention not in ATTENTIONS:
+        raise ValueError(f'--attention {attention}: MSNLAN supports softmax (published) or hspa (soft '
+                         'thresholding inside its multi-scale attention)')
     return MSNLAN(
         scale=args.scale[0],
         n_colors=args.n_colors,
@@ -38,6 +54,8 @@ def make_model(args: argparse.Namespace) -> SRNetwork:
         n_resblocks=args.n_resblocks,
         res_scale=args.res_scale,
         rgb_range=args.rgb_range,
+        attention=attention,
+        topk=args.topk,
     )
 
 
@@ -114,57 +132,104 @@ def _patches(x: torch.Tensor, k: int) -> torch.Tensor:
 
 class CrossScaleAttention(nn.Module):
     """Patch-wise non-local attention: the k x k patches of `x_s` (normalised match embeddings) are
-    correlated with `x_l`, softmax-weighted (scale 10), and their assembly embeddings pasted back with a
-    transposed convolution; plus res_scale * x_l."""
+    correlated with `x_l`, normalised over all patches (softmax of 10 x scores as published, or soft
+    thresholding of the same scores), and their assembly embeddings pasted back with a transposed
+    convolution; plus res_scale * x_l.
+
+    impl='dense' is the published arithmetic: a full (positions x patches) score map per image.
+    impl='blocked' computes the same attention over tiles of `block_size` query positions
+    (model.cross_scale; 0: from a memory budget), in O(tile x patches) extra memory; in float32 it rounds
+    differently from the published kernels (it is as close to the float64 result as they are, or closer).
+    impl='auto' (default) takes 'dense' for maps of at most DENSE_MAX_SCORES scores per image, where the
+    published arithmetic is cheap and bit-compatible, and 'blocked' above; a nonzero block_size forces
+    'blocked'.
+    """
 
     def __init__(self, channel: int, res_scale: float, ksize: int, padding: int, reduction: int = 2,
-                 softmax_scale: float = 10, conv: common.ConvFactory = common.default_conv) -> None:
+                 softmax_scale: float = 10, conv: common.ConvFactory = common.default_conv,
+                 normalizer: str = 'softmax', topk: int | None = None, impl: str = 'auto',
+                 block_size: int = 0) -> None:
         super().__init__()
+        if normalizer not in ('softmax', 'soft_threshold'):
+            raise ValueError(f"normalizer must be 'softmax' or 'soft_threshold', got {normalizer!r}")
+        if impl not in ('auto', 'blocked', 'dense'):
+            raise ValueError(f"impl must be 'auto', 'blocked' or 'dense', got {impl!r}")
+        if impl != 'dense' and (ksize % 2 != 1 or padding != ksize // 2):
+            raise ValueError(f'impl {impl} needs an odd ksize and padding ksize // 2, got {ksize}, {padding}')
         self.ksize = ksize
         self.padding = padding
         self.softmax_scale = softmax_scale
         self.res_scale = res_scale
+        self.normalizer = normalizer
+        self.topk = topk
+        self.impl = impl
+        self.block_size = block_size
         self.register_buffer('escape_NaN', torch.tensor([1e-4]))
         self.conv_match_1 = common.BasicBlock(conv, channel, channel // reduction, 1, act=nn.PReLU())
         self.conv_match_2 = common.BasicBlock(conv, channel, channel // reduction, 1, act=nn.PReLU())
         self.conv_assembly = common.BasicBlock(conv, channel, channel, 1, act=nn.PReLU())
 
     def forward(self, x_l: torch.Tensor, x_s: torch.Tensor) -> torch.Tensor:
+        match, key, value = self.conv_match_1(x_l), self.conv_match_2(x_s), self.conv_assembly(x_s)
+        scores = x_l.shape[2] * x_l.shape[3] * x_s.shape[2] * x_s.shape[3]
+        blocked = self.impl == 'blocked' or (self.impl == 'auto' and (self.block_size or scores > DENSE_MAX_SCORES))
+        if blocked:
+            out = [cross_scale_attention(mi, ki, vi, self.ksize, self.softmax_scale, self.escape_NaN,
+                                         self.normalizer, self.topk, self.block_size)[None]
+                   for mi, ki, vi in zip(match, key, value, strict=True)]
+        else:
+            out = self._dense(match, key, value)
+        return torch.cat(out, dim=0) + x_l * self.res_scale
+
+    def _dense(self, match: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> list[torch.Tensor]:
         k = self.ksize
-        raw_w = _patches(self.conv_assembly(x_s), k)  # (N, L, C, k, k): reconstruction kernels
-        w = _patches(self.conv_match_2(x_s), k)  # (N, L, C/2, k, k): matching kernels
-        match = self.conv_match_1(x_l)
+        raw_w = _patches(value, k)  # (N, L, C, k, k): reconstruction kernels
+        w = _patches(key, k)  # (N, L, C/2, k, k): matching kernels
         out = []
         for xi, wi, raw_wi in zip(match, w, raw_w, strict=True):  # one image at a time, as published
             norm = wi.pow(2).sum(3, keepdim=True).sum(2, keepdim=True).sum(1, keepdim=True).sqrt()
             wi = wi / torch.maximum(norm, self.escape_NaN.to(wi.dtype))
-            yi = F.conv2d(_same_pad(xi[None], k), wi)  # (1, L, H, W) correlation with every patch
-            yi = F.softmax(yi * self.softmax_scale, dim=1)
+            yi = F.conv2d(_same_pad(xi[None], k), wi) * self.softmax_scale  # (1, L, H, W): every patch
+            if self.normalizer == 'softmax':
+                yi = F.softmax(yi, dim=1)
+            else:
+                yi = soft_threshold(yi, dim=1, topk=self.topk)
             out.append(F.conv_transpose2d(yi, raw_wi, stride=1, padding=self.padding))
-        return torch.cat(out, dim=0) + x_l * self.res_scale
+        return out
+
+    def extra_repr(self) -> str:
+        return f'ksize={self.ksize}, normalizer={self.normalizer}, impl={self.impl}, block_size={self.block_size}'
 
 
 class MultiScaleAttention(nn.Module):
     """x + res_scale * CrossScaleAttention(x, PReLU(conv3x3(x))) for one patch size."""
 
-    def __init__(self, channel: int, res_scale: float, ksize: int, padding: int) -> None:
+    def __init__(self, channel: int, res_scale: float, ksize: int, padding: int, normalizer: str = 'softmax',
+                 topk: int | None = None, impl: str = 'auto', block_size: int = 0) -> None:
         super().__init__()
         self.res_scale = res_scale
         # padding ksize // 2 on a 3x3 conv grows the map for ksize 5 and 7, as published.
         self.down_sample = nn.Sequential(nn.Conv2d(channel, channel, 3, stride=1, padding=ksize // 2), nn.PReLU())
-        self.stoL = CrossScaleAttention(channel, res_scale, ksize, padding)
+        self.stoL = CrossScaleAttention(channel, res_scale, ksize, padding, normalizer=normalizer, topk=topk,
+                                        impl=impl, block_size=block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.stoL(x, self.down_sample(x)).mul(self.res_scale)
 
 
 class MSNLAB(nn.Module):
-    """Multi-scale non-local attention block: patch sizes 3, 5, 7, 1x1 fusion, channel attention."""
+    """Multi-scale non-local attention block: patch sizes 3, 5, 7, 1x1 fusion, channel attention.
 
-    def __init__(self, n_feats: int, res_scale: float, patch_sizes: tuple[int, ...] = (3, 5, 7)) -> None:
+    normalizer, topk, impl and block_size are those of every CrossScaleAttention.
+    """
+
+    def __init__(self, n_feats: int, res_scale: float, patch_sizes: tuple[int, ...] = (3, 5, 7),
+                 normalizer: str = 'softmax', topk: int | None = None, impl: str = 'auto',
+                 block_size: int = 0) -> None:
         super().__init__()
         for i, k in enumerate(patch_sizes, start=1):
-            self.add_module(f'atten{i}', MultiScaleAttention(n_feats, res_scale, k, k // 2))
+            self.add_module(f'atten{i}', MultiScaleAttention(n_feats, res_scale, k, k // 2, normalizer=normalizer,
+                                                             topk=topk, impl=impl, block_size=block_size))
         self.n_branches = len(patch_sizes)
         self.fusion = common.default_conv(n_feats * len(patch_sizes), n_feats, 1)
         self.CA = ChannelAttention(n_feats)
@@ -176,7 +241,13 @@ class MSNLAB(nn.Module):
 
 class MSNLAN(SRNetwork):
     """head -> G/2 residual groups (outputs fused 1x1) -> MSNLAB -> G/2 residual groups, each after the first
-    fed with a 1x1 fusion of the previous output and the MSNLAB output -> conv, global skip -> upsampler."""
+    fed with a 1x1 fusion of the previous output and the MSNLAB output -> conv, global skip -> upsampler.
+
+    attention 'softmax' is the published network; 'hspa' normalises the MSNLAB's scores by soft
+    thresholding (exact sparsemax; `topk` sets where its threshold search starts), with the same keys.
+    msnlab_impl / msnlab_block: impl and block_size of CrossScaleAttention ('auto': the published
+    arithmetic on small maps, the blocked one with O(tile x patches) extra memory on large ones).
+    """
 
     def __init__(
         self,
@@ -188,10 +259,16 @@ class MSNLAN(SRNetwork):
         res_scale: float = 0.1,
         rgb_range: float = 255,
         rgb_mean: tuple[float, float, float] = MSNLAN_MEAN,
+        attention: str = 'softmax',
+        topk: int = 128,
+        msnlab_impl: str = 'auto',
+        msnlab_block: int = 0,
     ) -> None:
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be 'softmax' or 'hspa', got {attention!r}")
         self.config = dict(scale=scale, n_colors=n_colors, n_feats=n_feats, n_resgroups=n_resgroups,
-                           n_resblocks=n_resblocks, res_scale=res_scale, rgb_range=rgb_range)
+                           n_resblocks=n_resblocks, res_scale=res_scale, rgb_range=rgb_range, attention=attention)
         conv = common.default_conv
         half = n_resgroups // 2
         self.half = half
@@ -203,7 +280,8 @@ class MSNLAN(SRNetwork):
         self.add_mean = common.MeanShift(rgb_range, rgb_mean, sign=1, n_colors=n_colors)
         self.head = nn.Sequential(conv(n_colors, n_feats, 3))
         body: list[nn.Module] = [ResidualGroup(conv, n_feats, n_resblocks) for _ in range(half)]
-        body.append(MSNLAB(n_feats, res_scale))
+        body.append(MSNLAB(n_feats, res_scale, normalizer='softmax' if attention == 'softmax' else 'soft_threshold',
+                           topk=topk, impl=msnlab_impl, block_size=msnlab_block))
         body.extend(ResidualGroup(conv, n_feats, n_resblocks) for _ in range(half))
         body.append(conv(n_feats, n_feats, 3))
         self.body = nn.Sequential(*body)
