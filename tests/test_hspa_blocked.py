@@ -166,6 +166,34 @@ def test_no_grad_path_and_dtype(backend):
     assert rel(out, hspa_ref(q, k, v)) <= TOL
 
 
+def _inference_inputs(case: str, dtype: torch.dtype):
+    if case == 'ties':
+        gen = torch.Generator().manual_seed(4)
+        q = torch.randint(-1, 2, (2, 700, 4), generator=gen).float()
+        k = torch.randint(-1, 2, (2, 700, 4), generator=gen).float() * 0.5
+        v = torch.randn(2, 700, 5, generator=gen)
+    elif case == 'all_equal':
+        q, k, v = features(2, 600, 6, 7, scale=1.0, seed=6)
+        q[0, ::3] = 0
+        k[1] = k[1, :1]
+    elif case == 'compressed':
+        q, k, v = features(1, 1500, 16, 24, scale=0.01, seed=12)
+    else:  # supports from one entry to thousands
+        q, k, v = features(1, 2304, 8, 6, scale=1.0, seed=5)
+        q = q * torch.logspace(-4, 1, 2304)[torch.randperm(2304, generator=torch.Generator().manual_seed(0))][:, None]
+    return tuple(t.to(dtype) for t in (q, k, v))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('case', ['ties', 'all_equal', 'compressed', 'mixed'])
+def test_inference_path(backend, case, dtype):
+    # Without gradients the native back-end runs its fused kernel (own score micro-kernel, padded key tiles).
+    q, k, v = _inference_inputs(case, dtype)
+    with torch.no_grad():
+        out = hspa_attention(q, k, v, 8, backend=backend)
+    assert out.dtype == dtype and rel(out, hspa_ref(q, k, v)) <= (TOL if dtype == torch.float32 else 1e-12)
+
+
 def test_autocast_computes_scores_in_float32(backend):
     q, k, v = (t.bfloat16() for t in features(1, 300, 8, 6, scale=0.5, seed=10))
     q.requires_grad_(True)

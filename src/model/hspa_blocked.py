@@ -89,23 +89,28 @@ class _Native:
                                 x.width, p(target), self.threads)
         return crow, cols, vals
 
-    def attend(self, s: int, r0: int, r1: int, out: Tensor) -> None:
-        """Output rows of block (s, r0, r1), keeping no support."""
+    def attend(self, out: Tensor) -> None:
+        """The output of every sample, keeping no support: one fused kernel call per sample."""
         x, p = self.x, hspa_kernel.ptr
-        scores = self._scores[:r1 - r0]
-        torch.mm(x.q[s, r0:r1], x.k_t[s], out=scores)
-        self._fn('hspa_attend')(p(scores), r1 - r0, x.length, p(x.v[s]), x.width, p(out), self.threads)
+        lanes = 2 * 64 // x.q.element_size()          # the kernel's column tile: two 64-byte vectors
+        padded = -(-x.length // lanes) * lanes
+        k_t = torch.zeros(x.kwidth, padded, dtype=x.q.dtype)
+        for s in range(x.n):
+            k_t[:, :x.length] = x.k_t[s]
+            status = self._fn('hspa_attend')(p(x.q[s]), p(k_t), x.length, padded, x.kwidth, p(x.v[s]), x.width,
+                                             p(out[s]), self.threads)
+            if status != 0:
+                raise MemoryError('HSPA: out of memory for the kernel work space')
 
     def forward(self, keep_bytes: int) -> tuple[Tensor, list]:
         x = self.x
         out = torch.empty(x.n, x.length, x.width, dtype=x.q.dtype)
+        if keep_bytes <= 0:
+            self.attend(out)
+            return out, [None] * len(x.blocks())
         supports: list = []
         kept = 0
         for s, r0, r1 in x.blocks():
-            if kept >= keep_bytes:
-                self.attend(s, r0, r1, out[s, r0:r1])
-                supports.append(None)
-                continue
             crow, cols, vals = self.support(s, r0, r1, out[s, r0:r1])
             size = crow.numel() * 8 + cols.numel() * (4 + vals.element_size())
             if kept + size <= keep_bytes:

@@ -55,9 +55,36 @@ static void parallel_for(int64_t n, int64_t chunk, int n_threads, range_fn fn, v
     for (int t = 0; t < started; t++) pthread_join(threads[t], NULL);
 }
 
+typedef void (*thread_fn)(void *ctx);
+
+typedef struct {
+    thread_fn fn;
+    void *ctx;
+} thread_arg;
+
+static void *thread_main(void *p) {
+    thread_arg *a = (thread_arg *)p;
+    a->fn(a->ctx);
+    return NULL;
+}
+
+/* Runs fn(ctx) on n_threads threads (the calling thread is one of them); fn shares the work itself. */
+static void run_threads(int n_threads, thread_fn fn, void *ctx) {
+    if (n_threads > 64) n_threads = 64;
+    thread_arg arg = {fn, ctx};
+    pthread_t threads[64];
+    int started = 0;
+    for (int t = 1; t < n_threads; t++)
+        if (pthread_create(&threads[started], NULL, thread_main, &arg) == 0) started++;
+    fn(ctx);
+    for (int t = 0; t < started; t++) pthread_join(threads[t], NULL);
+}
+
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define GROUP 16 /* vectors per group whose lane-wise maximum joins the subset */
+#define TILE_ROWS 6 /* query rows of the score micro-kernel */
+#define BLOCK_ROWS 24 /* query rows a thread scores and thresholds at a time */
 
 #define HSPA_T float
 #define HSPA_I int32_t
@@ -84,7 +111,7 @@ typedef uint64_t CAT(uvec, SFX) __attribute__((vector_size(64)));
 #define UVEC CAT(uvec, SFX)
 
 static inline VEC CAT(load, SFX)(const T *p) { VEC v; memcpy(&v, p, sizeof v); return v; }
-static inline VEC CAT(splat, SFX)(T x) { VEC v; for (int l = 0; l < W; l++) v[l] = x; return v; }
+static inline VEC CAT(splat, SFX)(T x) { return (VEC){0} + x; } /* scalar operands broadcast */
 static inline VEC CAT(vmax, SFX)(VEC a, VEC b) { IVEC m = a > b; return (VEC)(((IVEC)a & m) | ((IVEC)b & ~m)); }
 static inline int CAT(any, SFX)(IVEC m) {
     UVEC u = (UVEC)m;
@@ -233,36 +260,76 @@ void CAT(hspa_gather, SFX)(const T *s, int64_t rows, int64_t length, const T *ta
 }
 
 typedef struct {
-    const T *s;
-    int64_t length;
-    const T *v;
-    int64_t width;
+    const T *q, *kt, *v;
+    int64_t length, padded, kwidth, width;
     T *out;
+    int64_t next; /* next block of BLOCK_ROWS query rows */
 } CAT(attend_ctx, SFX);
 
-static void CAT(attend_range, SFX)(void *p, int64_t begin, int64_t end) {
+/* scores[r][j] = q[r] . kt[:, j] for TILE_ROWS rows and the 2W columns from j0; kt is (kwidth x padded). */
+static void CAT(score_tile, SFX)(const T *qt, const T *kt, int64_t padded, int64_t kwidth, int64_t j0, T *scores) {
+    VEC acc[TILE_ROWS][2];
+    for (int r = 0; r < TILE_ROWS; r++) acc[r][0] = acc[r][1] = CAT(splat, SFX)(0);
+    for (int64_t c = 0; c < kwidth; c++) {
+        const VEC k0 = CAT(load, SFX)(kt + c * padded + j0), k1 = CAT(load, SFX)(kt + c * padded + j0 + W);
+        for (int r = 0; r < TILE_ROWS; r++) {
+            const VEC a = CAT(splat, SFX)(qt[r * kwidth + c]);
+            acc[r][0] += a * k0;
+            acc[r][1] += a * k1;
+        }
+    }
+    for (int r = 0; r < TILE_ROWS; r++) {
+        memcpy(scores + r * padded + j0, &acc[r][0], sizeof(VEC));
+        memcpy(scores + r * padded + j0 + W, &acc[r][1], sizeof(VEC));
+    }
+}
+
+static void CAT(attend_thread, SFX)(void *p) {
     CAT(attend_ctx, SFX) *c = p;
-    const int64_t n = c->length;
+    const int64_t n = c->length, np = c->padded, kw = c->kwidth;
+    T *scores = malloc((size_t)BLOCK_ROWS * np * sizeof(T));
+    T *qt = calloc((size_t)BLOCK_ROWS * kw, sizeof(T));
     T *subset = CAT(subset_buffer, SFX)(n);
     int32_t *cols = malloc((size_t)n * sizeof(int32_t));
     T *vals = malloc((size_t)n * sizeof(T));
-    for (int64_t i = begin; i < end; i++) {
-        const T *s = c->s + i * n;
-        int64_t nnz;
-        const T t = CAT(row_threshold, SFX)(s, n, subset, &nnz);
-        const int64_t e = t == t ? CAT(row_support, SFX)(s, n, t, cols, vals, 0) : 0;
-        CAT(row_output, SFX)(cols, vals, 0, e, t, c->v, c->width, c->out + i * c->width);
+    if (scores && qt && cols && vals) {
+        for (;;) {
+            const int64_t r0 = __atomic_fetch_add(&c->next, BLOCK_ROWS, __ATOMIC_RELAXED);
+            if (r0 >= n) break;
+            const int64_t rows = r0 + BLOCK_ROWS <= n ? BLOCK_ROWS : n - r0;
+            memset(qt, 0, (size_t)BLOCK_ROWS * kw * sizeof(T));
+            memcpy(qt, c->q + r0 * kw, (size_t)rows * kw * sizeof(T));
+            /* Column tiles outside, row tiles inside: each tile of kt is loaded from memory once per block. */
+            for (int64_t j0 = 0; j0 < np; j0 += 2 * W)
+                for (int64_t g = 0; g < rows; g += TILE_ROWS)
+                    CAT(score_tile, SFX)(qt + g * kw, c->kt, np, kw, j0, scores + g * np);
+            for (int64_t i = 0; i < rows; i++) {
+                const T *s = scores + i * np;
+                int64_t nnz;
+                const T t = CAT(row_threshold, SFX)(s, n, subset, &nnz);
+                const int64_t e = t == t ? CAT(row_support, SFX)(s, n, t, cols, vals, 0) : 0;
+                CAT(row_output, SFX)(cols, vals, 0, e, t, c->v, c->width, c->out + (r0 + i) * c->width);
+            }
+        }
     }
+    free(scores);
+    free(qt);
     free(subset);
     free(cols);
     free(vals);
 }
 
-/* threshold + gather without keeping the support (inference): each row is read while still in cache. */
-void CAT(hspa_attend, SFX)(const T *s, int64_t rows, int64_t length, const T *v, int64_t width, T *out,
-                           int n_threads) {
-    CAT(attend_ctx, SFX) c = {s, length, v, width, out};
-    parallel_for(rows, 4, n_threads, CAT(attend_range, SFX), &c);
+/* out = sparsemax(q kt) v for one sample, keeping nothing (inference). q: (length x kwidth); kt: the keys
+ * transposed, (kwidth x padded) with padded a multiple of 2W and zero columns from length on; v: (length x
+ * width). Each thread scores BLOCK_ROWS rows with its own micro-kernel and thresholds them while they are
+ * in its cache, so a call has no synchronisation but its end. Returns 0, or -1 without work space. */
+int CAT(hspa_attend, SFX)(const T *q, const T *kt, int64_t length, int64_t padded, int64_t kwidth, const T *v,
+                          int64_t width, T *out, int n_threads) {
+    if (padded % (2 * W) || padded < length) return -1;
+    CAT(attend_ctx, SFX) c = {q, kt, v, length, padded, kwidth, width, out, 0};
+    const int64_t blocks = (length + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    run_threads(n_threads < blocks ? n_threads : (int)blocks, CAT(attend_thread, SFX), &c);
+    return c.next >= length ? 0 : -1;
 }
 
 typedef struct {

@@ -34,7 +34,7 @@ _int = ctypes.c_int
 _SIGNATURES = {
     'hspa_threshold': (None, [_p, _i64, _i64, _p, _p, _int]),
     'hspa_gather': (None, [_p, _i64, _i64, _p, _p, _p, _p, _p, _i64, _p, _int]),
-    'hspa_attend': (None, [_p, _i64, _i64, _p, _i64, _p, _int]),
+    'hspa_attend': (_int, [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _int]),
     'hspa_grad_rows': (None, [_p, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, _int]),
     'hspa_grad_keys': (_int, [_p, _p, _p, _p, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _int]),
 }
