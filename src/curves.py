@@ -68,13 +68,8 @@ class LossCurve:
         return {c: [(int(r['batch']), r[c]) for r in rows] for c in self.columns}
 
 
-def smooth(values: Sequence[float], span: float | None = None) -> list[float]:
-    """Exponential moving average with bias correction (TensorBoard's smoothing): the first values are not
-    pulled towards 0, and a constant series stays constant. `span` (default: a sixth of the points, at
-    least 1) sets the weight 1 - 2 / (span + 1) of the past; non-finite values are passed over."""
-    if span is None:
-        span = max(1.0, len(values) / 6)
-    beta = 1 - 2 / (span + 1)
+def _ema(values: Sequence[float], beta: float) -> list[float]:
+    """Bias-corrected exponential moving average; non-finite values are passed over."""
     out, acc, weight = [], 0.0, 0.0
     for v in values:
         if math.isfinite(v):
@@ -82,6 +77,18 @@ def smooth(values: Sequence[float], span: float | None = None) -> list[float]:
             weight = beta * weight + (1 - beta)
         out.append(acc / weight if weight > 0 else float('nan'))
     return out
+
+
+def smooth(values: Sequence[float], span: float | None = None) -> list[float]:
+    """The mean of a forward and a backward exponential moving average, each bias-corrected (as TensorBoard
+    corrects its one-sided one): the lag of the one cancels the lead of the other, so the smoothed curve
+    follows a falling loss instead of trailing it, and a constant series stays constant. `span` (default: a
+    tenth of the points, from 3 to 50) sets the weight 1 - 2 / (span + 1) of the neighbours."""
+    if span is None:
+        span = min(max(3.0, len(values) / 10), 50.0)
+    beta = 1 - 2 / (span + 1)
+    forward, backward = _ema(values, beta), _ema(values[::-1], beta)[::-1]
+    return [(a + b) / 2 for a, b in zip(forward, backward, strict=True)]
 
 
 def _figure(title: str, xlabel: str, ylabel: str) -> tuple:
@@ -105,7 +112,7 @@ def _save(fig: object, path: str | Path) -> None:
 def loss_figure(column: str, points: Points) -> object:
     """The loss of each logged batch (thin line, one marker per point) and its smoothed curve, against the
     batch number; a logarithmic loss axis when the values span more than a factor of 5."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     fig, ax = _figure(f'{column} loss', 'Batch', 'Loss')
     pts = [(b, v) for b, v in points if math.isfinite(v)]
@@ -115,6 +122,10 @@ def loss_figure(column: str, points: Points) -> object:
         ax.plot(xs, smooth(ys), color='tab:blue', lw=2, label='smoothed')
         if min(ys) > 0 and max(ys) / min(ys) > 5:
             ax.set_yscale('log')
+            # Plain numbers (0.02, not 2 x 10^-2): every power of ten and the 2s and 5s between them.
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
+            ax.yaxis.set_minor_formatter(FuncFormatter(
+                lambda v, _: f'{v:g}' if round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 5) else ''))
         ax.set_xlim(0, max(xs) * 1.03)
         ax.legend()
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
