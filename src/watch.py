@@ -21,7 +21,8 @@ from experiment import Experiment
 from records import HistoryEntry
 from timer import Timer
 
-BAR_FORMAT = '{desc} {n_fmt}/{total_fmt} |{bar:20}| {postfix}'
+# The status goes in as tqdm's description (its postfix would start with a comma).
+BAR_FORMAT = 'Epoch {epoch} batch {{n_fmt}}/{{total_fmt}} |{{bar:20}}| {{desc}}'
 
 
 def format_duration(seconds: float) -> str:
@@ -70,8 +71,8 @@ class Watch:
         self.window_sum: list[float] = [0.0] * len(self.loss.columns)
         self.window_kept = self.epoch_kept = 0
         self.epoch_sum = 0.0
-        self.bar = tqdm(total=self.args.test_every, desc=f'Epoch {epoch}', ncols=110, leave=False,
-                        disable=not self.tty, file=sys.stdout, bar_format=BAR_FORMAT)
+        self.bar = tqdm(total=self.args.test_every, ncols=110, leave=False, disable=not self.tty, file=sys.stdout,
+                        bar_format=BAR_FORMAT.format(epoch=epoch))
 
     def data_ready(self) -> None:
         """The batch is on the device: the data wait ends, the model's time starts."""
@@ -89,7 +90,7 @@ class Watch:
             self.window_kept += 1
             self.epoch_sum += values[-1]
             self.epoch_kept += 1
-        self.bar.set_postfix_str(self._status(lr), refresh=False)
+        self.bar.set_description_str(self._status(lr), refresh=False)
         self.bar.update()
         if self.done % self.args.print_every == 0:
             self._log_point(lr)
