@@ -183,11 +183,16 @@ def test_progress_line_without_a_terminal(world: dict, monkeypatch: pytest.Monke
     assert re.search(r'^\[4/8\]\t\[L1: \d\.\d{4}\]\t\d+\.\d\+\d+\.\ds$', log, re.M)
 
 
-def test_format_duration() -> None:
-    from watch import format_duration, progress_text
+def test_progress_bar_text() -> None:
+    from tqdm import tqdm
+
+    from watch import BAR_FORMAT, format_duration, progress_text
 
     assert [format_duration(s) for s in (0, 5.4, 125, 3723)] == ['0:00', '0:05', '2:05', '1:02:03']
-    assert progress_text(0.03125, 4e-3, 0.2481, 210) == 'loss 0.0312  lr 4.00e-03  0.248 s/batch  3:30 left'
+    status = progress_text(0.03125, 4e-3, 0.2481, 210)
+    assert status == 'loss 0.0312  lr 4.00e-03  0.248 s/batch  3:30 left'
+    bar = tqdm.format_meter(2, 4, 1.0, ncols=110, prefix=status, bar_format=BAR_FORMAT.format(epoch=3))
+    assert re.fullmatch(r'Epoch 3 batch 2/4 \|\S{10} {10}\| loss 0\.0312  lr 4\.00e-03  0\.248 s/batch  3:30 left', bar)
 
 
 def test_tensorboard_missing_is_one_line(world: dict, monkeypatch: pytest.MonkeyPatch,
