@@ -1,10 +1,12 @@
 """EDSR's loop: train --test_every batches, evaluate every test set at every scale, checkpoint, repeat.
 
-Evaluation lives in evaluate.py, the resume state in training_state.py, the learning rate in schedule.py
-and what a run shows as it goes (progress, loss_curve.csv, plots, TensorBoard) in watch.py. Under torchrun
-every process runs this loop on its share of each global batch (the model wrapper's DDP averages the
-gradients, so the step equals a single-process step on the whole batch); the loss values are averaged
-across processes before logging and before --skip_threshold decides, so all processes skip alike.
+Evaluation lives in evaluate.py, the resume state in training_state.py and the learning rate in
+schedule.py. Under torchrun every process runs this loop on its share of each global batch (the model
+wrapper's DDP averages the gradients, so the step equals a single-process step on the whole batch); the loss
+values are averaged across processes before logging and before --skip_threshold decides, so all processes
+skip alike.
+
+What a run shows as it goes (progress, loss_curve.csv, plots, TensorBoard) lives in watch.py.
 """
 
 from __future__ import annotations
