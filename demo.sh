@@ -55,7 +55,7 @@ quick() {
         --rgb_range 1 --n_resgroups 1 --n_resblocks 6 --n_feats 48 --reduction 2 --topk 128 --res_scale 1 \
         --dir_data datasets --data_train T91 --data_test Set5 --ext sep --dir_cache experiment/quick_cache \
         --patch_size 48 --batch_size 16 --lr 4e-3 --lr_schedule cosine --warmup 50 --epochs 1 \
-        --test_every 900 --print_every 50 --n_threads 0 --chop --save_results --save_gt "$@"
+        --test_every 900 --print_every 25 --n_threads 0 --chop --save_results --save_gt "$@"
     # Bicubic on the same pipeline, for the comparison.
     "$PYTHON" src/main.py --reset --save quick_bicubic --model Bicubic --scale 2 --rgb_range 1 --save_results \
         --dir_data datasets --data_test Set5 --dir_cache experiment/quick_cache --test_only --n_threads 1 > /dev/null

@@ -156,13 +156,3 @@ class Evaluator:
             if r.psnr is not None and 1 <= r.epoch <= epochs and r.dataset in names and r.scale in scales:
                 table[r.epoch - 1, names.index(r.dataset), scales.index(r.scale)] = r.psnr
         return table
-
-    def plot(self) -> None:
-        """psnr_<dataset>.png: PSNR per epoch, one line per scale."""
-        by_set: dict[str, dict[int, list[tuple[int, float]]]] = {}
-        for r in self.history:
-            if r.psnr is not None:
-                by_set.setdefault(r.dataset, {}).setdefault(r.scale, []).append((r.epoch, r.psnr))
-        for name, scales in by_set.items():
-            series = {f'x{s}': pts for s, pts in sorted(scales.items())}
-            self.exp.plot(f'psnr_{name}', f'SR on {name}', 'PSNR (dB)', series)

@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model files in experiment/<save>/model/: pt ({'config', 'state_dict'}), safetensors "
                         '(configuration in the metadata), or bare_pt (a plain state dict, the published layout, '
                         'without the configuration)')
-    g.add_argument('--print_every', type=int, default=100, help='batches between training log lines')
+    g.add_argument('--print_every', type=int, default=100,
+                   help='batches between training log lines and loss_curve.csv rows')
+    g.add_argument('--tensorboard', action='store_true',
+                   help='also write TensorBoard scalars (loss terms, learning rate, PSNR/SSIM, seconds per batch) '
+                        'to experiment/<save>/tb/ (needs the tensorboard package)')
     g.add_argument('--save_results', action='store_true', help='save SR images')
     g.add_argument('--save_gt', action='store_true', help='also save the LR and HR images')
     return p
@@ -212,6 +216,10 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f'--attention {args.attention}: --model Bicubic has no attention')
     if args.resume != 0 and not args.load:
         raise UserError(f'--resume {args.resume} needs --load <experiment name> to say what to resume')
+    if args.tensorboard:
+        from tensorboard_log import check_available
+
+        check_available()
     for s in args.scale:
         if not args.test_only and args.patch_size % s:
             raise UserError(f'--patch_size {args.patch_size} is not a multiple of --scale {s}')

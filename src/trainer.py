@@ -5,6 +5,8 @@ schedule.py. Under torchrun every process runs this loop on its share of each gl
 wrapper's DDP averages the gradients, so the step equals a single-process step on the whole batch); the loss
 values are averaged across processes before logging and before --skip_threshold decides, so all processes
 skip alike.
+
+What a run shows as it goes (progress, loss_curve.csv, plots, TensorBoard) lives in watch.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import sys
 from collections.abc import Iterator
 
 import torch
-from tqdm import tqdm
 
 import distributed
 from errors import UserError
@@ -26,8 +27,8 @@ from experiment import Experiment
 from model import plain_state_dict
 from schedule import lr_at, set_lr
 from seeding import rank_seed, seed_everything
-from timer import Timer
 from training_state import TrainingState
+from watch import Watch
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -86,6 +87,7 @@ class Trainer:
                                  + (' with a GradScaler' if self.scaler.is_enabled() else ''))
         if args.load:
             self.resume()
+        self.watch = Watch(args, experiment, loss, self.tty, self.epoch, self.evaluator.history)
 
     def _set_lr(self, batch: int) -> float:
         """The schedule's LR of `batch` on every optimizer (the network's and the loss's own)."""
@@ -106,14 +108,11 @@ class Trainer:
         self.loss.start_log()
         self.model.train()
         self.loss.train()
-        timer_data, timer_model = Timer(), Timer()
-        bar = tqdm(total=args.test_every, desc=f'Epoch {epoch}', ncols=100, leave=False, disable=not self.tty,
-                   file=sys.stdout)
+        self.watch.start_epoch(epoch)
         for batch, item in enumerate(cycle_batches(self.loader_train, args.test_every)):  # data.common.TrainItem
             idx_scale = int(item.idx_scale.flatten()[0]) if torch.is_tensor(item.idx_scale) else int(item.idx_scale)
             lr_img, hr = item.lr.to(self.device, non_blocking=True), item.hr.to(self.device, non_blocking=True)
-            timer_data.hold()
-            timer_model.tic()
+            self.watch.data_ready()
             lr_now = self._set_lr(first + batch)
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
@@ -121,7 +120,8 @@ class Trainer:
             loss = self.loss(sr.float(), hr)  # the loss in float32, whatever the forward ran in
             value = self._synced_loss_value()
             # NaN/inf fail this comparison too, so a diverging batch never reaches the weights.
-            if value < args.skip_threshold * self.error_last:
+            kept = value < args.skip_threshold * self.error_last
+            if kept:
                 self.scaler.scale(loss).backward()
                 if args.gclip > 0:
                     self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
@@ -132,15 +132,8 @@ class Trainer:
             else:
                 self.exp.write_log(f'Skip batch {batch + 1}: loss {value:.4g} is over --skip_threshold '
                                    f'{args.skip_threshold:g} x last epoch mean {self.error_last:.4g}')
-            timer_model.hold()
-            bar.set_postfix_str(f'loss {value:.4f} lr {lr_now:.1e}', refresh=False)
-            bar.update()
-            if (batch + 1) % args.print_every == 0:
-                self.exp.write_log(
-                    f'[{(batch + 1) * args.batch_size}/{args.test_every * args.batch_size}]\t{self.loss.display()}'
-                    f'\t{timer_model.release():.1f}+{timer_data.release():.1f}s', echo=not self.tty)
-            timer_data.tic()
-        bar.close()
+            self.watch.batch_done(lr_now, kept)
+        self.watch.end_epoch()
         self.loss.end_log()
         if math.isfinite(self.loss.epoch_mean()):
             self.error_last = self.loss.epoch_mean()
@@ -162,6 +155,7 @@ class Trainer:
     def test(self) -> None:
         """Evaluate; when training, checkpoint (model_best too when the first set's PSNR improved)."""
         is_best = self.evaluator.run(self.epoch)
+        self.watch.evaluated(self.evaluator.history)
         if not self.args.test_only:
             self.save(is_best)
 
@@ -171,9 +165,9 @@ class Trainer:
         if not exp.is_main:
             return
         self.model.save(exp.dir, self.epoch, is_best)
-        self.loss.save(exp)
+        self.loss.save(exp, self.watch.loss_points())
         exp.save_torch(self.evaluator.psnr_table(self.epoch), 'psnr_log.pt')
-        self.evaluator.plot()
+        self.watch.checkpoint(self.evaluator.history)
         self.log_marks = self.log_marks[:self.epoch - 1] + [exp.log_size()]
         TrainingState(epoch=self.epoch, model=plain_state_dict(self.model), optimizer_name=self.args.optimizer,
                       optimizer=self.optimizer.state_dict(), loss=self.loss.state(), error_last=self.error_last,
@@ -244,5 +238,7 @@ class Trainer:
         """True when training is over; with --test_only, evaluates once and stops."""
         if self.args.test_only:
             self.test()
-            return True
-        return self.epoch >= self.args.epochs
+        done = self.args.test_only or self.epoch >= self.args.epochs
+        if done:
+            self.watch.close()
+        return done

@@ -163,10 +163,17 @@ class Loss(nn.Module):
         self.functions.load_state_dict(state['modules'])
         self.log = state['log'][:epochs].clone()
 
-    def save(self, experiment: Experiment) -> None:
-        """loss_log.pt and one loss_<term>.png per column, in the experiment folder."""
+    def save(self, experiment: Experiment, by_batch: dict[str, list[tuple[int, float]]] | None = None) -> None:
+        """loss_log.pt and one loss_<term>.png per column, in the experiment folder: the loss against the batch
+        number when `by_batch` holds (batch, loss) points of the column (loss_curve.csv), else per epoch."""
+        from curves import save_loss_plot
+
         experiment.save_torch(self.log.clone(), 'loss_log.pt')
         epochs = range(1, len(self.log) + 1)
         for i, c in enumerate(self.columns):
+            if by_batch and by_batch.get(c):
+                if experiment.is_main:
+                    save_loss_plot(experiment.path(f'loss_{c}.png'), c, by_batch[c])
+                continue
             pts = list(zip(epochs, self.log[:, i].tolist(), strict=True))
             experiment.plot(f'loss_{c}', f'{c} loss', 'Loss', {c: pts})
