@@ -180,8 +180,8 @@ def _build(spec: dict):
         if spec['impl'] == 'dense-rows':
             # Published algorithm on a subset of query rows only (the full 256x256 case does not fit).
             rows = torch.arange(0, q.shape[1], spec['row_stride'])
-            return torch.bmm(st.apply(torch.bmm(q[:, rows], k.transpose(1, 2)), topk), v).transpose(1, 2) + \
-                inp.flatten(2)[:, :, rows]
+            attended = torch.bmm(st.apply(torch.bmm(q[:, rows], k.transpose(1, 2)), topk), v)
+            return layer.res_scale * attended.transpose(1, 2) + inp.flatten(2)[:, :, rows]
         if spec['impl'] == 'dense':
             return layer.combine(torch.bmm(st.apply(torch.bmm(q, k.transpose(1, 2)), topk), v), inp)
         return layer(inp)

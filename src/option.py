@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='HSPA algorithm: auto (by device and size), fast (blocked, exact; native kernels on '
                         'the CPU), triton (fused exact kernels, CUDA) or dense (published, N x N scores)')
     g.add_argument('--hspa_block', type=int, default=0,
-                   help='query rows per block for the fast HSPA (0: automatic, about 4 MiB of scores)')
+                   help='query rows per block of the fast HSPA when training (0: automatic, about 32 MiB of scores)')
 
     g = p.add_argument_group('training')
     g.add_argument('--reset', action='store_true', help='delete the experiment folder and start afresh')

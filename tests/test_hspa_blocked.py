@@ -244,8 +244,8 @@ def test_native_kernel_builds():
 
 
 def test_block_size_choice_and_errors():
-    assert choose_block_size(16384) == 64                       # 4 MiB of float32 scores
-    assert choose_block_size(2304) == 455
+    assert choose_block_size(16384) == 512                      # 32 MiB of float32 scores
+    assert choose_block_size(2304) == 2304                      # a training sample in one block
     assert choose_block_size(100) == 100                        # never more than L
     assert choose_block_size(10**7) == 32                       # never fewer than 32 rows
     q, k, v = features(1, 10, 2, 3, scale=1.0)

@@ -1,17 +1,19 @@
-"""Exact, memory-bounded HSPA: ``sparsemax(q @ k^T) @ v`` computed over blocks of query rows.
+"""Exact, memory-bounded HSPA: ``sparsemax(q @ k^T) @ v`` without the (L x L) score matrix.
 
-``hspa_attention(q, k, v, topk)`` never holds the (L x L) score matrix. Each block of query rows of one
-sample gets its scores from one BLAS matmul into a reused buffer; the rest depends on the back-end:
+``hspa_attention(q, k, v, topk)`` has two back-ends:
 
-* ``native`` (CPU; the C kernels of model/hspa_kernel.c): the exact threshold of each row by Michelot's
-  iteration (a few vectorised masked sums over the row, no sort), then the row's support as CSR and its
-  output sum_j p_j v_j, which costs O(|support| * C) instead of O(L * C). The supports are kept for
-  backward while they fit in ``memory_budget`` (blocks beyond it are recomputed). Backward applies the
-  sparsemax Jacobian on the support only (dS = dP - mean over the support of dP) and gets dK and dV
-  through a transpose of each block's CSR.
+* ``native`` (CPU; the C kernels of model/hspa_kernel.c). Without gradients, one fused kernel call per
+  sample: each thread scores a few query rows with its own micro-kernel, finds each row's exact threshold
+  by Michelot's iteration (a few vectorised masked sums, no sort) and adds up sum_j p_j v_j over the
+  support, O(|support| * C) instead of O(L * C), while the rows are in its cache. With gradients, blocks of
+  query rows get their scores from one BLAS matmul into a reused buffer, and each row's support is kept
+  as CSR for backward while the supports fit in ``memory_budget`` (blocks beyond it are recomputed).
+  Backward applies the sparsemax Jacobian on the support only (dS = dP - mean over the support of dP) and
+  gets dK and dV through a transpose of each block's CSR.
 * ``torch`` (any device): the block's weights from ``model.sparsemax.soft_threshold`` and a dense
   weights @ V; backward recomputes each block and differentiates it with autograd. It is the fallback
-  where the kernels cannot be compiled, and what CUDA uses for score tensors too large to form whole.
+  where the kernels cannot be compiled, and what CUDA uses without triton for score tensors too large to
+  form whole.
 
 Scores and thresholds are float32 (float64 when an input is float64) with autocast disabled inside, so
 the result is exact under mixed precision too.
@@ -29,15 +31,17 @@ from model.sparsemax import soft_threshold
 
 __all__ = ['DEFAULT_MEMORY_BUDGET', 'BLOCK_BYTES', 'choose_block_size', 'hspa_attention']
 
-# Score-block size when block_size is 0: 4 MiB stays in a typical L3 cache between the matmul that
-# writes it and the kernels that read it, and keeps the matmul's rows in the tens or more.
-BLOCK_BYTES = 4 * 2**20
+# Score-block size when block_size is 0 (the blocks of the training path and of the torch back-end;
+# inference on the CPU runs the fused kernel, which blocks by itself): large blocks mean few synchronised
+# calls, which matters more than cache reuse here (a 16x48x48 training batch: one block per sample).
+BLOCK_BYTES = 32 * 2**20
 # Bytes of CSR supports (column + weight per entry) kept from forward for backward.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
 def choose_block_size(length: int, element_size: int = 4, block_bytes: int = BLOCK_BYTES) -> int:
-    """Query rows per block so that one (block x length) score buffer takes about ``block_bytes``."""
+    """Query rows per block so that one (block x length) score buffer takes about ``block_bytes``
+    (at least 32 rows, at most L)."""
     return int(max(1, min(length, max(32, block_bytes // max(1, length * element_size)))))
 
 
