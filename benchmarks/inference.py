@@ -80,7 +80,7 @@ def _worker(spec: dict) -> dict:
         flags.append('--no_chop')
     if spec['variant'] == 'project bf16':
         flags += ['--precision', 'bf16']
-    if spec['variant'] == 'published':
+    if spec['variant'] == 'published' and 'HSPAN' in flags:
         flags += ['--hspa_impl', 'dense']
     args = option.parse(flags)
     torch.manual_seed(0)

@@ -80,3 +80,17 @@ def test_module_and_errors():
         hspa_triton(q, k, v, block_m=24)
     with pytest.raises(ValueError, match='expects'):
         hspa_triton(q, k[:, :5], v)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the no-GPU path')
+def test_gpu_check_says_there_is_no_gpu():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'gpu_check.py')], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2
+    assert 'No CUDA GPU on this machine: the GPU checks did not run' in done.stdout
+    assert 'CLI commands of this script parse: pass' in done.stderr

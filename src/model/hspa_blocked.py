@@ -46,11 +46,12 @@ def choose_block_size(length: int, element_size: int = 4, block_bytes: int = BLO
 
 
 class _Inputs:
-    """One call's query, key and value in the compute dtype, with the block layout."""
+    """One call's query, key and value in the compute dtype (as given: often strided views of the
+    embeddings), with the block layout."""
 
     def __init__(self, query: Tensor, key: Tensor, value: Tensor, block_size: int) -> None:
         dtype = torch.float64 if torch.float64 in (query.dtype, key.dtype, value.dtype) else torch.float32
-        self.q, self.k, self.v = (t.to(dtype).contiguous() for t in (query, key, value))
+        self.q, self.k, self.v = (t.to(dtype) for t in (query, key, value))
         self.n, self.length, self.kwidth = self.q.shape
         self.width = self.v.shape[2]
         elem = torch.finfo(dtype).bits // 8
@@ -69,17 +70,28 @@ class _Native:
     def __init__(self, x: _Inputs, lib: Any) -> None:
         self.x, self.lib = x, lib
         self.threads = max(1, torch.get_num_threads())
-        self._scores = torch.empty(x.block, x.length, dtype=x.q.dtype)
+        self._scores: Tensor | None = None  # the block score buffer, while a pass over the blocks needs it
+        self._sample: tuple = (-1,)  # (s, q, k, v[, grad]) of the last sample made contiguous
 
     def _fn(self, name: str):
         return hspa_kernel.function(self.lib, name, self.x.q.dtype)
+
+    def _contiguous(self, s: int, grad: Tensor | None = None) -> tuple[Tensor, ...]:
+        """Sample s's q, k, v (and grad), contiguous: one sample at a time, so the copies stay small."""
+        if self._sample[0] != s or (grad is not None and len(self._sample) < 5):
+            parts = (self.x.q[s], self.x.k[s], self.x.v[s]) + (() if grad is None else (grad[s],))
+            self._sample = (s, *(t.to(self.x.q.dtype).contiguous() for t in parts))
+        return self._sample[1:]
 
     def support(self, s: int, r0: int, r1: int, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """CSR support of block (s, r0, r1); with ``out``, also writes the block's output rows."""
         x, p = self.x, hspa_kernel.ptr
         rows = r1 - r0
+        if self._scores is None:
+            self._scores = torch.empty(x.block, x.length, dtype=x.q.dtype)
         scores = self._scores[:rows]
-        torch.mm(x.q[s, r0:r1], x.k_t[s], out=scores)
+        q, k, v = self._contiguous(s)[:3]
+        torch.mm(q[r0:r1], k.t(), out=scores)
         tau = torch.empty(rows, dtype=x.q.dtype)
         nnz = torch.empty(rows, dtype=torch.int64)
         self._fn('hspa_threshold')(p(scores), rows, x.length, p(tau), p(nnz), self.threads)
@@ -89,7 +101,7 @@ class _Native:
         cols = torch.empty(total, dtype=torch.int32)
         vals = torch.empty(total, dtype=x.q.dtype)
         target = out if out is not None else torch.empty(rows, x.width, dtype=x.q.dtype)
-        self._fn('hspa_gather')(p(scores), rows, x.length, p(tau), p(crow), p(cols), p(vals), p(x.v[s]),
+        self._fn('hspa_gather')(p(scores), rows, x.length, p(tau), p(crow), p(cols), p(vals), p(v),
                                 x.width, p(target), self.threads)
         return crow, cols, vals
 
@@ -100,8 +112,9 @@ class _Native:
         padded = -(-x.length // lanes) * lanes
         k_t = torch.zeros(x.kwidth, padded, dtype=x.q.dtype)
         for s in range(x.n):
-            k_t[:, :x.length] = x.k_t[s]
-            status = self._fn('hspa_attend')(p(x.q[s]), p(k_t), x.length, padded, x.kwidth, p(x.v[s]), x.width,
+            q, k, v = self._contiguous(s)
+            k_t[:, :x.length] = k.t()
+            status = self._fn('hspa_attend')(p(q), p(k_t), x.length, padded, x.kwidth, p(v), x.width,
                                              p(out[s]), self.threads)
             if status != 0:
                 raise MemoryError('HSPA: out of memory for the kernel work space')
@@ -122,26 +135,29 @@ class _Native:
                 kept += size
             else:
                 supports.append(None)  # recomputed in backward
+        self._scores, self._sample = None, (-1,)
         return out, supports
 
     def backward(self, supports: list, grad: Tensor, needs: tuple[bool, bool, bool]) -> tuple[Tensor, ...]:
         x, p = self.x, hspa_kernel.ptr
-        g = grad.to(x.q.dtype).contiguous()
-        dq, dk, dv = (torch.zeros_like(t) if need else None for t, need in zip((x.q, x.k, x.v), needs, strict=True))
+        dq, dk, dv = (torch.zeros(x.n, x.length, width, dtype=x.q.dtype) if need else None
+                      for width, need in zip((x.kwidth, x.kwidth, x.width), needs, strict=True))
         for (s, r0, r1), saved in zip(x.blocks(), supports, strict=True):
             crow, cols, vals = saved if saved is not None else self.support(s, r0, r1)
+            q, k, v, g = self._contiguous(s, grad)
             ds = torch.empty_like(vals)
             rows = r1 - r0
-            self._fn('hspa_grad_rows')(p(crow), p(cols), rows, p(g[s, r0:r1]), p(x.v[s]), x.width, p(x.k[s]),
+            self._fn('hspa_grad_rows')(p(crow), p(cols), rows, p(g[r0:r1]), p(v), x.width, p(k),
                                        x.kwidth, p(ds), p(dq[s, r0:r1]) if dq is not None else None,
                                        self.threads)
             if dk is not None or dv is not None:
                 status = self._fn('hspa_grad_keys')(
-                    p(crow), p(cols), p(vals), p(ds), rows, x.length, p(x.q[s, r0:r1]), x.kwidth,
-                    p(g[s, r0:r1]), x.width, p(dk[s]) if dk is not None else None,
+                    p(crow), p(cols), p(vals), p(ds), rows, x.length, p(q[r0:r1]), x.kwidth,
+                    p(g[r0:r1]), x.width, p(dk[s]) if dk is not None else None,
                     p(dv[s]) if dv is not None else None, self.threads)
                 if status != 0:
                     raise MemoryError('HSPA backward: out of memory for a block transpose')
+        self._scores, self._sample = None, (-1,)
         return dq, dk, dv
 
 
@@ -170,32 +186,36 @@ def _torch_backward(x: _Inputs, topk: int, grad: Tensor, needs: tuple[bool, bool
 
 
 class _HSPAFunction(torch.autograd.Function):
+    """Keeps the inputs as given (views the autograd graph holds anyway) and the native supports; the
+    contiguous compute-dtype copies of _Inputs live only while a pass runs."""
+
     @staticmethod
     def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, topk: int, block_size: int,
                 memory_budget: int, backend: str) -> Tensor:
         with torch.autocast(device_type=query.device.type, enabled=False):
             x = _Inputs(query, key, value, block_size)
             if backend == 'native':
-                engine = _Native(x, hspa_kernel.load())
-                out, ctx.supports = engine.forward(memory_budget if any(ctx.needs_input_grad[:3]) else 0)
-                ctx.engine = engine
+                out, ctx.supports = _Native(x, hspa_kernel.load()).forward(
+                    memory_budget if any(ctx.needs_input_grad[:3]) else 0)
             else:
                 out = _torch_forward(x, topk)
-                ctx.inputs = x
-        ctx.topk, ctx.backend = topk, backend
-        ctx.dtypes = (query.dtype, key.dtype, value.dtype)
+        ctx.save_for_backward(query, key, value)
+        ctx.topk, ctx.backend, ctx.block = topk, backend, x.block
         return out.to(value.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor):
         needs = tuple(ctx.needs_input_grad[:3])
+        query, key, value = ctx.saved_tensors
         with torch.autocast(device_type=grad.device.type, enabled=False):
+            x = _Inputs(query, key, value, ctx.block)
             if ctx.backend == 'native':
-                grads = ctx.engine.backward(ctx.supports, grad, needs)
+                grads = _Native(x, hspa_kernel.load()).backward(ctx.supports, grad, needs)
             else:
-                grads = _torch_backward(ctx.inputs, ctx.topk, grad, needs)
-        grads = tuple(None if d is None else d.to(dtype) for d, dtype in zip(grads, ctx.dtypes, strict=True))
+                grads = _torch_backward(x, ctx.topk, grad, needs)
+        dtypes = (query.dtype, key.dtype, value.dtype)
+        grads = tuple(None if d is None else d.to(dtype) for d, dtype in zip(grads, dtypes, strict=True))
         return (*grads, None, None, None, None)
 
 
