@@ -3,10 +3,11 @@ and plots.
 
 Everything a run writes lives in experiment/<save>/ (or experiment/<load>/ when continuing) at the
 repository root, whatever the working directory; SR_EXPERIMENT_ROOT overrides that root (tests use it).
-Only the main process writes, so a distributed run logs each line once. It holds an OS lock on
-<folder>/.lock (fcntl.flock) while the run lasts, so two runs never write one folder; the OS releases the
-lock of a process that dies. A worker group that torchrun restarts (TORCHELASTIC_RESTART_COUNT > 0)
-continues from the folder's training state when that run had the same configuration.
+Only the main process writes, so a distributed run logs each line once. It holds an OS lock
+(fcntl.flock) on experiment/.<name>.lock, beside the folder, while the run lasts, so two runs never write
+one folder; the OS releases the lock of a process that dies. A worker group that torchrun restarts
+(TORCHELASTIC_RESTART_COUNT > 0) continues from the folder's training state when that run had the same
+configuration.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from fileio import WriteError, atomic_torch_save, atomic_write_bytes, atomic_wri
 from training_state import TrainingState, has_training_state
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LOCK_FILE = '.lock'
 # Settings that may differ between two runs of one configuration (how it was started, not what it trains).
 RUN_NEUTRAL = ('cli_flags', 'load', 'resume', 'reset', 'debug')
 
@@ -80,8 +80,8 @@ class Experiment:
             args.load = ''
             args.resume = 0
         if self.is_main and problem is None:
-            if args.reset:
-                _clear_folder(self.dir, keep=LOCK_FILE)  # in Python, never through a shell
+            if args.reset and self.dir.exists():
+                shutil.rmtree(self.dir)  # in Python, never through a shell: a name with ';' cannot do harm
             problem = self._folder_problem(args)
         # Barrier: the other processes wait for rank 0's reset and checks, and fail with its message.
         problem = broadcast_object(problem)
@@ -91,6 +91,7 @@ class Experiment:
 
         self._log_file = None
         if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.path('log.txt'), 'a', encoding='utf-8')  # noqa: SIM115 (kept open)
             self._run_start = self._log_file.tell()  # where this run's lines begin
             self._write_config()
@@ -100,12 +101,15 @@ class Experiment:
             self.write_log(f'restart {restart}: resuming from epoch {resume_epoch}')
 
     def _acquire_lock(self) -> str | None:
-        """Take the folder's lock (None), or say which process holds it."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.path(LOCK_FILE)
+        """Take the folder's lock (None), or say which process holds it. The lock file names its holder;
+        done() removes it (a lock taken on a file that was removed meanwhile does not count)."""
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        path = self.dir.parent / f'.{self.dir.name}.lock'
         lock = open(path, 'a+', encoding='utf-8')  # noqa: SIM115 (held until done())
         try:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(lock.fileno()).st_ino != os.stat(path).st_ino:  # its holder removed it as we opened it
+                raise BlockingIOError
         except OSError:
             lock.seek(0)
             holder = lock.read().strip() or 'another process'
@@ -202,6 +206,7 @@ class Experiment:
             self._log_file.close()
             self._log_file = None
         if self._lock is not None:
+            Path(self._lock.name).unlink(missing_ok=True)  # still held: no other process has it
             self._lock.close()  # closing the file releases the flock
             self._lock = None
 
@@ -238,17 +243,6 @@ def _last_config(path: Path) -> dict[str, str]:
     blocks = path.read_text(encoding='utf-8').split('\n# ') if path.is_file() else ['']
     pairs = (ln.split(': ', 1) for ln in blocks[-1].splitlines()[1:] if ': ' in ln)
     return {k: v for k, v in pairs}
-
-
-def _clear_folder(folder: Path, keep: str) -> None:
-    """Delete everything in `folder` but the file `keep` (--reset; the lock file stays held)."""
-    for entry in folder.iterdir():
-        if entry.name == keep:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
 
 
 def _has_models(folder: Path) -> bool:

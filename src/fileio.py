@@ -6,7 +6,8 @@ reported as one line naming the file and the OS error (WriteError).
 Fault injection for the tests and benchmarks/faults.py: SR_FAULT=<file name>:<step>:<action>, read at each
 write, makes the write of that file pause or fail at a named step: `open` (before the temporary file is
 created), `written` (data written, before fsync), `renamed` (after the rename). Actions: `kill` (SIGKILL
-itself), `pause` (sleep until killed), `enospc` / `eio` (raise that OS error).
+itself), `pause` (sleep until killed), `enospc` / `eio` (raise that OS error). Under torchrun it acts in
+the first worker group only (TORCHELASTIC_RESTART_COUNT unset or 0), so a restarted group runs through.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class WriteError(UserError):
 
 def inject_fault(path: Path, step: str, spec: str | None = None) -> None:
     """Act on SR_FAULT (or `spec`) when it names `path`'s file name and `step`; otherwise nothing."""
-    spec = os.environ.get(FAULT_VAR, '') if spec is None else spec
+    if spec is None:
+        restarted = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') not in ('', '0')
+        spec = '' if restarted else os.environ.get(FAULT_VAR, '')
     parts = spec.rsplit(':', 2)
     if len(parts) != 3 or parts[:2] != [path.name, step]:
         return
