@@ -82,6 +82,8 @@ class Experiment:
         if self.is_main and problem is None:
             if args.reset and self.dir.exists():
                 shutil.rmtree(self.dir)  # in Python, never through a shell: a name with ';' cannot do harm
+            for tmp in self.dir.rglob('.*.tmp'):  # left by a killed write (fileio.atomic_write); never read
+                tmp.unlink()
             problem = self._folder_problem(args)
         # Barrier: the other processes wait for rank 0's reset and checks, and fail with its message.
         problem = broadcast_object(problem)
