@@ -143,6 +143,10 @@ class Experiment:
         """Why the experiment folder cannot serve this run (None when it can)."""
         if args.load and not has_training_state(self.dir) and not _has_models(self.dir):
             return f'--load {args.load}: {self.dir} holds no checkpoint to continue from'
+        if args.load and not args.test_only and not has_training_state(self.dir) and _trained_here(self.dir):
+            # Its model files may be of an epoch whose training state was never written.
+            return (f'--load {args.load}: {self.dir} stopped before its first complete checkpoint (no '
+                    f'training state); start it again with --save {args.load} --reset')
         if not args.load and not args.test_only and has_training_state(self.dir):
             return (f'--save {args.save}: {self.dir} already holds a training run; continue it with '
                     f'--load {args.save} --resume -1, start over with --reset, or choose another --save')
@@ -245,6 +249,12 @@ def _last_config(path: Path) -> dict[str, str]:
     blocks = path.read_text(encoding='utf-8').split('\n# ') if path.is_file() else ['']
     pairs = (ln.split(': ', 1) for ln in blocks[-1].splitlines()[1:] if ': ' in ln)
     return {k: v for k, v in pairs}
+
+
+def _trained_here(folder: Path) -> bool:
+    """True when the folder's log shows a training run of this trainer (an epoch started)."""
+    log = folder / 'log.txt'
+    return log.is_file() and b'[Epoch ' in log.read_bytes()
 
 
 def _has_models(folder: Path) -> bool:
