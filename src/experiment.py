@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from training_state import TrainingState, has_training_state
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Settings that may differ between two runs of one configuration (how it was started, not what it trains).
 RUN_NEUTRAL = ('cli_flags', 'load', 'resume', 'reset', 'debug')
+RESTART_LOCK_WAIT = 60.0  # seconds
 
 
 def experiment_root() -> Path:
@@ -70,7 +72,8 @@ class Experiment:
 
         problem, resume_epoch, self._lock = None, None, None
         if self.is_main:
-            problem = self._acquire_lock()
+            # A restarted group waits a little for the dead group's process to be gone (the OS frees its lock).
+            problem = self._acquire_lock(patience=RESTART_LOCK_WAIT if restart else 0.0)
             if problem is None and restart and not args.test_only and has_training_state(self.dir):
                 problem, resume_epoch = self._restart_point(restart)
         problem, resume_epoch = broadcast_object((problem, resume_epoch))
@@ -102,22 +105,28 @@ class Experiment:
         if resume_epoch is not None:
             self.write_log(f'restart {restart}: resuming from epoch {resume_epoch}')
 
-    def _acquire_lock(self) -> str | None:
-        """Take the folder's lock (None), or say which process holds it. The lock file names its holder;
-        done() removes it (a lock taken on a file that was removed meanwhile does not count)."""
+    def _acquire_lock(self, patience: float = 0.0) -> str | None:
+        """Take the folder's lock (None), or say which process holds it, after trying for `patience` seconds.
+        The lock file names its holder; done() removes it (a lock taken on a file that was removed meanwhile
+        does not count)."""
         self.dir.parent.mkdir(parents=True, exist_ok=True)
         path = self.dir.parent / f'.{self.dir.name}.lock'
-        lock = open(path, 'a+', encoding='utf-8')  # noqa: SIM115 (held until done())
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(lock.fileno()).st_ino != os.stat(path).st_ino:  # its holder removed it as we opened it
-                raise BlockingIOError
-        except OSError:
+        deadline = time.monotonic() + patience
+        while True:
+            lock = open(path, 'a+', encoding='utf-8')  # noqa: SIM115 (held until done())
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino:  # not removed by its holder meanwhile
+                    break
+            except OSError:
+                pass
             lock.seek(0)
             holder = lock.read().strip() or 'another process'
             lock.close()
-            return (f'--save/--load {self.dir.name}: {self.dir} is in use by {holder} ({path} is locked); wait for '
-                    'that run to end or choose another --save')
+            if time.monotonic() >= deadline:
+                return (f'--save/--load {self.dir.name}: {self.dir} is in use by {holder} ({path} is locked); '
+                        'wait for that run to end or choose another --save')
+            time.sleep(0.5)
         lock.seek(0)
         lock.truncate()
         lock.write(f'host {socket.gethostname()} pid {os.getpid()}\n')

@@ -97,7 +97,10 @@ def test_second_run_on_a_live_folder_is_refused(world: dict, reference: Path) ->
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(lambda: list(folder.glob('.training_state.pt.*.tmp')), proc, 'the paused state write')
-        before = _snapshot(folder)
+        before = {}
+        while before != _snapshot(folder):  # the temporary file is complete when the writer pauses
+            before = _snapshot(folder)
+            time.sleep(0.5)
         for argv in (['--save', name, '--reset'], ['--load', name, '--resume', '-1']):
             rc, out, _ = faults.run(world, [*argv, '--epochs', '3'], ddp=False)
             lines = out.strip().splitlines()
