@@ -2,7 +2,8 @@
 
 Each trial trains a tiny HSPAN for 3 epochs (3 batches each, CPU), in one process or in two under
 `torchrun --max-restarts 2`, and kills it once:
-  - at a random time (single process: the process; torchrun: one worker, chosen at random), or
+  - at a random time after epoch 1 began (uniform over 0-110% of the uninterrupted run's training time;
+    single process: the process; torchrun: one worker, chosen at random), or
   - inside a checkpoint write of a chosen epoch, through SR_FAULT=<file>:<step>:kill (see src/fileio.py).
 A killed single-process run is resumed with `--load NAME --resume -1` (or started again with --reset when
 it died before its first training state); a torchrun job must finish on its own (its restarted worker group
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -85,29 +87,36 @@ def children(pid: int) -> list[int]:
 
 
 def run(world: dict, argv: list[str], ddp: bool, fault: str = '', kill_after: float | None = None,
-        rng: random.Random | None = None) -> tuple[int, str, str]:
-    """Run main.py to the end; with kill_after, SIGKILL it (torchrun: one random worker) after that many
-    seconds. Returns (exit status, output, where the kill hit from the log: '' when the run ended first)."""
+        rng: random.Random | None = None) -> tuple[int, str, str, float]:
+    """Run main.py to the end; with kill_after, SIGKILL it (torchrun: one random worker) that many seconds
+    after its first epoch began. Returns (exit status, output, where the kill hit from the log: '' when the
+    run ended first, seconds from the start of epoch 1 to the end)."""
+    name = argv[argv.index('--save') + 1] if '--save' in argv else argv[argv.index('--load') + 1]
+    log = world['exp'] / name / 'log.txt'
     proc = subprocess.Popen(command(world, argv, ddp), cwd=ROOT, env=environment(world, fault),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = ''
-    if kill_after is not None:
-        try:
-            proc.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
+    out_box: list[str] = []
+    reader = threading.Thread(target=lambda: out_box.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    killed, started = '', None
+    t0 = time.perf_counter()
+    while proc.poll() is None and time.perf_counter() - t0 < TIMEOUT:
+        if started is None and log.exists() and '[Epoch 1]' in log.read_text(errors='replace'):
+            started = time.perf_counter()
+        if kill_after is not None and started is not None and time.perf_counter() - started >= kill_after:
             targets = children(proc.pid) if ddp else [proc.pid]
             if targets:
-                target = (rng or random).choice(targets)
-                os.kill(target, signal.SIGKILL)
-                name = argv[argv.index('--save') + 1] if '--save' in argv else argv[argv.index('--load') + 1]
+                os.kill((rng or random).choice(targets), signal.SIGKILL)
                 killed = log_point(world['exp'] / name)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
+            kill_after = None
+        time.sleep(0.02)
+    if proc.poll() is None:
         proc.kill()
-        out, _ = proc.communicate()
-        return -1, out + '\nHUNG: killed after the timeout', killed
-    return proc.returncode, out, killed
+        proc.wait()
+        reader.join()
+        return -1, ''.join(out_box) + '\nHUNG: killed after the timeout', killed, 0.0
+    reader.join()
+    return proc.returncode, ''.join(out_box), killed, time.perf_counter() - (started or t0)
 
 
 def log_point(folder: Path) -> str:
@@ -130,7 +139,7 @@ def recover(world: dict, name: str, ddp: bool) -> tuple[int, str]:
         argv = ['--load', name, '--resume', '-1', '--epochs', str(EPOCHS)]
     else:
         argv = ['--save', name, '--reset', '--epochs', str(EPOCHS)]
-    rc, out, _ = run(world, argv, ddp)
+    rc, out, _, _ = run(world, argv, ddp)
     return rc, out
 
 
@@ -197,13 +206,12 @@ def check(folder: Path, reference: Path, ddp: bool) -> list[str]:
 
 
 def reference_run(world: dict, ddp: bool) -> tuple[Path, float]:
-    """The uninterrupted run of one mode, and how long it took."""
+    """The uninterrupted run of one mode, and how long it trained (from the start of epoch 1)."""
     name = 'reference_ddp' if ddp else 'reference'
-    t0 = time.perf_counter()
-    rc, out, _ = run(world, ['--save', name, '--reset', '--epochs', str(EPOCHS)], ddp)
+    rc, out, _, duration = run(world, ['--save', name, '--reset', '--epochs', str(EPOCHS)], ddp)
     if rc != 0:
         raise SystemExit(f'the uninterrupted run failed:\n{out[-3000:]}')
-    return world['exp'] / name, time.perf_counter() - t0
+    return world['exp'] / name, duration
 
 
 def trial(world: dict, name: str, ddp: bool, point: tuple, duration: float, reference: Path,
@@ -216,14 +224,14 @@ def trial(world: dict, name: str, ddp: bool, point: tuple, duration: float, refe
         _, file, step, epoch = point
         fault = f'{file}:{step}:kill'
         if epoch > 1:  # the epochs before it run normally; the faulty write is the next run's first
-            rc, out, _ = run(world, ['--save', name, '--reset', '--epochs', str(epoch - 1)], ddp)
+            rc, out, _, _ = run(world, ['--save', name, '--reset', '--epochs', str(epoch - 1)], ddp)
             if rc != 0:
                 return {'name': name, 'ddp': ddp, 'point': point, 'problems': [f'prefix run failed: {out[-500:]}']}
             argv = ['--load', name, '--resume', '-1', '--epochs', str(EPOCHS)]
-        rc, out, killed = run(world, argv, ddp, fault=fault)
+        rc, out, killed, _ = run(world, argv, ddp, fault=fault)
         where = f'{file} {step} (epoch {epoch})'
     else:
-        rc, out, killed = run(world, argv, ddp, kill_after=rng.uniform(0.4, 1.0) * duration, rng=rng)
+        rc, out, killed, _ = run(world, argv, ddp, kill_after=rng.uniform(0.0, 1.1) * duration, rng=rng)
         where = killed or 'finished first'
     problems = []
     if 'HUNG' in out:
@@ -270,7 +278,8 @@ def main() -> int:
     t0 = time.perf_counter()
     ref_single, t_single = reference_run(world, ddp=False)
     ref_ddp, t_ddp = reference_run(world, ddp=True)
-    print(f'uninterrupted runs: {t_single:.1f} s (1 process), {t_ddp:.1f} s (torchrun, 2 processes)', flush=True)
+    print(f'uninterrupted runs train for {t_single:.1f} s (1 process), {t_ddp:.1f} s (torchrun, 2 processes) '
+          'from the start of epoch 1; timed kills fall uniformly in 0-110% of that', flush=True)
     results = []
     for i, (ddp, point) in enumerate(plan(args.trials, rng)):
         r = trial(world, f'trial{i}', ddp, point, t_ddp if ddp else t_single, ref_ddp if ddp else ref_single, rng)

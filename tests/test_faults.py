@@ -89,7 +89,7 @@ def test_second_run_on_a_live_folder_is_refused(world: dict, reference: Path) ->
     second run, --reset included, is refused in one line naming it and changes nothing. After a SIGKILL at
     that moment, --load --resume -1 continues to the uninterrupted run's weights, bit for bit."""
     name = 'live'
-    rc, out, _ = faults.run(world, ['--save', name, '--epochs', '1'], ddp=False)
+    rc, out, _, _ = faults.run(world, ['--save', name, '--epochs', '1'], ddp=False)
     assert rc == 0, out
     folder = world['exp'] / name
     proc = subprocess.Popen(faults.command(world, ['--load', name, '--resume', '-1', '--epochs', '3'], ddp=False),
@@ -102,7 +102,7 @@ def test_second_run_on_a_live_folder_is_refused(world: dict, reference: Path) ->
             before = _snapshot(folder)
             time.sleep(0.5)
         for argv in (['--save', name, '--reset'], ['--load', name, '--resume', '-1']):
-            rc, out, _ = faults.run(world, [*argv, '--epochs', '3'], ddp=False)
+            rc, out, _, _ = faults.run(world, [*argv, '--epochs', '3'], ddp=False)
             lines = out.strip().splitlines()
             assert rc == 1 and len(lines) == 1, out
             assert lines[0].startswith('error: --save/--load live:') and f'pid {proc.pid}' in lines[0], lines[0]
@@ -111,16 +111,16 @@ def test_second_run_on_a_live_folder_is_refused(world: dict, reference: Path) ->
         proc.kill()
         proc.communicate()
     assert torch.load(folder / 'training_state.pt', weights_only=True)['epoch'] == 1  # the state not yet renamed
-    rc, out, _ = faults.run(world, ['--load', name, '--resume', '-1', '--epochs', '3'], ddp=False)
+    rc, out, _, _ = faults.run(world, ['--load', name, '--resume', '-1', '--epochs', '3'], ddp=False)
     assert rc == 0, out
     assert faults.check(folder, reference, ddp=False) == []
 
 
 def test_killed_before_first_state_is_not_resumed_from_its_model_files(world: dict) -> None:
     name = 'early'
-    rc, out, _ = faults.run(world, ['--save', name, '--epochs', '3'], ddp=False, fault='training_state.pt:open:kill')
+    rc, out, _, _ = faults.run(world, ['--save', name, '--epochs', '3'], ddp=False, fault='training_state.pt:open:kill')
     assert rc == -signal.SIGKILL and (world['exp'] / name / 'model' / 'model_latest.pt').exists()
-    rc, out, _ = faults.run(world, ['--load', name, '--resume', '-1', '--epochs', '3'], ddp=False)
+    rc, out, _, _ = faults.run(world, ['--load', name, '--resume', '-1', '--epochs', '3'], ddp=False)
     assert rc == 1 and 'stopped before its first complete checkpoint' in out and '--reset' in out, out
 
 
