@@ -28,8 +28,9 @@ FAULT_STEPS = ('open', 'written', 'renamed')
 FAULT_ACTIONS = ('kill', 'pause', 'enospc', 'eio')
 
 
-class WriteError(UserError):
-    """A file could not be written: the message names it and the OS error."""
+class WriteError(UserError, OSError):
+    """A file could not be written: the message names it and the OS error. It is an OSError too, so a
+    caller that can do without the file (the image cache) still goes on."""
 
 
 def inject_fault(path: Path, step: str, spec: str | None = None) -> None:
