@@ -8,6 +8,7 @@ folder checks) through broadcasts, so several machines need not share that folde
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,26 @@ from errors import UserError
 
 # Variables torchrun (and torch.distributed.launch) sets for every worker; env:// reads MASTER_ADDR/PORT too.
 TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
+RESTART_VAR = 'TORCHELASTIC_RESTART_COUNT'  # torchrun --max-restarts: 0 for the first worker group, then 1, 2...
+
+
+def restart_count(environ: Mapping[str, str] | None = None) -> int:
+    """How many times torchrun has restarted this worker group (0 outside torchrun)."""
+    env = os.environ if environ is None else environ
+    try:
+        return max(0, int(env.get(RESTART_VAR, '0') or 0))
+    except ValueError:
+        raise UserError(f'{RESTART_VAR}={env[RESTART_VAR]!r}: expected an integer') from None
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """A one-line reason when `e` is a collective that failed because a peer died or timed out, else None."""
+    dist = torch.distributed
+    if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(
+            w in str(e) for w in ('Connection closed by peer', 'Timed out', 'timed out', 'Connection reset'))):
+        text = ' '.join(str(e).split())
+        return f'a torchrun peer failed or timed out ({text[:200]}); torchrun --max-restarts resumes the run'
+    return None
 
 
 def is_main_process() -> bool:
@@ -84,7 +105,8 @@ def check_distributed_args(args: argparse.Namespace, env: DistEnv) -> None:
 
 
 def init_distributed(args: argparse.Namespace) -> DistEnv | None:
-    """Join the torchrun job (env://): nccl on cuda:LOCAL_RANK, gloo with --cpu or without CUDA.
+    """Join the torchrun job (env://): nccl on cuda:LOCAL_RANK, gloo with --cpu or without CUDA; every
+    collective fails after --dist_timeout seconds without its peers (see peer_failure).
 
     None in a plain `python main.py` run. Checks the flags first, so a bad combination fails the same way
     on every process without waiting for a rendezvous.
@@ -95,12 +117,18 @@ def init_distributed(args: argparse.Namespace) -> DistEnv | None:
     check_distributed_args(args, env)
     import torch.distributed as dist
 
+    timeout = datetime.timedelta(seconds=args.dist_timeout)  # the rendezvous and every collective
+    # torchrun keeps one key-value store across restarts of the worker group: each group's keys get their
+    # own prefix, so a restarted group never reads the addresses of the group that died.
+    store, rank, world = next(dist.rendezvous('env://', timeout=timeout))
+    store = dist.PrefixStore(f'restart{restart_count()}/', store)
+    group = {'store': store, 'rank': rank, 'world_size': world, 'timeout': timeout}
     if uses_cuda(args):
         device = torch.device('cuda', env.local_rank)
         torch.cuda.set_device(device)  # object collectives and NCCL use the current device
-        dist.init_process_group('nccl', init_method='env://', device_id=device)
+        dist.init_process_group('nccl', device_id=device, **group)
     else:
-        dist.init_process_group('gloo', init_method='env://')
+        dist.init_process_group('gloo', **group)
     return DistEnv(env.rank, env.world_size, env.local_rank, dist.get_backend())
 
 

@@ -3,19 +3,26 @@ and plots.
 
 Everything a run writes lives in experiment/<save>/ (or experiment/<load>/ when continuing) at the
 repository root, whatever the working directory; SR_EXPERIMENT_ROOT overrides that root (tests use it).
-Only the main process writes, so a distributed run logs each line once.
+Only the main process writes, so a distributed run logs each line once. It holds an OS lock
+(fcntl.flock) on experiment/.<name>.lock, beside the folder, while the run lasts, so two runs never write
+one folder; the OS releases the lock of a process that dies. A worker group that torchrun restarts
+(TORCHELASTIC_RESTART_COUNT > 0) continues from the folder's training state when that run had the same
+configuration.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import io
 import json
 import math
 import os
 import shutil
+import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,10 +30,13 @@ import numpy as np
 
 from distributed import RankZeroError, broadcast_object, is_main_process
 from errors import UserError
-from fileio import atomic_torch_save, atomic_write_bytes, atomic_write_text
-from training_state import has_training_state
+from fileio import WriteError, atomic_torch_save, atomic_write_bytes, atomic_write_text
+from training_state import TrainingState, has_training_state
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Settings that may differ between two runs of one configuration (how it was started, not what it trains).
+RUN_NEUTRAL = ('cli_flags', 'load', 'resume', 'reset', 'debug')
+RESTART_LOCK_WAIT = 60.0  # seconds
 
 
 def experiment_root() -> Path:
@@ -52,7 +62,7 @@ class Experiment:
     """
 
     def __init__(self, args: argparse.Namespace, root: str | os.PathLike | None = None,
-                 is_main: bool | None = None) -> None:
+                 is_main: bool | None = None, restart: int = 0) -> None:
         self.args = args
         self.is_main = is_main_process() if is_main is None else is_main
         name = args.load or args.save
@@ -60,19 +70,28 @@ class Experiment:
             raise UserError(f'--save/--load {name!r}: expected a plain folder name (experiment/<name>/)')
         self.dir = Path(root).resolve() / name if root is not None else experiment_root() / name
 
-        reset = bool(args.reset)
-        if reset:
+        problem, resume_epoch, self._lock = None, None, None
+        if self.is_main:
+            # A restarted group waits a little for the dead group's process to be gone (the OS frees its lock).
+            problem = self._acquire_lock(patience=RESTART_LOCK_WAIT if restart else 0.0)
+            if problem is None and restart and not args.test_only and has_training_state(self.dir):
+                problem, resume_epoch = self._restart_point(restart)
+        problem, resume_epoch = broadcast_object((problem, resume_epoch))
+        if problem is None and resume_epoch is not None:  # continue this run (every process alike)
+            args.load, args.resume, args.reset = name, -1, False
+        elif args.reset:
             args.load = ''
             args.resume = 0
-        problem = None
-        if self.is_main:
-            if reset and self.dir.exists():
-                # In Python, never through a shell: a name with spaces or ';' cannot do harm.
-                shutil.rmtree(self.dir)
+        if self.is_main and problem is None:
+            if args.reset and self.dir.exists():
+                shutil.rmtree(self.dir)  # in Python, never through a shell: a name with ';' cannot do harm
+            for tmp in self.dir.rglob('.*.tmp'):  # left by a killed write (fileio.atomic_write); never read
+                tmp.unlink()
             problem = self._folder_problem(args)
         # Barrier: the other processes wait for rank 0's reset and checks, and fail with its message.
         problem = broadcast_object(problem)
         if problem is not None:
+            self.done()
             raise RankZeroError(problem)
 
         self._log_file = None
@@ -81,11 +100,62 @@ class Experiment:
             self._log_file = open(self.path('log.txt'), 'a', encoding='utf-8')  # noqa: SIM115 (kept open)
             self._run_start = self._log_file.tell()  # where this run's lines begin
             self._write_config()
+            if restart and resume_epoch is None and not args.load:  # the dead group's lines before any checkpoint
+                self.rewind_log(0, f'restart {restart}: starting afresh (no checkpoint yet)')
+        if resume_epoch is not None:
+            self.write_log(f'restart {restart}: resuming from epoch {resume_epoch}')
+
+    def _acquire_lock(self, patience: float = 0.0) -> str | None:
+        """Take the folder's lock (None), or say which process holds it, after trying for `patience` seconds.
+        The lock file names its holder; done() removes it (a lock taken on a file that was removed meanwhile
+        does not count)."""
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        path = self.dir.parent / f'.{self.dir.name}.lock'
+        deadline = time.monotonic() + patience
+        while True:
+            lock = open(path, 'a+', encoding='utf-8')  # noqa: SIM115 (held until done())
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino:  # not removed by its holder meanwhile
+                    break
+            except OSError:
+                pass
+            lock.seek(0)
+            holder = lock.read().strip() or 'another process'
+            lock.close()
+            if time.monotonic() >= deadline:
+                return (f'--save/--load {self.dir.name}: {self.dir} is in use by {holder} ({path} is locked); '
+                        'wait for that run to end or choose another --save')
+            time.sleep(0.5)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f'host {socket.gethostname()} pid {os.getpid()}\n')
+        lock.flush()
+        self._lock = lock
+        return None
+
+    def _restart_point(self, restart: int) -> tuple[str | None, int | None]:
+        """A restarted worker group: the epoch of the folder's training state when it is this configuration's
+        run, else why not (a different configuration is refused, as without a restart)."""
+        old = _last_config(self.path('config.txt'))
+        new = dict(_config_items(self.args))
+        diff = sorted(k for k in set(old) | set(new) if k not in RUN_NEUTRAL and old.get(k) != new.get(k))
+        if diff:
+            return (f'restart {restart}: {self.dir} holds a run of another configuration (differs in '
+                    f'{", ".join("--" + k for k in diff[:5])}); refusing to continue it'), None
+        try:
+            return None, TrainingState.load(self.dir).epoch
+        except UserError as e:
+            return str(e), None
 
     def _folder_problem(self, args: argparse.Namespace) -> str | None:
         """Why the experiment folder cannot serve this run (None when it can)."""
         if args.load and not has_training_state(self.dir) and not _has_models(self.dir):
             return f'--load {args.load}: {self.dir} holds no checkpoint to continue from'
+        if args.load and not args.test_only and not has_training_state(self.dir) and _trained_here(self.dir):
+            # Its model files may be of an epoch whose training state was never written.
+            return (f'--load {args.load}: {self.dir} stopped before its first complete checkpoint (no '
+                    f'training state); start it again with --save {args.load} --reset')
         if not args.load and not args.test_only and has_training_state(self.dir):
             return (f'--save {args.save}: {self.dir} already holds a training run; continue it with '
                     f'--load {args.save} --resume -1, start over with --reset, or choose another --save')
@@ -105,8 +175,11 @@ class Experiment:
             # tqdm.write keeps an active progress bar intact; it is a plain print otherwise.
             tqdm.write(line, file=sys.stdout)
         if self._log_file is not None:
-            self._log_file.write(line + '\n')
-            self._log_file.flush()
+            try:
+                self._log_file.write(line + '\n')
+                self._log_file.flush()
+            except OSError as e:
+                raise WriteError(f'{self.path("log.txt")}: cannot write ({e.strerror or e})') from e
 
     def log_size(self) -> int:
         """Bytes in log.txt so far: stored in each checkpoint so a resume can drop later lines."""
@@ -138,14 +211,19 @@ class Experiment:
     def _write_config(self) -> None:
         now = datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')
         lines = [f'# {now}  {" ".join(sys.argv)}']
-        lines += [f'{k}: {v}' for k, v in sorted(vars(self.args).items())]
+        lines += [f'{k}: {v}' for k, v in _config_items(self.args)]
         old = self.path('config.txt').read_text(encoding='utf-8') if self.path('config.txt').exists() else ''
         atomic_write_text(self.path('config.txt'), old + '\n'.join(lines) + '\n\n')
 
     def done(self) -> None:
-        if self._log_file is not None:
+        """Close the log and release the folder's lock."""
+        if getattr(self, '_log_file', None) is not None:
             self._log_file.close()
             self._log_file = None
+        if self._lock is not None:
+            Path(self._lock.name).unlink(missing_ok=True)  # still held: no other process has it
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
 
     # ------------------------------------------------------------------ outputs
     def save_image(self, dataset: str, stem: str, scale: int, tag: str, img: np.ndarray) -> Path:
@@ -168,6 +246,24 @@ class Experiment:
         """<name>.png: one line per series of (epoch, value) points (main process only)."""
         if self.is_main:
             save_plot(self.path(f'{name}.png'), title, ylabel, series)
+
+
+def _config_items(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The settings config.txt records, as (name, text) in name order."""
+    return [(k, str(v)) for k, v in sorted(vars(args).items())]
+
+
+def _last_config(path: Path) -> dict[str, str]:
+    """The settings of the last block of a config.txt ({} when there is none)."""
+    blocks = path.read_text(encoding='utf-8').split('\n# ') if path.is_file() else ['']
+    pairs = (ln.split(': ', 1) for ln in blocks[-1].splitlines()[1:] if ': ' in ln)
+    return {k: v for k, v in pairs}
+
+
+def _trained_here(folder: Path) -> bool:
+    """True when the folder's log shows a training run of this trainer (an epoch started)."""
+    log = folder / 'log.txt'
+    return log.is_file() and b'[Epoch ' in log.read_bytes()
 
 
 def _has_models(folder: Path) -> bool:

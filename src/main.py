@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> None:
             adopted = model.configure(args)
         except UserError as e:  # decided alike by every process: reported once under torchrun
             raise distributed.RankZeroError(str(e)) from None
-        experiment = Experiment(args)
+        experiment = Experiment(args, restart=distributed.restart_count())
         try:
             experiment.write_log(f'Experiment folder: {experiment.dir}')
             if adopted:
@@ -98,6 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         print(f'error: {e}', file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # a collective whose peer died or timed out: one line, not a hang or a traceback
+        import distributed
+
+        reason = distributed.peer_failure(e)
+        if reason is None or debug:
+            raise
+        print(f'error: rank {os.environ.get("RANK", "0")}: {reason}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if os.environ.get('RANK', '0') == '0':

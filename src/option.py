@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--cpu', action='store_true', help='use the CPU even when CUDA is available')
     g.add_argument('--n_GPUs', type=int, default=1, help='GPUs for DataParallel (single process)')
     g.add_argument('--seed', type=int, default=1, help='random seed')
+    g.add_argument('--dist_timeout', type=int, default=600,
+                   help='torchrun: seconds any collective waits for a peer before the run stops (a dead peer '
+                        'never hangs the job)')
 
     g = p.add_argument_group('data')
     g.add_argument('--dir_data', type=str, default='../../', help='dataset root directory')
@@ -114,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--loss', type=str, default='1*L1', help="weighted sum of terms, e.g. '1*L1+0.1*MSE'")
     g.add_argument('--skip_threshold', type=float, default=1e8,
                    help='skip a batch whose loss exceeds this multiple of the previous epoch mean')
+    g.add_argument('--max_skips', type=int, default=100,
+                   help='stop the run after this many consecutive skipped batches (non-finite or over '
+                        '--skip_threshold); the last checkpoint stays intact')
 
     g = p.add_argument_group('log')
     g.add_argument('--save', type=str, default='test', help='experiment name: experiment/<save>/')
@@ -187,7 +193,7 @@ def validate(args: argparse.Namespace) -> None:
     at_least = {'patch_size': 1, 'batch_size': 1, 'test_every': 1, 'rgb_range': 1, 'n_feats': 1, 'print_every': 1,
                 'n_resgroups': 1, 'n_resblocks': 0, 'reduction': 1, 'topk': 1, 'hspa_block': 0, 'tile': 0,
                 'tile_overlap': 0, 'split_batch': 1, 'n_GPUs': 1, 'gan_k': 1, 'warmup': 0, 'n_threads': 0,
-                'epochs': 0, 'resume': -1}
+                'epochs': 0, 'resume': -1, 'dist_timeout': 1, 'max_skips': 1}
     for flag, low in at_least.items():
         if getattr(args, flag) < low:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected an integer >= {low}')

@@ -56,6 +56,21 @@ def cycle_batches(loader: object, count: int) -> Iterator:
     return itertools.islice(cycle(), count)
 
 
+def stop_if_skipping(skips: int, limit: int, finished: int) -> None:
+    """--max_skips: stop the run once `limit` consecutive batches were skipped (`finished` epochs are saved)."""
+    if skips >= limit:
+        raise distributed.RankZeroError(
+            f'--max_skips {limit}: {skips} consecutive batches skipped (loss not finite or over --skip_threshold); '
+            f'training stopped, the checkpoint of epoch {finished} is intact (resume with a lower --lr)')
+
+
+def check_finite(model: torch.nn.Module, epoch: int) -> None:
+    """Refuse to checkpoint weights that are not finite (every process alike: the weights are the same)."""
+    if not all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()):
+        raise distributed.RankZeroError(f'epoch {epoch}: the weights are not finite (training diverged): not '
+                                        f'written; the checkpoint of epoch {epoch - 1} is intact')
+
+
 class Trainer:
     """main() calls train() and test() until terminate(): one epoch of --test_every batches, then evaluation
     and a checkpoint (model files, logs, plots, then the training state)."""
@@ -69,6 +84,7 @@ class Trainer:
         self.evaluator = Evaluator(args, list(loader.loader_test), model, experiment, self.tty)
         self.epoch = 0  # finished epochs
         self.error_last = 1e8  # mean loss of the previous epoch, for --skip_threshold
+        self.skips = 0  # consecutive skipped batches, for --max_skips
         self.log_marks: list[int] = []  # log.txt size after the checkpoint of epoch e is log_marks[e - 1]
         self.optimizer: torch.optim.Optimizer | None = None
         if not args.test_only:
@@ -129,9 +145,12 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.loss.record()
+                self.skips = 0
             else:
                 self.exp.write_log(f'Skip batch {batch + 1}: loss {value:.4g} is over --skip_threshold '
                                    f'{args.skip_threshold:g} x last epoch mean {self.error_last:.4g}')
+                self.skips += 1
+                stop_if_skipping(self.skips, args.max_skips, self.epoch)
             self.watch.batch_done(lr_now, kept)
         self.watch.end_epoch()
         self.loss.end_log()
@@ -162,6 +181,7 @@ class Trainer:
     def save(self, is_best: bool = False) -> None:
         """Model files, logs and plots, then the training state (the commit record) last; rank 0 only."""
         exp = self.exp
+        check_finite(self.model, self.epoch)
         if not exp.is_main:
             return
         self.model.save(exp.dir, self.epoch, is_best)
