@@ -42,14 +42,6 @@ CASES = {
 }
 
 
-def _status_kib(field: str) -> int:
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'{field} missing from /proc/self/status')
-
-
 def _published_hspa(layer, st) -> None:
     """Make one HSPA layer run the published dense algorithm."""
     import torch
@@ -69,7 +61,7 @@ def _worker(spec: dict) -> dict:
     sys.path[:0] = [str(ROOT / 'src'), str(ROOT / 'benchmarks')]
     import model as model_pkg
     import option
-    from hspa import _published_st_function
+    from hspa import _published_st_function, _reset_peak, _rss_kib
     from model.attention import HSPA
     from model.msnlan import CrossScaleAttention
 
@@ -94,16 +86,15 @@ def _worker(spec: dict) -> dict:
                 module.impl = 'dense'   # MSNLAN: the published whole score matrices
     img = imageio.imread(spec['image'])[..., :3]
     lr = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255
-    before = _status_kib('VmRSS')
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
+    before = _rss_kib('VmRSS')
+    _reset_peak()
     times = []
     with torch.no_grad():
         for _ in range(1 + spec['repeats']):
             t0 = time.perf_counter()
             out = wrapper(lr)
             times.append(time.perf_counter() - t0)
-    peak = _status_kib('VmHWM')
+    peak = _rss_kib('VmHWM')
     torch.save(out, spec['save'])
     return {'time_s': statistics.median(times[1:] or times), 'first_s': times[0],
             'extra_mib': (peak - before) / 1024, 'threads': torch.get_num_threads()}
