@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> None:
             while not t.terminate():
                 t.train()
                 t.test()
-            distributed.barrier()  # rank 0 finishes its last checkpoint before the job ends
+            experiment.done()
+            # After rank 0's last checkpoint and log line, every process leaves the process group at once.
+            distributed.barrier()
         finally:
             experiment.done()
     finally:
