@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -108,22 +107,6 @@ def _run(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _machine() -> str:
-    import platform
-
-    import torch
-
-    name = platform.processor() or 'unknown CPU'
-    try:
-        with open('/proc/cpuinfo') as f:
-            name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()
-    return (f'{name}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, '
-            f'load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}')
-
-
 def _mib(x: float | None) -> str:
     return '—' if x is None else (f'{x / 1024:.2f} GiB' if x >= 1024 else f'{x:.0f} MiB')
 
@@ -141,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from hspa import _machine  # benchmarks/ is the script's folder, first on sys.path
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
@@ -157,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                         results[variant]['max_diff'] = float((torch.load(save) - ref).abs().max())
                     print(f'# {case} {mode} {variant}: {results[variant]}', file=sys.stderr, flush=True)
                 rows.append((case, mode, image.name, results))
-    print(f'Machine: {_machine()}\n')
+    print(f'Machine: {_machine(torch.get_num_threads(), None)}\n')
     print('| case | image | mode | variant | time | speed-up | extra peak memory | memory ratio | max abs diff |')
     print('|---|---|---|---|---|---|---|---|---|')
     for case, mode, image, results in rows:

@@ -21,8 +21,8 @@ from model import attention as attn
 from model import common
 from model.contract import SRNetwork
 
-FLAGS = ('n_resblocks', 'n_feats', 'res_scale', 'attention', 'attention_every', 'reduction', 'topk', 'hspa_impl',
-         'hspa_block')
+ATTENTION_FLAGS = ('attention_every', 'reduction', 'topk', 'hspa_impl', 'hspa_block')  # read only with an attention
+FLAGS = ('n_resblocks', 'n_feats', 'res_scale', 'attention', *ATTENTION_FLAGS)
 ATTENTIONS = ('none', 'hspa', 'softmax')
 ATTENTION_EVERY = 8  # default residual blocks per attention
 
@@ -33,7 +33,7 @@ def make_model(args: argparse.Namespace) -> SRNetwork:
     attention = args.attention or 'none'
     every = args.attention_every
     if attention == 'none':
-        unused = [f for f in FLAGS[4:] if f in args.cli_flags]  # the attention flags
+        unused = [f for f in ATTENTION_FLAGS if f in args.cli_flags]
         if unused:
             raise ValueError(f'--{unused[0]} {getattr(args, unused[0])} is not used by --model EDSR without '
                              '--attention hspa or softmax')

@@ -56,7 +56,6 @@ class _Inputs:
         self.width = self.v.shape[2]
         elem = torch.finfo(dtype).bits // 8
         self.block = min(self.length, block_size if block_size > 0 else choose_block_size(self.length, elem))
-        self.k_t = self.k.transpose(1, 2)
 
     def blocks(self) -> list[tuple[int, int, int]]:
         """(sample, first row, end row) of every block."""
@@ -65,21 +64,23 @@ class _Inputs:
 
 
 class _Native:
-    """The C kernels over one call's blocks; ``supports[i]`` is block i's (crow, cols, p) or None."""
+    """The C kernels over one pass (forward, or backward with ``grad``) of one call's blocks;
+    ``supports[i]`` is block i's (crow, cols, p) or None."""
 
-    def __init__(self, x: _Inputs, lib: Any) -> None:
-        self.x, self.lib = x, lib
+    def __init__(self, x: _Inputs, lib: Any, grad: Tensor | None = None) -> None:
+        self.x, self.lib, self.grad = x, lib, grad
         self.threads = max(1, torch.get_num_threads())
-        self._scores: Tensor | None = None  # the block score buffer, while a pass over the blocks needs it
+        self._scores: Tensor | None = None  # the block score buffer, made on first use
         self._sample: tuple = (-1,)  # (s, q, k, v[, grad]) of the last sample made contiguous
 
     def _fn(self, name: str):
         return hspa_kernel.function(self.lib, name, self.x.q.dtype)
 
-    def _contiguous(self, s: int, grad: Tensor | None = None) -> tuple[Tensor, ...]:
-        """Sample s's q, k, v (and grad), contiguous: one sample at a time, so the copies stay small."""
-        if self._sample[0] != s or (grad is not None and len(self._sample) < 5):
-            parts = (self.x.q[s], self.x.k[s], self.x.v[s]) + (() if grad is None else (grad[s],))
+    def _contiguous(self, s: int) -> tuple[Tensor, ...]:
+        """Sample s's q, k, v (and the pass's grad), contiguous: one sample at a time, so the copies stay
+        small."""
+        if self._sample[0] != s:
+            parts = (self.x.q[s], self.x.k[s], self.x.v[s]) + (() if self.grad is None else (self.grad[s],))
             self._sample = (s, *(t.to(self.x.q.dtype).contiguous() for t in parts))
         return self._sample[1:]
 
@@ -135,16 +136,16 @@ class _Native:
                 kept += size
             else:
                 supports.append(None)  # recomputed in backward
-        self._scores, self._sample = None, (-1,)
         return out, supports
 
-    def backward(self, supports: list, grad: Tensor, needs: tuple[bool, bool, bool]) -> tuple[Tensor, ...]:
+    def backward(self, supports: list, needs: tuple[bool, bool, bool]) -> tuple[Tensor, ...]:
+        """Gradients of q, k and v (None where not needed) for the pass's ``grad``."""
         x, p = self.x, hspa_kernel.ptr
         dq, dk, dv = (torch.zeros(x.n, x.length, width, dtype=x.q.dtype) if need else None
                       for width, need in zip((x.kwidth, x.kwidth, x.width), needs, strict=True))
         for (s, r0, r1), saved in zip(x.blocks(), supports, strict=True):
+            q, k, v, g = self._contiguous(s)
             crow, cols, vals = saved if saved is not None else self.support(s, r0, r1)
-            q, k, v, g = self._contiguous(s, grad)
             ds = torch.empty_like(vals)
             rows = r1 - r0
             self._fn('hspa_grad_rows')(p(crow), p(cols), rows, p(g[r0:r1]), p(v), x.width, p(k),
@@ -157,18 +158,18 @@ class _Native:
                     p(dv[s]) if dv is not None else None, self.threads)
                 if status != 0:
                     raise MemoryError('HSPA backward: out of memory for a block transpose')
-        self._scores, self._sample = None, (-1,)
         return dq, dk, dv
 
 
-def _torch_block(x: _Inputs, s: int, r0: int, r1: int, q: Tensor, k: Tensor, v: Tensor, topk: int) -> Tensor:
+def _torch_block(q: Tensor, k: Tensor, v: Tensor, r0: int, r1: int, topk: int) -> Tensor:
+    """Output rows [r0, r1) of one sample."""
     return soft_threshold(q[r0:r1] @ k.transpose(0, 1), dim=-1, topk=topk) @ v
 
 
 def _torch_forward(x: _Inputs, topk: int) -> Tensor:
     out = torch.empty(x.n, x.length, x.width, dtype=x.q.dtype, device=x.q.device)
     for s, r0, r1 in x.blocks():
-        out[s, r0:r1] = _torch_block(x, s, r0, r1, x.q[s], x.k[s], x.v[s], topk)
+        out[s, r0:r1] = _torch_block(x.q[s], x.k[s], x.v[s], r0, r1, topk)
     return out
 
 
@@ -178,7 +179,7 @@ def _torch_backward(x: _Inputs, topk: int, grad: Tensor, needs: tuple[bool, bool
     for s, r0, r1 in x.blocks():
         with torch.enable_grad():
             leaves = [t[s].detach().requires_grad_(True) for t in (x.q, x.k, x.v)]
-            out = _torch_block(x, s, r0, r1, *leaves, topk)
+            out = _torch_block(*leaves, r0, r1, topk)
             grads = torch.autograd.grad(out, leaves, g[s, r0:r1])
         for acc, part in zip((dq, dk, dv), grads, strict=True):
             acc[s].add_(part)
@@ -211,7 +212,7 @@ class _HSPAFunction(torch.autograd.Function):
         with torch.autocast(device_type=grad.device.type, enabled=False):
             x = _Inputs(query, key, value, ctx.block)
             if ctx.backend == 'native':
-                grads = _Native(x, hspa_kernel.load()).backward(ctx.supports, grad, needs)
+                grads = _Native(x, hspa_kernel.load(), grad).backward(ctx.supports, needs)
             else:
                 grads = _torch_backward(x, ctx.topk, grad, needs)
         dtypes = (query.dtype, key.dtype, value.dtype)

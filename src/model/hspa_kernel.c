@@ -20,41 +20,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
-
-typedef struct {
-    range_fn fn;
-    void *ctx;
-    int64_t n, chunk;
-    int64_t *next;
-} worker_arg;
-
-static void *worker(void *p) {
-    worker_arg *a = (worker_arg *)p;
-    for (;;) {
-        int64_t b = __atomic_fetch_add(a->next, a->chunk, __ATOMIC_RELAXED);
-        if (b >= a->n) break;
-        a->fn(a->ctx, b, b + a->chunk < a->n ? b + a->chunk : a->n);
-    }
-    return NULL;
-}
-
-/* Runs fn over [0, n) in chunks on up to n_threads threads (the calling thread is one of them). */
-static void parallel_for(int64_t n, int64_t chunk, int n_threads, range_fn fn, void *ctx) {
-    if (n <= 0) return;
-    int64_t n_chunks = (n + chunk - 1) / chunk;
-    if (n_threads > 64) n_threads = 64;
-    if (n_threads > n_chunks) n_threads = (int)n_chunks;
-    int64_t next = 0;
-    worker_arg arg = {fn, ctx, n, chunk, &next};
-    pthread_t threads[64];
-    int started = 0;
-    for (int t = 1; t < n_threads; t++)
-        if (pthread_create(&threads[started], NULL, worker, &arg) == 0) started++;
-    worker(&arg);
-    for (int t = 0; t < started; t++) pthread_join(threads[t], NULL);
-}
-
 typedef void (*thread_fn)(void *ctx);
 
 typedef struct {
@@ -78,6 +43,32 @@ static void run_threads(int n_threads, thread_fn fn, void *ctx) {
         if (pthread_create(&threads[started], NULL, thread_main, &arg) == 0) started++;
     fn(ctx);
     for (int t = 0; t < started; t++) pthread_join(threads[t], NULL);
+}
+
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
+
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int64_t n, chunk, next;
+} chunks_arg;
+
+/* One thread's share of parallel_for: chunks taken from the shared counter until none is left. */
+static void take_chunks(void *p) {
+    chunks_arg *a = (chunks_arg *)p;
+    for (;;) {
+        int64_t b = __atomic_fetch_add(&a->next, a->chunk, __ATOMIC_RELAXED);
+        if (b >= a->n) break;
+        a->fn(a->ctx, b, b + a->chunk < a->n ? b + a->chunk : a->n);
+    }
+}
+
+/* Runs fn over [0, n) in chunks on up to n_threads threads (rows differ in cost, so chunks are small). */
+static void parallel_for(int64_t n, int64_t chunk, int n_threads, range_fn fn, void *ctx) {
+    if (n <= 0) return;
+    const int64_t n_chunks = (n + chunk - 1) / chunk;
+    chunks_arg arg = {fn, ctx, n, chunk, 0};
+    run_threads(n_threads < n_chunks ? n_threads : (int)n_chunks, take_chunks, &arg);
 }
 
 #define CAT_(a, b) a##_##b
