@@ -105,34 +105,47 @@ ablation() {
         experiment/ablation_none --names HSPA softmax none --set Set5 --scale 2 --baseline 33.67
 }
 
-# HSPA as a general building block (not run here: about 8 hours of one CPU core, an estimate). EDSR-baseline
-# (16 blocks, 64 features; --attention hspa|softmax adds one after blocks 8 and 16, none is the published
-# EDSR) and the CPU recipe's HSPAN, each with --attention none/softmax/hspa and seeds 1 2 3 (SEEDS="..." to
-# change), at the ablation's budget (900 batches, cosine; EDSR at LR 1e-3, not tuned). Writes
-# experiment/attention_ablation_table.md (mean ± sample std over the seeds) and Figs/attention_ablation_*.png
-# (Set5 x2 PSNR against iterations, standard-deviation error bars).
+# HSPA as a general building block. EDSR-baseline (16 blocks, 64 features; --attention hspa|softmax adds one
+# after blocks 8 and 16, none is the published EDSR) and the CPU recipe's HSPAN, each with --attention
+# none/softmax/hspa and seeds 1 2 3 (SEEDS="..." to change), at the ablation's budget (900 batches, cosine;
+# EDSR at LR 1e-3, not tuned). JOBS=N trains N runs at once, one thread each (each run's output goes to
+# its experiment/<save>/log.txt). Writes experiment/attention_ablation_table.md (mean ± sample std over
+# the seeds) and Figs/attention_ablation_*.png (Set5 x2 PSNR against iterations, standard-deviation bars).
 EDSR_RECIPE=(--template EDSR --scale 2 --rgb_range 1 --reduction 2 --topk 128 --data_train T91+BSD200
     --data_test Set5 --patch_size 48 --batch_size 16 --lr 1e-3 --lr_schedule cosine --warmup 50 --print_every 100
     --n_threads 0 --tile 64 --tile_overlap 16)
 
+ablation_run() {  # NET (edsr|hspan) ATTENTION SEED DATA [flags]: one run of attention_ablation
+    local net=$1 att=$2 seed=$3 data=$4; shift 4
+    if [ "$net" = edsr ]; then
+        "$PYTHON" src/main.py --reset --save "abl_edsr_${att}_s$seed" "${EDSR_RECIPE[@]}" --attention "$att" \
+            --seed "$seed" --dir_data "$data" --dir_cache "$data/cache" --epochs 3 --test_every 300 "$@"
+    else
+        "$PYTHON" src/main.py --reset --save "abl_hspan_${att}_s$seed" "${CPU_RECIPE[@]}" --attention "$att" \
+            --seed "$seed" --dir_data "$data" --dir_cache "$data/cache" --epochs 3 --test_every 300 "$@"
+    fi
+}
+
 attention_ablation() {
     cd "$ROOT"
     local data; data=$(cpu_data)
-    local edsr=() edsr_names=() hspan=() hspan_names=()
+    local jobs="${JOBS:-1}" edsr=() edsr_names=() hspan=() hspan_names=() seed att
     for seed in ${SEEDS:-1 2 3}; do
         for att in none softmax hspa; do
-            OMP_WAIT_POLICY=PASSIVE "$PYTHON" src/main.py --reset --save "abl_edsr_${att}_s$seed" "${EDSR_RECIPE[@]}" \
-                --attention "$att" --seed "$seed" --dir_data "$data" --dir_cache "$data/cache" --epochs 3 \
-                --test_every 300 "$@"
             edsr+=("experiment/abl_edsr_${att}_s$seed"); edsr_names+=("EDSR-baseline-$att")
-        done
-        for att in hspa softmax none; do
-            OMP_WAIT_POLICY=PASSIVE "$PYTHON" src/main.py --reset --save "abl_hspan_${att}_s$seed" "${CPU_RECIPE[@]}" \
-                --attention "$att" --seed "$seed" --dir_data "$data" --dir_cache "$data/cache" --epochs 3 \
-                --test_every 300 "$@"
             hspan+=("experiment/abl_hspan_${att}_s$seed"); hspan_names+=("HSPAN-$att")
+            for net in edsr hspan; do
+                if [ "$jobs" -le 1 ]; then
+                    OMP_WAIT_POLICY=PASSIVE ablation_run "$net" "$att" "$seed" "$data" "$@"
+                else
+                    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+                    OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 ablation_run "$net" "$att" "$seed" "$data" "$@" \
+                        > /dev/null &
+                fi
+            done
         done
     done
+    while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done
     "$PYTHON" src/make_table.py "${edsr[@]}" "${hspan[@]}" --names "${edsr_names[@]}" "${hspan_names[@]}" \
         --out experiment/attention_ablation_table.md
     "$PYTHON" src/make_figures.py ablation "${edsr[@]}" --names "${edsr_names[@]}" --set Set5 --scale 2 \

@@ -65,7 +65,7 @@ def test_seed_commands_verbatim() -> None:
 def test_every_main_command_parses(function: str, argv: list[str]) -> None:
     args = option.parse(argv)
     model.check_model_flags(args)  # no model flag the model would ignore
-    if function in ('quick', 'cpu_recipe', 'ablation', 'attention_ablation') and not args.test_only:
+    if function in ('quick', 'cpu_recipe', 'ablation', 'ablation_run') and not args.test_only:
         # The CPU demos anneal to the end of their own budget.
         assert args.lr_schedule == 'cosine' and args.warmup > 0 and args.epochs < 10
 
@@ -73,7 +73,7 @@ def test_every_main_command_parses(function: str, argv: list[str]) -> None:
 def test_all_functions_found() -> None:
     functions = {f for f, _ in _main_commands()}
     assert functions == {'hspan_train', 'hspan_test', 'msnlan_train', 'msnlan_test', 'quick', 'cpu_recipe',
-                         'ablation', 'attention_ablation'}
+                         'ablation', 'ablation_run'}
 
 
 def test_quick_demo_data_ships_with_the_repo(tmp_path: Path) -> None:
