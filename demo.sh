@@ -111,15 +111,19 @@ ablation() {
 # EDSR at LR 1e-3, not tuned). JOBS=N trains N runs at once, one thread each (each run's output goes to
 # its experiment/<save>/log.txt). Writes experiment/attention_ablation_table.md (mean ± sample std over
 # the seeds) and Figs/attention_ablation_*.png (Set5 x2 PSNR against iterations, standard-deviation bars).
-EDSR_RECIPE=(--template EDSR --scale 2 --rgb_range 1 --reduction 2 --topk 128 --data_train T91+BSD200
+EDSR_RECIPE=(--template EDSR --scale 2 --rgb_range 1 --data_train T91+BSD200
     --data_test Set5 --patch_size 48 --batch_size 16 --lr 1e-3 --lr_schedule cosine --warmup 50 --print_every 100
     --n_threads 0 --tile 64 --tile_overlap 16)
 
 ablation_run() {  # NET (edsr|hspan) ATTENTION SEED DATA [flags]: one run of attention_ablation
     local net=$1 att=$2 seed=$3 data=$4; shift 4
-    if [ "$net" = edsr ]; then
-        "$PYTHON" src/main.py --reset --save "abl_edsr_${att}_s$seed" "${EDSR_RECIPE[@]}" --attention "$att" \
+    if [ "$net$att" = edsrnone ]; then  # the published EDSR takes no attention flags
+        "$PYTHON" src/main.py --reset --save "abl_edsr_none_s$seed" "${EDSR_RECIPE[@]}" --attention none \
             --seed "$seed" --dir_data "$data" --dir_cache "$data/cache" --epochs 3 --test_every 300 "$@"
+    elif [ "$net" = edsr ]; then
+        "$PYTHON" src/main.py --reset --save "abl_edsr_${att}_s$seed" "${EDSR_RECIPE[@]}" --attention "$att" \
+            --reduction 2 --topk 128 --seed "$seed" --dir_data "$data" --dir_cache "$data/cache" --epochs 3 \
+            --test_every 300 "$@"
     else
         "$PYTHON" src/main.py --reset --save "abl_hspan_${att}_s$seed" "${CPU_RECIPE[@]}" --attention "$att" \
             --seed "$seed" --dir_data "$data" --dir_cache "$data/cache" --epochs 3 --test_every 300 "$@"
