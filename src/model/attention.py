@@ -13,6 +13,7 @@ from torch import nn
 
 from model import common, hspa_kernel, hspa_triton
 from model.hspa_blocked import hspa_attention
+from model.hspa_layer import fusable, hspa_layer
 from model.sparsemax import SoftThreshold, soft_threshold, sparsemax_threshold
 
 __all__ = ['HSPA', 'IMPLS', 'NonLocalAttention', 'SoftThreshold', 'choose_impl', 'describe_impl', 'soft_threshold',
@@ -83,7 +84,8 @@ def describe_impl(impl: str, device: torch.device) -> str:
 class HSPA(_Embeddings):
     """High-Similarity-Pass Attention: x + res_scale * sparsemax(q k^T) v over all H*W positions.
 
-    impl: 'dense' forms the (L, L) scores (published arithmetic); 'fast' calls
+    impl: 'dense' forms the (L, L) scores (published arithmetic); 'fast' calls model.hspa_layer.hspa_layer
+    (the whole layer, embeddings recomputed in backward) or, for embeddings it does not cover,
     model.hspa_blocked.hspa_attention (same result, memory bounded, native kernels on the CPU); 'triton'
     the fused kernels of model.hspa_triton (CUDA); 'auto' chooses per forward with `choose_impl`.
     block_size: query rows per block of 'fast' (0: automatic).
@@ -111,9 +113,10 @@ class HSPA(_Embeddings):
         self.block_size = block_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        impl = choose_impl(self.impl, x.device, x.shape[0], x.shape[2] * x.shape[3])
+        if impl == 'fast' and fusable(self, x):
+            return hspa_layer(x, self, self.topk, self.block_size)
         q, k, v = self.embed(x)
-        n, length = q.shape[:2]
-        impl = choose_impl(self.impl, x.device, n, length)
         if impl == 'fast':
             attended = hspa_attention(q, k, v, self.topk, self.block_size)
         elif impl == 'triton':

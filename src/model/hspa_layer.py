@@ -1,0 +1,141 @@
+"""The whole HSPA layer (embeddings, exact blocked attention, residual) as one autograd function, run one
+sample at a time.
+
+Through autograd, ``HSPA.embed`` keeps every 1x1 convolution's output and every PReLU's output for
+backward: two (N, 2C/r + C, H, W) tensors per layer, more than the attention keeps. ``hspa_layer`` keeps
+only the layer's input (which its caller holds anyway) and the attention supports, and recomputes a
+sample's embeddings in backward (three matmuls, about a tenth of a training step's time). Each
+embedding is computed as the (L, C') matrix the kernels read, so no transposed copies are made. Results
+equal the module path's (``HSPA.embed`` + ``hspa_attention`` + ``HSPA.combine``) up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model import hspa_kernel
+from model.hspa_blocked import DEFAULT_MEMORY_BUDGET, _Inputs, _Native, _torch_backward, _torch_forward
+
+__all__ = ['fusable', 'hspa_layer']
+
+_EMBEDDINGS = ('conv_match1', 'conv_match2', 'conv_assembly')
+
+
+def _plain_embedding(block: nn.Module) -> bool:
+    if not (isinstance(block, nn.Sequential) and len(block) == 2):
+        return False
+    conv, act = block[0], block[1]
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+            and type(act) is nn.PReLU and not conv._forward_hooks and not act._forward_hooks
+            and not conv._forward_pre_hooks and not act._forward_pre_hooks)
+
+
+def fusable(layer: nn.Module, x: Tensor) -> bool:
+    """Whether ``hspa_layer`` computes ``layer(x)``: each embedding is a plain 1x1 convolution and a PReLU
+    (as published, without hooks), x is a float32/float64 NCHW tensor of the weights' dtype, and autocast
+    is off."""
+    blocks = [getattr(layer, name, None) for name in _EMBEDDINGS]
+    return (all(b is not None and _plain_embedding(b) for b in blocks) and x.dim() == 4
+            and x.dtype in (torch.float32, torch.float64) and all(b[0].weight.dtype == x.dtype for b in blocks)
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def _stacked(layer: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """(2Ck + C, C) weight, bias and per-channel PReLU slope of the three embeddings, stacked (in the
+    autograd graph, so their gradients reach the modules' parameters)."""
+    convs = [getattr(layer, name)[0] for name in _EMBEDDINGS]
+    acts = [getattr(layer, name)[1] for name in _EMBEDDINGS]
+    weight = torch.cat([c.weight.flatten(1) for c in convs])
+    bias = torch.cat([c.bias if c.bias is not None else c.weight.new_zeros(c.out_channels) for c in convs])
+    slope = torch.cat([a.weight.expand(c.out_channels) for a, c in zip(acts, convs, strict=True)])
+    return weight, bias, slope
+
+
+def _embed(x: Tensor, weight: Tensor, bias: Tensor, slope: Tensor, widths: list[int],
+           keep_pre: bool = False) -> tuple[list, list[Tensor]]:
+    """One sample's (C, L) input -> the pre-activations (when ``keep_pre``) and the activations q, k, v,
+    each (L, width) and contiguous, as the kernels read them."""
+    pres, posts = [], []
+    for w, b, a in zip(weight.split(widths), bias.split(widths), slope.split(widths), strict=True):
+        pre = torch.addmm(b, x.t(), w.t())
+        posts.append(F.prelu(pre, a))
+        pres.append(pre if keep_pre else None)
+    return pres, posts
+
+
+class _HSPALayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, slope: Tensor, res_scale: float,
+                kwidth: int, topk: int, block_size: int, memory_budget: int, backend: str) -> Tensor:
+        n, c = x.shape[:2]
+        samples = x.reshape(n, c, -1)
+        widths = [kwidth, kwidth, weight.shape[0] - 2 * kwidth]
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        keep = memory_budget if any(ctx.needs_input_grad[:4]) else 0
+        lib = hspa_kernel.load() if backend == 'native' else None
+        supports = []
+        for s in range(n):
+            q, k, v = _embed(samples[s], weight, bias, slope, widths)[1]
+            inp = _Inputs(q[None], k[None], v[None], block_size)
+            if lib is not None:
+                attended, kept = _Native(inp, lib).forward(keep)
+                keep -= sum(sum(t.numel() * t.element_size() for t in part) for part in kept if part is not None)
+                supports.append(kept)
+            else:
+                attended = _torch_forward(inp, topk)
+            del q, k, v, inp
+            out[s] = res_scale * attended[0].t().reshape(x.shape[1:]) + x[s]
+        ctx.save_for_backward(x, weight, bias, slope)
+        ctx.supports, ctx.block, ctx.lib, ctx.widths = supports, block_size, lib, widths
+        ctx.res_scale, ctx.topk = res_scale, topk
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor):
+        x, weight, bias, slope = ctx.saved_tensors
+        n, c = x.shape[:2]
+        samples, grads = x.reshape(n, c, -1), grad.reshape(n, c, -1)
+        dx = torch.empty_like(samples) if ctx.needs_input_grad[0] else None
+        dw, db, dslope = torch.zeros_like(weight), torch.zeros_like(bias), torch.zeros_like(slope)
+        parts = [t.split(ctx.widths) for t in (weight, slope, dw, db, dslope)]
+        for s in range(n):
+            pres, posts = _embed(samples[s], weight, bias, slope, ctx.widths, keep_pre=True)
+            inp = _Inputs(*(t[None] for t in posts), ctx.block)
+            g = (ctx.res_scale * grads[s]).t()[None]
+            if ctx.lib is not None:
+                d_posts = _Native(inp, ctx.lib, g).backward(ctx.supports[s], (True, True, True))
+            else:
+                d_posts = _torch_backward(inp, ctx.topk, g, (True, True, True))
+            del posts, inp
+            if dx is not None:
+                dx[s] = grads[s]
+            for pre, d_post, (w, a, dw_i, db_i, da_i) in zip(pres, d_posts, zip(*parts, strict=True), strict=True):
+                # PReLU's own backward kernel (the one autograd runs): d/dpre and the per-element d/dslope.
+                d_pre, d_slope = torch.ops.aten._prelu_kernel_backward(d_post[0], pre, a[None])
+                da_i += d_slope.sum(0)
+                dw_i.addmm_(d_pre.t(), samples[s].t())
+                db_i += d_pre.sum(0)
+                if dx is not None:
+                    dx[s].addmm_(w.t(), d_pre.t())
+        return (None if dx is None else dx.reshape(x.shape), dw, db, dslope, *([None] * 6))
+
+
+def hspa_layer(x: Tensor, layer: nn.Module, topk: int, block_size: int = 0,
+               memory_budget: int = DEFAULT_MEMORY_BUDGET, backend: str | None = None) -> Tensor:
+    """``layer(x)`` for an HSPA ``layer`` that ``fusable`` accepts: x + res_scale * sparsemax(q k^T) v.
+
+    ``topk``, ``block_size`` and ``memory_budget`` as in ``model.hspa_blocked.hspa_attention``; ``backend``
+    'native' (the C kernels, CPU) or 'torch'; None takes 'native' on the CPU when the kernels compile.
+    """
+    if backend is None:
+        backend = 'native' if x.device.type == 'cpu' and hspa_kernel.load() is not None else 'torch'
+    weight, bias, slope = _stacked(layer)
+    kwidth = layer.conv_match1[0].out_channels
+    return _HSPALayer.apply(x, weight, bias, slope, float(layer.res_scale), kwidth, topk, block_size,
+                            memory_budget, backend)
