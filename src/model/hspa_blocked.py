@@ -67,10 +67,11 @@ class _Native:
     """The C kernels over one pass (forward, or backward with ``grad``) of one call's blocks;
     ``supports[i]`` is block i's (crow, cols, p) or None."""
 
-    def __init__(self, x: _Inputs, lib: Any, grad: Tensor | None = None) -> None:
+    def __init__(self, x: _Inputs, lib: Any, grad: Tensor | None = None, scores: Tensor | None = None) -> None:
         self.x, self.lib, self.grad = x, lib, grad
         self.threads = max(1, torch.get_num_threads())
-        self._scores: Tensor | None = None  # the block score buffer, made on first use
+        # The (block x L) score buffer: the one given (a caller's, reused across calls) or made on first use.
+        self.scores = scores
         self._sample: tuple = (-1,)  # (s, q, k, v[, grad]) of the last sample made contiguous
 
     def _fn(self, name: str):
@@ -88,9 +89,9 @@ class _Native:
         """CSR support of block (s, r0, r1); with ``out``, also writes the block's output rows."""
         x, p = self.x, hspa_kernel.ptr
         rows = r1 - r0
-        if self._scores is None:
-            self._scores = torch.empty(x.block, x.length, dtype=x.q.dtype)
-        scores = self._scores[:rows]
+        if self.scores is None:
+            self.scores = torch.empty(x.block, x.length, dtype=x.q.dtype)
+        scores = self.scores[:rows]
         q, k, v = self._contiguous(s)[:3]
         torch.mm(q[r0:r1], k.t(), out=scores)
         tau = torch.empty(rows, dtype=x.q.dtype)

@@ -78,12 +78,14 @@ class _HSPALayer(torch.autograd.Function):
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         keep = memory_budget if any(ctx.needs_input_grad[:4]) else 0
         lib = hspa_kernel.load() if backend == 'native' else None
-        supports = []
+        supports, scores = [], None
         for s in range(n):
             q, k, v = _embed(samples[s], weight, bias, slope, widths)[1]
             inp = _Inputs(q[None], k[None], v[None], block_size)
             if lib is not None:
-                attended, kept = _Native(inp, lib).forward(keep)
+                native = _Native(inp, lib, scores=scores)
+                attended, kept = native.forward(keep)
+                scores = native.scores  # one score buffer for all samples: no heap churn
                 keep -= sum(sum(t.numel() * t.element_size() for t in part) for part in kept if part is not None)
                 supports.append(kept)
             else:
@@ -104,12 +106,15 @@ class _HSPALayer(torch.autograd.Function):
         dx = torch.empty_like(samples) if ctx.needs_input_grad[0] else None
         dw, db, dslope = torch.zeros_like(weight), torch.zeros_like(bias), torch.zeros_like(slope)
         parts = [t.split(ctx.widths) for t in (weight, slope, dw, db, dslope)]
+        scores = None
         for s in range(n):
             pres, posts = _embed(samples[s], weight, bias, slope, ctx.widths, keep_pre=True)
             inp = _Inputs(*(t[None] for t in posts), ctx.block)
             g = (ctx.res_scale * grads[s]).t()[None]
             if ctx.lib is not None:
-                d_posts = _Native(inp, ctx.lib, g).backward(ctx.supports[s], (True, True, True))
+                native = _Native(inp, ctx.lib, g, scores)
+                d_posts = native.backward(ctx.supports[s], (True, True, True))
+                scores = native.scores
             else:
                 d_posts = _torch_backward(inp, ctx.topk, g, (True, True, True))
             del posts, inp
