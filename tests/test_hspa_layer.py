@@ -144,20 +144,54 @@ def test_module_keeps_only_its_input_for_backward() -> None:
     assert _saved_bytes(layer, x) > 3 * x.numel() * x.element_size()
 
 
-def test_module_falls_back_where_the_layer_does_not_apply(backend: str) -> None:
+def _zero_assembly(layer: nn.Module) -> None:
+    layer.conv_assembly.register_forward_hook(lambda module, inputs, output: output * 0)
+
+
+# Changes after which hspa_layer does not compute layer(x) as the module path would.
+CHANGES = {
+    'hook on an embedding block': _zero_assembly,
+    'hook on a convolution': lambda layer: layer.conv_match1[0].register_forward_hook(lambda *_: None),
+    'backward hook on a PReLU': lambda layer: layer.conv_match2[1].register_full_backward_hook(lambda *_: None),
+    'a 3x3 embedding': lambda layer: setattr(layer.conv_match1, '0', nn.Conv2d(16, 8, 3, padding=1)),
+    'learnable res_scale': lambda layer: setattr(layer, 'res_scale', nn.Parameter(torch.tensor(0.3))),
+    'float64 bias': lambda layer: setattr(layer.conv_match2[0], 'bias', nn.Parameter(torch.zeros(8).double())),
+}
+
+
+@pytest.mark.parametrize('change', CHANGES)
+def test_module_falls_back_where_the_layer_does_not_apply(change: str) -> None:
     layer = _dense_layer()
     x = torch.randn(2, 16, 6, 7)
     assert hspa_layer.fusable(layer, x)
-    handle = layer.conv_match1[0].register_forward_hook(lambda *_: None)
-    assert not hspa_layer.fusable(layer, x)  # hooks on the embeddings must see their calls
-    handle.remove()
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not hspa_layer.fusable(layer, x)
-    assert not hspa_layer.fusable(layer, x.double())
-    layer.conv_match1[0] = nn.Conv2d(16, 8, 3, padding=1)
+    CHANGES[change](layer)
     assert not hspa_layer.fusable(layer, x)
+    if change == 'float64 bias':
+        return  # the module path cannot run it either
     fast = copy.deepcopy(layer)
     fast.impl = 'fast'
     ref, got = _run(layer, layer, x), _run(fast, fast, x)
+    assert len(got) == len(ref)
     for g, r in zip(got, ref, strict=True):
         assert rel(g, r) <= TOL
+
+
+def test_fusable_conditions_of_the_call() -> None:
+    layer = _dense_layer()
+    x = torch.randn(2, 16, 6, 7)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not hspa_layer.fusable(layer, x)
+    assert not hspa_layer.fusable(layer, x.double())
+    handle = nn.modules.module.register_module_forward_hook(lambda *_: None)
+    try:
+        assert not hspa_layer.fusable(layer, x)  # module trackers must see the embeddings
+    finally:
+        handle.remove()
+    assert hspa_layer.fusable(layer, x)
+
+
+def test_channels_last_output_stays_channels_last() -> None:
+    layer = _dense_layer()
+    layer.impl = 'fast'
+    x = torch.randn(2, 16, 6, 7).to(memory_format=torch.channels_last)
+    assert layer(x).is_contiguous(memory_format=torch.channels_last)

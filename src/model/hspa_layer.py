@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model import hspa_kernel
+from model import common, hspa_kernel
 from model.hspa_blocked import DEFAULT_MEMORY_BUDGET, _Inputs, _Native, _torch_backward, _torch_forward
 
 __all__ = ['fusable', 'hspa_layer']
@@ -25,23 +25,36 @@ __all__ = ['fusable', 'hspa_layer']
 _EMBEDDINGS = ('conv_match1', 'conv_match2', 'conv_assembly')
 
 
-def _plain_embedding(block: nn.Module) -> bool:
-    if not (isinstance(block, nn.Sequential) and len(block) == 2):
+_HOOKS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_backward_pre_hooks')
+# Hooks registered for every module (nn.modules.module.register_module_*_hook): tools that use them
+# (module trackers, FLOP counters) must see the embeddings' calls, so the module path runs instead.
+_GLOBAL_HOOKS = ('_global_forward_hooks', '_global_forward_pre_hooks', '_global_backward_hooks',
+                 '_global_backward_pre_hooks')
+
+
+def _hooked(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _HOOKS)
+
+
+def _plain_embedding(block: nn.Module, dtype: torch.dtype) -> bool:
+    if type(block) not in (common.BasicBlock, nn.Sequential) or len(block) != 2:
         return False
     conv, act = block[0], block[1]
     return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
-            and type(act) is nn.PReLU and not conv._forward_hooks and not act._forward_hooks
-            and not conv._forward_pre_hooks and not act._forward_pre_hooks)
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1 and type(act) is nn.PReLU
+            and not any(_hooked(m) for m in (block, conv, act))
+            and all(t.dtype == dtype for t in (conv.weight, conv.bias, act.weight) if t is not None))
 
 
 def fusable(layer: nn.Module, x: Tensor) -> bool:
-    """Whether ``hspa_layer`` computes ``layer(x)``: each embedding is a plain 1x1 convolution and a PReLU
-    (as published, without hooks), x is a float32/float64 NCHW tensor of the weights' dtype, and autocast
-    is off."""
+    """Whether ``hspa_layer`` computes ``layer(x)`` exactly as the module path does: each embedding is a
+    plain 1x1 convolution and a PReLU, as published, with no hooks on them (nor global module hooks);
+    ``res_scale`` is a number; x is a float32/float64 NCHW tensor of the parameters' dtype; autocast is off."""
     blocks = [getattr(layer, name, None) for name in _EMBEDDINGS]
-    return (all(b is not None and _plain_embedding(b) for b in blocks) and x.dim() == 4
-            and x.dtype in (torch.float32, torch.float64) and all(b[0].weight.dtype == x.dtype for b in blocks)
+    return (x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
+            and all(b is not None and _plain_embedding(b, x.dtype) for b in blocks)
+            and isinstance(layer.res_scale, (int, float))
+            and not any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
             and not torch.is_autocast_enabled(x.device.type))
 
 
@@ -75,7 +88,7 @@ class _HSPALayer(torch.autograd.Function):
         n, c = x.shape[:2]
         samples = x.reshape(n, c, -1)
         widths = [kwidth, kwidth, weight.shape[0] - 2 * kwidth]
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out = torch.empty_like(x)  # x's memory format (channels_last stays channels_last)
         keep = memory_budget if any(ctx.needs_input_grad[:4]) else 0
         lib = hspa_kernel.load() if backend == 'native' else None
         supports, scores = [], None
