@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py --quick      # smaller sizes, fewer repeats
 
 1. HSPA correctness on CUDA: dense, fast (torch back-end) and triton against a float64 sort-based sparsemax
-   oracle (outputs and q/k/v gradients), on random and near-uniform scores, L not a power of two.
+   oracle (outputs and q/k/v gradients), on random and near-uniform scores, L not a power of two; and the
+   whole HSPA layer with impl='fast' (model/hspa_layer.py) against impl='dense' in float64.
 2. One HSPA layer as published (channel 192, reduction 2): time and peak GPU memory of dense, triton and
    fast at a 16x48x48 training step (forward + backward) and at 128x128, 256x256 and 384x512 inference
    (dense skipped where its score matrix would not fit).
@@ -85,6 +86,25 @@ def check_correctness(device: str) -> None:
                     for a, b in zip((out, *grads), (ref, *ref_grads), strict=True)]
             row(f'correctness {name}, scores x{scale}', 'pass' if max(errs) <= 1e-5 else 'FAIL',
                 'max rel err out/dq/dk/dv ' + ' '.join(f'{e:.1e}' for e in errs))
+
+
+def check_layer(device: str) -> None:
+    """The HSPA module with impl='fast' (on CUDA: model/hspa_layer.py with the torch back-end) against
+    impl='dense' in float64: output and the gradients of the input and of every parameter."""
+    torch.manual_seed(0)
+    layer = attention.HSPA(channel=32, reduction=2, res_scale=0.3, topk=16).double().to(device)
+    x = torch.randn(3, 32, 17, 19, dtype=torch.float64, device=device)
+    results = {}
+    for impl in ('dense', 'fast'):
+        layer.impl = impl
+        layer.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_(True)
+        out = layer(inp)
+        out.square().sum().backward()
+        results[impl] = [out.detach(), inp.grad, *(p.grad for p in layer.parameters())]
+    errs = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(results['fast'], results['dense'], strict=True)]
+    row('correctness HSPA layer fast vs dense (float64)', 'pass' if max(errs) <= 1e-10 else 'FAIL',
+        f'max rel err over output, input and {len(errs) - 2} parameter gradients {max(errs):.1e}')
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -221,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         sizes.append((1, 384, 512, False))
     start = time.perf_counter()
-    for step in (lambda: check_correctness(device), lambda: layer_timings(device, sizes, repeats),
+    for step in (lambda: check_correctness(device), lambda: check_layer(device),
+                 lambda: layer_timings(device, sizes, repeats),
                  lambda: training_steps(device, repeats), half_eval, nccl_run):
         try:
             step()
