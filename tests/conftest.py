@@ -54,3 +54,19 @@ def write_blocky_folders(data: Path, folders: tuple[tuple[str, int, tuple[int, i
         for i in range(count):
             x = np.kron(rng.random((h // 4 + 1, w // 4 + 1, 3)), np.ones((4, 4, 1)))[:h, :w]
             iio.imwrite(data / name / f'im{i}.png', (x * 255).astype(np.uint8))
+
+
+def tiny_world(base: Path) -> dict:
+    """HR folders Tiny (training, 4 images) and Mini (test, 2) under one --dir_data, and an empty experiment
+    root: the data of the in-process training runs."""
+    write_blocky_folders(base / 'data', (('Tiny', 4, (40, 48)), ('Mini', 2, (24, 28))))
+    return {'data': base / 'data', 'exp': base / 'experiment'}
+
+
+def run_main(world: dict, monkeypatch: pytest.MonkeyPatch, flags: list[str], *argv: str) -> None:
+    """main.main(flags + --dir_data <world's data> + argv) in this process, into the world's experiment root;
+    it must succeed."""
+    import main
+
+    monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(world['exp']))
+    assert main.main([*flags, '--dir_data', str(world['data']), *argv]) == 0

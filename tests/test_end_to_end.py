@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import main
-from conftest import write_blocky_folders
+from conftest import run_main, tiny_world
 
 TINY = ['--model', 'HSPAN', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8', '--reduction', '2',
         '--topk', '8', '--res_scale', '0.1', '--rgb_range', '1', '--scale', '2', '--patch_size', '16',
@@ -26,15 +26,11 @@ TINY = ['--model', 'HSPAN', '--n_resgroups', '1', '--n_resblocks', '1', '--n_fea
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """HR folders Tiny (training) and Mini (test) under one --dir_data, and an empty experiment root."""
-    base = tmp_path_factory.mktemp('e2e')
-    write_blocky_folders(base / 'data', (('Tiny', 4, (40, 48)), ('Mini', 2, (24, 28))))
-    return {'data': base / 'data', 'exp': base / 'experiment'}
+    return tiny_world(tmp_path_factory.mktemp('e2e'))
 
 
 def _main(world: dict, monkeypatch: pytest.MonkeyPatch, *argv: str) -> None:
-    monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(world['exp']))
-    assert main.main([*TINY, '--dir_data', str(world['data']), *argv]) == 0
+    run_main(world, monkeypatch, TINY, *argv)
 
 
 def _content(log: Path) -> list[str]:

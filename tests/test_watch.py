@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import main
-from conftest import ROOT, write_blocky_folders
+from conftest import ROOT, run_main, tiny_world
 
 TINY = ['--model', 'HSPAN', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8', '--reduction', '2',
         '--topk', '8', '--res_scale', '0.1', '--rgb_range', '1', '--scale', '2', '--patch_size', '16',
@@ -28,14 +28,11 @@ TINY = ['--model', 'HSPAN', '--n_resgroups', '1', '--n_resblocks', '1', '--n_fea
 
 @pytest.fixture(scope='module')
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    base = tmp_path_factory.mktemp('watch')
-    write_blocky_folders(base / 'data', (('Tiny', 4, (40, 48)), ('Mini', 2, (24, 28))))
-    return {'data': base / 'data', 'exp': base / 'experiment'}
+    return tiny_world(tmp_path_factory.mktemp('watch'))
 
 
-def _main(world: dict, mp: pytest.MonkeyPatch, *argv: str) -> None:
-    mp.setenv('SR_EXPERIMENT_ROOT', str(world['exp']))
-    assert main.main([*TINY, '--dir_data', str(world['data']), *argv]) == 0
+def _main(world: dict, monkeypatch: pytest.MonkeyPatch, *argv: str) -> None:
+    run_main(world, monkeypatch, TINY, *argv)
 
 
 def _csv(folder: Path) -> list[dict[str, str]]:

@@ -45,6 +45,11 @@ def choose_block_size(length: int, element_size: int = 4, block_bytes: int = BLO
     return int(max(1, min(length, max(32, block_bytes // max(1, length * element_size)))))
 
 
+def support_bytes(support: tuple[Tensor, ...] | None) -> int:
+    """Bytes held by one block's kept support (crow, cols, p); 0 for None (a block recomputed in backward)."""
+    return 0 if support is None else sum(t.numel() * t.element_size() for t in support)
+
+
 class _Inputs:
     """One call's query, key and value in the compute dtype (as given: often strided views of the
     embeddings), with the block layout."""
@@ -131,7 +136,7 @@ class _Native:
         kept = 0
         for s, r0, r1 in x.blocks():
             crow, cols, vals = self.support(s, r0, r1, out[s, r0:r1])
-            size = crow.numel() * 8 + cols.numel() * (4 + vals.element_size())
+            size = support_bytes((crow, cols, vals))
             if kept + size <= keep_bytes:
                 supports.append((crow, cols, vals))
                 kept += size

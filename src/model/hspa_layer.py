@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model import common, hspa_kernel
-from model.hspa_blocked import DEFAULT_MEMORY_BUDGET, _Inputs, _Native, _torch_backward, _torch_forward
+from model.hspa_blocked import DEFAULT_MEMORY_BUDGET, _Inputs, _Native, _torch_backward, _torch_forward, support_bytes
 
 __all__ = ['fusable', 'hspa_layer']
 
@@ -108,7 +108,7 @@ class _HSPALayer(torch.autograd.Function):
                 native = _Native(inp, lib, scores=scores)
                 attended, kept = native.forward(keep)
                 scores = native.scores  # one score buffer for all samples: no heap churn
-                keep -= sum(sum(t.numel() * t.element_size() for t in part) for part in kept if part is not None)
+                keep -= sum(support_bytes(part) for part in kept)
                 supports.append(kept)
             else:
                 attended = _torch_forward(inp, topk)
