@@ -44,9 +44,9 @@ def run(args: argparse.Namespace) -> None:
     import distributed
     import loss
     import model
-    from experiment import Experiment
-    from seeding import seed_everything
-    from trainer import Trainer
+    from runs.experiment import Experiment
+    from training.seeding import seed_everything
+    from training.trainer import Trainer
 
     dist_env = distributed.init_distributed(args)  # None unless started by torchrun
     try:

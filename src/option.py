@@ -223,7 +223,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.resume != 0 and not args.load:
         raise UserError(f'--resume {args.resume} needs --load <experiment name> to say what to resume')
     if args.tensorboard:
-        from tensorboard_log import check_available
+        from runs.tensorboard_log import check_available
 
         check_available()
     for s in args.scale:

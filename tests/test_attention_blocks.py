@@ -15,9 +15,9 @@ import option
 from conftest import write_blocky_folders
 from model.attention import HSPA, NonLocalAttention
 from model.checkpoint import read_state_dict
-from model.edsr import EDSR
-from model.hspan import HSPAN
-from model.msnlan import MSNLAN
+from model.networks.edsr import EDSR
+from model.networks.hspan import HSPAN
+from model.networks.msnlan import MSNLAN
 
 
 def _sparsemax(scores: torch.Tensor, dim: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import option
 from conftest import shared_path
 from data import common
 from errors import UserError
-from imresize import imresize
+from imageops.imresize import imresize
 
 
 def quiet(_msg: str) -> None:

@@ -11,8 +11,8 @@ import torch
 import model
 import option
 from errors import UserError
-from model.edsr import EDSR
-from model.hspan import HSPAN
+from model.networks.edsr import EDSR
+from model.networks.hspan import HSPAN
 
 HSPAN_SMALL = ['--model', 'HSPAN', '--scale', '2', '--n_resgroups', '2', '--n_resblocks', '1', '--n_feats', '16',
                '--reduction', '2', '--topk', '8', '--rgb_range', '1', '--hspa_impl', 'dense']

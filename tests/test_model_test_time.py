@@ -71,7 +71,7 @@ def test_chop_equals_plain_for_local_model_and_recurses() -> None:
 
 def test_chop_rules() -> None:
     from model.contract import EDSR_CHOP
-    from model.hspan import HSPAN_CHOP
+    from model.networks.hspan import HSPAN_CHOP
 
     assert HSPAN_CHOP == model.ChopRule(shave=10, min_size=120000, h_mult=4, w_mult=8)
     m = _model('--model', 'HSPAN', '--scale', '2', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8',

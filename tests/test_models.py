@@ -13,9 +13,9 @@ import option
 from conftest import load_reference, reference_path
 from errors import UserError
 from model import common
-from model.edsr import EDSR
-from model.hspan import HSPAN
-from model.msnlan import MSNLAN
+from model.networks.edsr import EDSR
+from model.networks.hspan import HSPAN
+from model.networks.msnlan import MSNLAN
 
 HSPAN_DEFAULT = dict(n_feats=192, n_resgroups=10, n_resblocks=4, reduction=2, topk=128)
 MSNLAN_DEFAULT = dict(n_feats=64, n_resgroups=8, n_resblocks=9)

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from data import cache, common
 from errors import UserError
-from imresize import imresize
+from imageops.imresize import imresize
 
 logger = logging.getLogger('data')
 

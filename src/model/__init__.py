@@ -54,7 +54,8 @@ def _distributed() -> bool:
 # ---------------------------------------------------------------- registry
 
 def _module_names() -> list[str]:
-    return sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith('_'))
+    folder = str(Path(__file__).with_name('networks'))
+    return sorted(info.name for info in pkgutil.iter_modules([folder]) if not info.name.startswith('_'))
 
 
 def registered_models() -> list[str]:
@@ -63,7 +64,7 @@ def registered_models() -> list[str]:
     names = []
     for name in _module_names():
         try:
-            module = import_module(f'model.{name}')
+            module = import_module(f'model.networks.{name}')
         except ImportError:
             continue
         if hasattr(module, 'make_model'):
@@ -79,7 +80,7 @@ def resolve_model_name(name: str) -> str:
     if key not in names:
         if key in _module_names():
             try:
-                import_module(f'model.{key}')
+                import_module(f'model.networks.{key}')
             except ImportError as e:
                 raise UserError(f'--model {name}: model/{key}.py cannot be imported here ({e})') from None
         aliases = [f'{a} (= {t})' for a, t in sorted(ALIASES.items()) if t in names]
@@ -88,7 +89,7 @@ def resolve_model_name(name: str) -> str:
 
 
 def model_module(args: argparse.Namespace) -> ModuleType:
-    return import_module(f'model.{resolve_model_name(args.model)}')
+    return import_module(f'model.networks.{resolve_model_name(args.model)}')
 
 
 def make_network(args: argparse.Namespace) -> SRNetwork:

@@ -31,9 +31,9 @@ import numpy as np
 from distributed import RankZeroError, broadcast_object, is_main_process
 from errors import UserError
 from fileio import WriteError, atomic_torch_save, atomic_write_bytes, atomic_write_text
-from training_state import TrainingState, has_training_state
+from training.training_state import TrainingState, has_training_state
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Settings that may differ between two runs of one configuration (how it was started, not what it trains).
 RUN_NEUTRAL = ('cli_flags', 'load', 'resume', 'reset', 'debug')
 RESTART_LOCK_WAIT = 60.0  # seconds

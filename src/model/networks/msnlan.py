@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import common
+from model.blocks.cross_scale import cross_scale_attention
 from model.contract import ChopRule, SRNetwork
-from model.cross_scale import cross_scale_attention
 from model.sparsemax import soft_threshold
 
 MSNLAN_MEAN = (0.4025, 0.4482, 0.4264)

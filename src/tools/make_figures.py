@@ -1,9 +1,9 @@
 """The README's figures, made from the project's own runs (written to Figs/ by default).
 
-    python src/make_figures.py architecture
-    python src/make_figures.py ablation experiment/abl_hspa experiment/abl_softmax experiment/abl_none \
+    python src/tools/make_figures.py architecture
+    python src/tools/make_figures.py ablation experiment/abl_hspa experiment/abl_softmax experiment/abl_none \
         --names HSPA softmax none --set Set5 --scale 2
-    python src/make_figures.py compare --hr HR.png --sr Bicubic=a.png HSPAN=b.png --box 120 80 64
+    python src/tools/make_figures.py compare --hr HR.png --sr Bicubic=a.png HSPAN=b.png --box 120 80 64
 
 `ablation` plots PSNR against training iterations from each run's psnr_log.pt (epochs x sets x scales)
 and config.txt (--test_every); runs given the same --names label (seeds) become one line of means with
@@ -20,9 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
+if __package__ in (None, ''):  # run as a script (python src/tools/X.py): imports start at src/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FIGS = Path(__file__).resolve().parents[1] / 'Figs'
+from errors import UserError  # noqa: E402
+
+FIGS = Path(__file__).resolve().parents[2] / 'Figs'
 
 
 def _pyplot():

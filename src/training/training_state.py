@@ -19,7 +19,7 @@ import torch
 
 from errors import UserError
 from fileio import atomic_torch_save
-from records import HistoryEntry
+from training.records import HistoryEntry
 
 FORMAT = 2
 STATE_FILE = 'training_state.pt'

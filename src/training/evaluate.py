@@ -15,11 +15,11 @@ import torch
 from tqdm import tqdm
 
 import distributed
-import metrics
 from errors import UserError
-from experiment import Experiment
-from records import HistoryEntry, ImageScore, SetResult
-from timer import Timer
+from imageops import metrics
+from runs.experiment import Experiment
+from runs.timer import Timer
+from training.records import HistoryEntry, ImageScore, SetResult
 
 
 def summarise(name: str, scale: int, scores: list[ImageScore], seconds: float, epoch: int) -> SetResult:
