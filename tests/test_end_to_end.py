@@ -43,7 +43,7 @@ def _content(log: Path) -> list[str]:
 
 def _weights(path: Path) -> dict:
     """The state dict of a model file (which also carries the network's configuration)."""
-    from model import read_state_dict
+    from model.checkpoint import read_state_dict
 
     return read_state_dict(path)
 

@@ -151,7 +151,7 @@ class Loss(nn.Module):
     # ---------------------------------------------------------------- persistence
     def state(self) -> dict:
         """Everything resume needs: the spec, the log and the state of stateful terms (GAN)."""
-        # Stateful terms (the GAN's discriminator, its optimizer and schedule) ride in state_dict().
+        # Stateful terms (the GAN's discriminator and its optimizer) ride in state_dict().
         return {'spec': self.spec, 'columns': list(self.columns), 'log': self.log.clone(),
                 'modules': self.functions.state_dict()}
 

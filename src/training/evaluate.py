@@ -17,6 +17,7 @@ from tqdm import tqdm
 import distributed
 from errors import UserError
 from imageops import metrics
+from imageops.color import rgb_to_gray
 from runs.experiment import Experiment
 from runs.timer import Timer
 from training.records import HistoryEntry, ImageScore, SetResult
@@ -127,7 +128,7 @@ class Evaluator:
             sr_m, hr_m = sr_img, hr_img
             if sr_img.shape[2] == 3 and ds.is_gray(stem):
                 # A grayscale ground truth is scored on its single channel, not on Y.
-                sr_m, hr_m = metrics.rgb_to_gray(sr_img), hr_img[..., :1]
+                sr_m, hr_m = rgb_to_gray(sr_img), hr_img[..., :1]
             psnr = metrics.psnr(sr_m, hr_m, crop_border=scale)
             ssim = metrics.ssim(sr_m, hr_m, crop_border=scale)
         images = []

@@ -22,7 +22,7 @@ import torch
 
 import distributed
 from errors import UserError
-from model import plain_state_dict
+from model.checkpoint import plain_state_dict
 from runs.experiment import Experiment
 from runs.watch import Watch
 from training.evaluate import Evaluator
