@@ -7,7 +7,7 @@
     wrapper.py     Model: device, DataParallel/DDP, precision, one network per scale, save/load, --chop/--tile
     checkpoint.py  model files: read, fit strictly, write atomically; configure
     contract.py    what a network provides; tiling.py: the test-time cuts; blocks/, common.py: building blocks
-    attention.py   HSPA and softmax non-local attention (and the HSPA engine beside it)
+    attention.py   HSPA's published import path and the softmax non-local attention; hspa/: the operator
 """
 
 from model.checkpoint import Configured, configuration_note, configure

@@ -19,7 +19,7 @@ from torch import nn
 
 import distributed
 from errors import UserError
-from model import attention, tiling
+from model import tiling
 from model.checkpoint import (
     CHECKPOINT_SUFFIXES,
     Configured,
@@ -32,6 +32,7 @@ from model.checkpoint import (
     write_checkpoint,
 )
 from model.contract import ChopRule, SRNetwork
+from model.hspa import HSPA, PlanLog
 from model.registry import make_network, resolve_model_name
 
 
@@ -46,6 +47,7 @@ class Model(nn.Module):
                  configured: Configured | None = None) -> None:
         super().__init__()
         self.log = log
+        self.plan_log = PlanLog(log)
         if configured is None:  # built outside main (tests, tools): complete the flags here
             configured = configure(args)
             if configured.adopted:
@@ -104,9 +106,9 @@ class Model(nn.Module):
         at += f' ({cfg})' if cfg else ''
         self.log(f'Model {type(net).__name__}{at}: {n_params:,} parameters '
                  f'({n_train:,} trainable), device {self.device}')
-        impls = sorted({m.impl for m in net.modules() if isinstance(m, attention.HSPA)})
-        for impl in impls:
-            self.log(attention.describe_impl(impl, self.device))
+        for m in net.modules():
+            if isinstance(m, HSPA):
+                m.plan_log = self.plan_log  # the network's HSPA plans, each said once in the run's log
 
     def _scaled_path(self, path: str, index: int) -> str:
         """Checkpoint path of network `index`: '{scale}' replaced; with several networks and no
