@@ -189,6 +189,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def flag_type(dest: str) -> type | None:
+    """The type a flag's value is parsed to (int, float, str), or None (switches, --model, unknown names)."""
+    return next((a.type for a in build_parser()._actions if a.dest == dest), None)
+
+
 # The smallest value of each integer flag that a run can use.
 AT_LEAST = {'patch_size': 1, 'batch_size': 1, 'test_every': 1, 'rgb_range': 1, 'n_feats': 1, 'print_every': 1,
             'n_resgroups': 1, 'n_resblocks': 0, 'reduction': 1, 'topk': 1, 'hspa_block': 0, 'tile': 0,

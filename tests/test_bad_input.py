@@ -94,6 +94,16 @@ def test_configuration_values_that_cannot_be_right(tmp_path: Path, entry: str, v
     _one_line(err, str(path), f"configuration entry '{entry}'")
 
 
+def test_configuration_values_of_the_flags_types_are_adopted(tmp_path: Path) -> None:
+    """A float flag whose default is written as an integer (--res_scale 1) takes a stored 0.1."""
+    path = _saved(tmp_path)
+    obj = torch.load(path, weights_only=True)
+    obj['config']['res_scale'] = 0.1
+    torch.save(obj, path)
+    m = model.Model(_args('--pre_train', str(path)), log=lambda s: None)
+    assert m.model.config['res_scale'] == 0.1
+
+
 def test_wrong_shaped_tensor_is_named(tmp_path: Path) -> None:
     path = _saved(tmp_path)
     obj = torch.load(path, weights_only=True)

@@ -203,15 +203,16 @@ def adopt_checkpoint_config(args: argparse.Namespace, config: Mapping[str, objec
 
 def _check_config_value(key: str, value: object, current: object, source: str) -> None:
     """Refuse a configuration entry whose type the flag cannot take, or a number no run can use."""
-    from option import AT_LEAST  # the one table of integer lower bounds
+    from option import AT_LEAST, flag_type  # the flags' declared types and integer lower bounds
 
+    kind = flag_type(key)
     if key == 'scale':
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
     elif isinstance(current, bool):
         ok = isinstance(value, bool)
-    elif isinstance(current, int):
+    elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= AT_LEAST.get(key, value)
-    elif isinstance(current, float):
+    elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     else:  # strings, and flags whose default is None (--attention)
         ok = isinstance(value, str)
