@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import common, hspa_kernel, hspa_triton
+from model import common, hspa_export, hspa_kernel, hspa_triton
 from model.hspa_blocked import hspa_attention
 from model.hspa_layer import fusable, hspa_layer
 from model.sparsemax import SoftThreshold, soft_threshold, sparsemax_threshold
@@ -113,6 +113,9 @@ class HSPA(_Embeddings):
         self.block_size = block_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hspa_export.exporting():  # a traced graph (ONNX): fixed shapes, no data-dependent branch
+            q, k, v = self.embed(x)
+            return self.combine(hspa_export.hspa_attention_export(q, k, v), x)
         impl = choose_impl(self.impl, x.device, x.shape[0], x.shape[2] * x.shape[3])
         if impl == 'fast' and fusable(self, x):
             return hspa_layer(x, self, self.topk, self.block_size)

@@ -1,0 +1,1 @@
+"""Commands that use a trained model: ONNX export (tools.export) and image upscaling (tools.upscale)."""
