@@ -10,14 +10,13 @@ from collections.abc import Callable, Sequence
 from errors import UserError
 
 
-def run_command(command: Callable[[list[str]], object], argv: Sequence[str]) -> int:
-    """Run command(argv); 0 on success, 1 after printing a UserError as one line."""
+def run_command(command: Callable[[list[str]], int | None], argv: Sequence[str]) -> int:
+    """Run command(argv); its exit status (None: 0), or 1 after printing a UserError as one line."""
     argv = list(argv)
     try:
-        command(argv)
+        return int(command(argv) or 0)
     except UserError as e:
         if '--debug' in argv:
             traceback.print_exc()
         print(f'error: {e}', file=sys.stderr)
         return 1
-    return 0
