@@ -22,7 +22,7 @@ entmax = pytest.importorskip('entmax', reason='entmax (test-only dependency) is 
 from model.bicubic import Bicubic  # noqa: E402
 from model.checkpoint import write_checkpoint  # noqa: E402
 from model.edsr import EDSR  # noqa: E402
-from model.hspa_export import hspa_attention_export, sparsemax_sorted  # noqa: E402
+from model.hspa_export import hspa_attention_export, sparsemax_graph  # noqa: E402
 from model.hspan import HSPAN  # noqa: E402
 from model.msnlan import MSNLAN  # noqa: E402
 from tools.export import export_onnx, run_onnx  # noqa: E402
@@ -89,8 +89,12 @@ def _hard_rows(n_rows: int, length: int, gen: torch.Generator) -> torch.Tensor:
 
 
 class _Rows(nn.Module):
+    def __init__(self, topk: int) -> None:
+        super().__init__()
+        self.topk = topk
+
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        return sparsemax_sorted(scores)
+        return sparsemax_graph(scores, self.topk)
 
 
 class _Attention(nn.Module):
@@ -114,11 +118,13 @@ def _export(module: nn.Module, inputs: tuple[torch.Tensor, ...], names: list[str
     return buffer.getvalue()
 
 
-def test_exported_sparsemax_rows_match_entmax() -> None:
+@pytest.mark.parametrize('topk', [128, 4])
+def test_exported_sparsemax_rows_match_entmax(topk: int) -> None:
+    """topk 128 (HSPA's): wide rows continue past the top k; topk 4: most rows do (ties of 7 maxima too)."""
     import onnxruntime
 
     gen = torch.Generator().manual_seed(0)
-    data = _export(_Rows(), (torch.randn(4, 10),), ['scores'], {'scores': {0: 'rows', 1: 'length'}})
+    data = _export(_Rows(topk), (torch.randn(4, 10),), ['scores'], {'scores': {0: 'rows', 1: 'length'}})
     session = onnxruntime.InferenceSession(data, providers=['CPUExecutionProvider'])
     for length in (300, 37):
         rows = _hard_rows(64, length, gen)

@@ -115,7 +115,7 @@ class HSPA(_Embeddings):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hspa_export.exporting():  # a traced graph (ONNX): fixed shapes, no data-dependent branch
             q, k, v = self.embed(x)
-            return self.combine(hspa_export.hspa_attention_export(q, k, v), x)
+            return self.combine(hspa_export.hspa_attention_export(q, k, v, self.topk), x)
         impl = choose_impl(self.impl, x.device, x.shape[0], x.shape[2] * x.shape[3])
         if impl == 'fast' and fusable(self, x):
             return hspa_layer(x, self, self.topk, self.block_size)

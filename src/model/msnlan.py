@@ -22,7 +22,7 @@ from torch import nn
 from model import common
 from model.contract import ChopRule, SRNetwork
 from model.cross_scale import cross_scale_attention
-from model.hspa_export import exporting, sparsemax_sorted
+from model.hspa_export import TOPK, exporting, sparsemax_graph
 from model.sparsemax import soft_threshold
 
 MSNLAN_MEAN = (0.4025, 0.4482, 0.4264)
@@ -202,13 +202,16 @@ class CrossScaleAttention(nn.Module):
 
     def _batched(self, match: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """The dense attention of all images at once, as matrix products of unfolded patches (the traced
-        form: shapes follow the input, the soft threshold is hspa_export's sort-based exact sparsemax)."""
+        form: shapes follow the input, the soft threshold is hspa_export's exact sparsemax)."""
         k = self.ksize
         keys = F.unfold(_same_pad(key, k), kernel_size=k)  # (N, C/2 k k, Ls)
         keys = keys / torch.maximum(keys.pow(2).sum(1, keepdim=True).sqrt(), self.escape_NaN.to(keys.dtype))
         queries = F.unfold(_same_pad(match, k), kernel_size=k)  # (N, C/2 k k, L)
         scores = torch.matmul(queries.transpose(1, 2), keys) * self.softmax_scale  # (N, L, Ls)
-        weights = F.softmax(scores, dim=-1) if self.normalizer == 'softmax' else sparsemax_sorted(scores)
+        if self.normalizer == 'softmax':
+            weights = F.softmax(scores, dim=-1)
+        else:
+            weights = sparsemax_graph(scores, self.topk or TOPK)
         cols = torch.matmul(F.unfold(_same_pad(value, k), kernel_size=k), weights.transpose(1, 2))  # (N, C k k, L)
         # conv_transpose2d with each patch as a kernel = the weighted patches folded back (overlaps summed):
         # F.fold, written as a grouped transposed convolution with 0/1 kernels (col2im takes no traced size).
