@@ -36,7 +36,7 @@ def sparsemax_exact(scores: Tensor, topk: int = TOPK) -> Tensor:
 
     1. The threshold of the `topk` largest scores of each row (TopK, cumulative sums, the rank condition
        1 + j z_j > sum_{i<=j} z_i): exact for a row whose support is smaller than topk, as in
-       model.sparsemax, and a lower bound of the threshold otherwise.
+       model.hspa.reference, and a lower bound of the threshold otherwise.
     2. Rows whose support fills the top k continue over the whole row by Michelot's iteration from that
        bound: tau <- (sum of the scores above tau - 1) / their count until no such row's support shrinks
        (each round removes at least one score of every row still moving: at most n rounds). tau never
