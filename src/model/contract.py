@@ -50,6 +50,13 @@ class ChopRule:
 EDSR_CHOP = ChopRule()
 
 
+
+def exporting() -> bool:
+    """True while torch.onnx.export (or torch.jit.trace) records a graph: networks then take their
+    fixed-shape paths (no data-dependent branch for the trace to freeze)."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
 class SRNetwork(nn.Module):
     """Base class of the networks: defaults for everything the contract lets a network leave out."""
 

@@ -5,6 +5,7 @@
 - reference.py: the one sparsemax threshold routine, ``soft_threshold`` and the published dense algorithm;
 - blocked.py: exact blocked attention without the (L x L) scores (native or torch back-end);
 - layer.py: the whole layer as one autograd function (embeddings recomputed in backward);
+- export.py: the fixed-shape exact form that torch.onnx.export traces;
 - native/: the C kernels and their loader; triton/: the fused Triton kernels and their launcher.
 """
 

@@ -5,7 +5,7 @@ Every HSPA forward asks ``plan(...)``; nothing else chooses an algorithm or a ba
 ================  =======================  ==============================================================
 device            impl                     runs
 ================  =======================  ==============================================================
-any               any, while exporting     ``export``: fixed-shape exact sparsemax (model/hspa/export.py)
+any               any, while exporting     ``export``: fixed-shape exact sparsemax (export.py, ONNX)
 any               dense                    ``dense``: the published (L x L) scores, float32
 CPU               auto, fast               ``layer`` (whole layer, embeddings recomputed in backward) when
                                            the layer is fusable (published 1x1 conv + PReLU embeddings,

@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from model import common
+from model.contract import exporting
 from model.hspa.blocked import hspa_attention
 from model.hspa.dispatch import IMPLS, PlanLog, plan
+from model.hspa.export import hspa_attention_export
 from model.hspa.layer import fusable, hspa_layer
 from model.hspa.reference import dense_attention
 from model.hspa.triton import hspa_triton
@@ -67,7 +69,9 @@ class HSPA(NonLocalEmbeddings):
         self.plan_log = PlanLog()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = plan(self.impl, x.device, x.shape[0], x.shape[2] * x.shape[3], fusable=fusable(self, x))
+        traced = exporting()
+        p = plan(self.impl, x.device, x.shape[0], x.shape[2] * x.shape[3], fusable=not traced and fusable(self, x),
+                 exporting=traced)
         self.plan_log(p)
         if p.path == 'layer':
             return hspa_layer(x, self, self.topk, self.block_size, backend=p.backend)
@@ -76,6 +80,8 @@ class HSPA(NonLocalEmbeddings):
             attended = hspa_attention(q, k, v, self.topk, self.block_size, backend=p.backend)
         elif p.path == 'triton':
             attended = hspa_triton(q, k, v)
+        elif p.path == 'export':
+            attended = hspa_attention_export(q, k, v, self.topk)
         else:
             attended = dense_attention(q, k, v, self.topk)
         return self.combine(attended, x)

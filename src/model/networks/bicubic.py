@@ -11,8 +11,8 @@ import argparse
 import numpy as np
 import torch
 
-from imageops.imresize import imresize
-from model.contract import SRNetwork
+from imageops.imresize import contributions, imresize
+from model.contract import SRNetwork, exporting
 
 FLAGS: tuple[str, ...] = ()
 
@@ -36,6 +36,8 @@ class Bicubic(SRNetwork):
         self.idx_scale = idx_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if exporting():
+            return self._graph_forward(x)
         scale = self.scales[self.idx_scale]
         to_8bit = 255 / self.rgb_range
         out = []
@@ -47,3 +49,33 @@ class Bicubic(SRNetwork):
                 sr = sr[:, :, None]
             out.append(torch.from_numpy(sr.astype(np.float32) / to_8bit).permute(2, 0, 1))
         return torch.stack(out).to(device=x.device, dtype=x.dtype)
+
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same result in torch operations of fixed shape (a traced graph): the uint8 input, then each
+        axis (height first) upscaled with imresize's weights, summed in its order in float64 and rounded."""
+        to_8bit = 255 / self.rgb_range
+        out = torch.round(x.double() * to_8bit).clamp(0, 255)
+        for dim in (2, 3):
+            out = _upscale_axis(out, dim, self.scales[self.idx_scale])
+            out = torch.floor(torch.clamp(out + 0.5, 0, 255.5))  # imresize's rounding to uint8
+        return (out / to_8bit).to(x.dtype)
+
+
+def _upscale_axis(x: torch.Tensor, dim: int, scale: int) -> torch.Tensor:
+    """imresize along `dim` by an integer `scale`: output pixel m * scale + r takes, for each phase r, the same
+    weights at the same offsets from input pixel m (read from an interior row of imresize.contributions),
+    with imresize's symmetric border (indices mirrored modulo 2n)."""
+    probe = 64
+    weights, indices = contributions(probe, probe * scale, float(scale))
+    middle = probe // 2
+    length = x.shape[dim]
+    positions = torch.arange(length, device=x.device)
+    phases = []
+    for r in range(scale):
+        acc = torch.zeros_like(x)
+        for w, index in zip(weights[middle * scale + r], indices[middle * scale + r], strict=True):
+            source = torch.remainder(positions + int(index - middle), 2 * length)
+            source = torch.where(source < length, source, 2 * length - 1 - source)
+            acc = acc + float(w) * x.index_select(dim, source)
+        phases.append(acc)
+    return torch.stack(phases, dim=dim + 1).flatten(dim, dim + 1)

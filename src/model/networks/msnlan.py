@@ -21,8 +21,9 @@ from torch import nn
 
 from model import common
 from model.blocks.cross_scale import cross_scale_attention
-from model.contract import ChopRule, SRNetwork
+from model.contract import ChopRule, SRNetwork, exporting
 from model.hspa import soft_threshold
+from model.hspa.export import TOPK, sparsemax_graph
 
 MSNLAN_MEAN = (0.4025, 0.4482, 0.4264)
 FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale', 'attention', 'topk', 'hspa_impl', 'hspa_block')
@@ -180,6 +181,8 @@ class CrossScaleAttention(nn.Module):
     def forward(self, x_l: torch.Tensor, x_s: torch.Tensor) -> torch.Tensor:
         match, key, value = self.conv_match_1(x_l), self.conv_match_2(x_s), self.conv_assembly(x_s)
         scores = x_l.shape[2] * x_l.shape[3] * x_s.shape[2] * x_s.shape[3]
+        if exporting():  # a traced graph (ONNX): one batched computation, no per-image loop
+            return self._batched(match, key, value) + x_l * self.res_scale
         blocked = self.impl == 'blocked' or (self.impl == 'auto' and (self.block_size or scores > DENSE_MAX_SCORES))
         if blocked:
             out = [cross_scale_attention(mi, ki, vi, self.ksize, self.softmax_scale, self.escape_NaN,
@@ -204,6 +207,25 @@ class CrossScaleAttention(nn.Module):
                 yi = soft_threshold(yi, dim=1, topk=self.topk)
             out.append(F.conv_transpose2d(yi, raw_wi, stride=1, padding=self.padding))
         return out
+
+    def _batched(self, match: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The dense attention of all images at once, as matrix products of unfolded patches (the traced
+        form: shapes follow the input, the soft threshold is model.hspa.export's exact sparsemax)."""
+        k = self.ksize
+        keys = F.unfold(_same_pad(key, k), kernel_size=k)  # (N, C/2 k k, Ls)
+        keys = keys / torch.maximum(keys.pow(2).sum(1, keepdim=True).sqrt(), self.escape_NaN.to(keys.dtype))
+        queries = F.unfold(_same_pad(match, k), kernel_size=k)  # (N, C/2 k k, L)
+        scores = torch.matmul(queries.transpose(1, 2), keys) * self.softmax_scale  # (N, L, Ls)
+        if self.normalizer == 'softmax':
+            weights = F.softmax(scores, dim=-1)
+        else:
+            weights = sparsemax_graph(scores, self.topk or TOPK)
+        cols = torch.matmul(F.unfold(_same_pad(value, k), kernel_size=k), weights.transpose(1, 2))  # (N, C k k, L)
+        # conv_transpose2d with each patch as a kernel = the weighted patches folded back (overlaps summed):
+        # F.fold, written as a grouped transposed convolution with 0/1 kernels (col2im takes no traced size).
+        c = self.conv_assembly[0].out_channels  # a constant of the graph (the kernel's shape must be known)
+        unit = torch.eye(k * k, dtype=cols.dtype, device=cols.device).view(k * k, 1, k, k).repeat(c, 1, 1, 1)
+        return F.conv_transpose2d(cols.unflatten(2, match.shape[2:]), unit, padding=self.padding, groups=c)
 
     def extra_repr(self) -> str:
         return f'ksize={self.ksize}, normalizer={self.normalizer}, impl={self.impl}, block_size={self.block_size}'
