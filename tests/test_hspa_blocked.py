@@ -397,29 +397,36 @@ def test_x86_64_v3_build_is_exact():
 
 def test_kernel_threads_survive_fork():
     # The kernel's worker threads are started once per process; a forked child (a DataLoader worker) has
-    # none of them and must start its own instead of waiting for the parent's.
-    if not hasattr(os, 'fork') or hspa_kernel.load() is None:
+    # none of them and must start its own instead of waiting for the parent's. The child keeps torch on one
+    # thread (as DataLoader workers do: OpenMP is not fork-safe) and runs the kernel on two.
+    lib = hspa_kernel.load()
+    if not hasattr(os, 'fork') or lib is None:
         pytest.skip('needs fork and the native kernel')
     q, k, v = features(1, 600, 8, 6, scale=1.0, seed=2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.no_grad():
-            hspa_attention(q, k, v, 8)                     # the pool exists in the parent now
-        pid = os.fork()
-        if pid == 0:                                       # the child: the same call, exit status = result
-            with torch.no_grad():
-                ok = rel(hspa_attention(q, k, v, 8), hspa_ref(q, k, v)) <= TOL
-            os._exit(0 if ok else 1)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                assert os.waitstatus_to_exitcode(status) == 0
-                return
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail('the forked child hung in the HSPA kernel')
-    finally:
-        torch.set_num_threads(threads)
+    ref = hspa_ref(q, k, v)
+
+    def two_threads() -> float:
+        native = _Native(_Inputs(q, k, v, 0), lib)
+        native.threads = 2
+        out = torch.empty_like(ref)
+        native.attend(out)
+        return rel(out, ref)
+
+    assert two_threads() <= TOL                          # the pool exists in the parent now
+    pid = os.fork()
+    if pid == 0:                                         # the child: the same call, exit status = result
+        try:
+            torch.set_num_threads(1)
+            os._exit(0 if two_threads() <= TOL else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail('the forked child hung in the HSPA kernel')
