@@ -152,13 +152,13 @@ def _build(spec: dict):
     from model.attention import HSPA
 
     if spec['march']:
-        # The project's layer calls hspa_kernel.load() for its library: hand it the one built for --march.
-        from model import hspa_kernel
+        # The project's layer calls model.hspa.native.load() for its library: hand it the one built for --march.
+        from model.hspa import native
 
-        lib = hspa_kernel.load(spec['march'])
+        lib = native.load(spec['march'])
         if lib is None:
-            raise SystemExit(f'--march {spec["march"]}: {hspa_kernel.unavailable_reason()}')
-        hspa_kernel.load = lambda march=None: lib
+            raise SystemExit(f'--march {spec["march"]}: {native.unavailable_reason()}')
+        native.load = lambda march=None: lib
 
     torch.manual_seed(spec['seed'])
     size, batch, topk = spec['size'], spec['batch'], spec['topk']
@@ -304,7 +304,7 @@ def _machine(threads: int, wait_policy: str | None, march: str | None) -> str:
     import torch
 
     sys.path.insert(0, str(ROOT / 'src'))
-    from model import hspa_kernel
+    from model.hspa import native
 
     model, flags = platform.processor() or 'unknown CPU', set()
     try:
@@ -318,10 +318,10 @@ def _machine(threads: int, wait_policy: str | None, march: str | None) -> str:
     except OSError:
         pass
     vector = ' '.join(f for f in _VECTOR_FLAGS if f in flags) or 'unknown'
-    l1d, l2 = hspa_kernel.cache_sizes()
-    lib = hspa_kernel.load(march)
+    l1d, l2 = native.cache_sizes()
+    lib = native.load(march)
     build = (f'kernel built with -march={march or "native"}, {lib.hspa_vector_bytes() * 8}-bit vectors'
-             if lib is not None else f'no native kernel ({hspa_kernel.unavailable_reason()})')
+             if lib is not None else f'no native kernel ({native.unavailable_reason()})')
     load = os.getloadavg() if hasattr(os, 'getloadavg') else (float('nan'),) * 3
     return (f'{model} ({vector}; L1d {l1d // 1024} KiB, L2 {l2 // 1024} KiB per core), {os.cpu_count()} cores, '
             f'{build}, torch {torch.__version__}, {threads} torch threads per run, '

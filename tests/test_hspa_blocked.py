@@ -1,8 +1,8 @@
-"""Blocked exact HSPA (src/model/hspa_blocked.py, both back-ends) against dense oracles.
+"""Blocked exact HSPA (src/model/hspa/blocked.py, both back-ends) against dense oracles.
 
 Oracles: a plain sort-based sparsemax written here (autograd through it gives the exact sparsemax
 Jacobian), checked itself against the entmax package; entmax's sparsemax directly; and
-model.attention.soft_threshold (the dense operator of the published algorithm).
+model.hspa.soft_threshold (the dense operator of the published algorithm).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from model import attention, hspa_kernel, hspa_triton
-from model.hspa_blocked import _Inputs, _Native, choose_block_size, hspa_attention
+from model import attention
+from model.hspa import native, plan
+from model.hspa.blocked import _Inputs, _Native, choose_block_size, hspa_attention
 
 # Every back-end that impl 'fast' (and so 'auto' on the CPU) can run: the native kernels where a C compiler
 # exists (CI has one: test_native_kernel_builds), the torch back-end where none does.
@@ -51,6 +52,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
+    if request.param == 'native' and native.load() is None:
+        pytest.skip(f'native HSPA kernels unavailable here: {native.unavailable_reason()}')
     return request.param
 
 
@@ -242,8 +245,8 @@ def test_native_kernel_builds():
     # Where a C compiler exists (CI, Linux and macOS set-ups) the default CPU path is the native kernel.
     if shutil.which(os.environ.get('CC') or 'cc') is None:
         pytest.skip('no C compiler: the torch back-end is the CPU default here')
-    assert hspa_kernel.load() is not None, hspa_kernel.unavailable_reason()
-    assert 'native' in attention.describe_impl('auto', torch.device('cpu'))
+    assert native.load() is not None, native.unavailable_reason()
+    assert plan('auto', torch.device('cpu'), 1, 100, fusable=True).backend == 'native'
 
 
 def test_block_size_choice_and_errors():
@@ -258,22 +261,6 @@ def test_block_size_choice_and_errors():
         hspa_attention(q, k[:, :5], v, 4)
     with pytest.raises(ValueError, match='backend'):
         hspa_attention(q, k, v, 4, backend='sparse')
-
-
-def test_auto_policy(monkeypatch):
-    cpu = torch.device('cpu')
-    assert attention.choose_impl('auto', cpu, 16, 2304) == 'fast'
-    assert attention.choose_impl('dense', cpu, 1, 10**5) == 'dense'
-    # CUDA: dense while the scores take at most a quarter of the free memory, blocked beyond.
-    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (4 * 2**30, 8 * 2**30))
-    gpu = torch.device('cuda')
-    assert attention.choose_impl('auto', gpu, 1, 16384) == 'dense'    # exactly 1 GiB: a quarter
-    assert attention.choose_impl('auto', gpu, 16, 2304) == 'dense'    # the published training batch: 340 MB
-    for has_triton, large in ((True, 'triton'), (False, 'fast')):    # above: the fused kernels, if installed
-        monkeypatch.setattr(hspa_triton, 'available', lambda has=has_triton: has)
-        assert attention.choose_impl('auto', gpu, 1, 16500) == large
-        assert attention.choose_impl('auto', gpu, 16, 8192) == large
-    assert 'dense while' in attention.describe_impl('auto', gpu)
 
 
 @pytest.mark.parametrize('impl', ['fast', 'auto'])
@@ -312,9 +299,9 @@ def _inference_with(lib, q, k, v, tiles):
 def _forced_tiles(lib, dtype: torch.dtype, length: int) -> list:
     """Every micro-kernel, with blocks of one row, one row tile, a ragged count and more rows than the sample,
     and key panels of one column tile, several, and more keys than the sample."""
-    lanes = hspa_kernel.column_tile(lib, dtype)
-    return [hspa_kernel.Tiles(block, rows, panel)
-            for rows in hspa_kernel.TILE_ROWS
+    lanes = native.column_tile(lib, dtype)
+    return [native.Tiles(block, rows, panel)
+            for rows in native.TILE_ROWS
             for block in (1, rows, 2 * rows + 1, length + 5)
             for panel in (lanes, 3 * lanes, -(-length // lanes) * lanes + lanes)]
 
@@ -323,9 +310,9 @@ def _forced_tiles(lib, dtype: torch.dtype, length: int) -> list:
 @pytest.mark.parametrize('case', ['ties', 'mixed'])
 def test_every_tile_configuration_is_exact(case, dtype):
     # Each tile configuration the fused kernel has, forced, against the sort-based oracle.
-    lib = hspa_kernel.load()
+    lib = native.load()
     if lib is None:
-        pytest.skip(hspa_kernel.unavailable_reason())
+        pytest.skip(native.unavailable_reason())
     q, k, v = _inference_inputs(case, dtype)
     ref = hspa_ref(q, k, v)
     tol = TOL if dtype == torch.float32 else 1e-12
@@ -340,37 +327,37 @@ def test_chosen_tiles_are_configurations_the_kernel_has():
         for l1d in (16 * 2**10, 32 * 2**10, 48 * 2**10, 64 * 2**10):
             for l2 in (256 * 2**10, 2**20, 2 * 2**20, 4 * 2**20):
                 for length, kwidth, elem in ((100, 8, 4), (2304, 96, 4), (16384, 96, 4), (16384, 24, 8)):
-                    t = hspa_kernel.choose_tiles(length, kwidth, elem, vector_bytes, l1d, l2)
+                    t = native.choose_tiles(length, kwidth, elem, vector_bytes, l1d, l2)
                     lanes = 2 * vector_bytes // elem
-                    assert t.tile_rows in hspa_kernel.TILE_ROWS and t.key_tile % lanes == 0 and t.key_tile >= lanes
+                    assert t.tile_rows in native.TILE_ROWS and t.key_tile % lanes == 0 and t.key_tile >= lanes
                     assert t.block_rows % t.tile_rows == 0 and t.block_rows >= 2 * t.tile_rows
                     padded = -(-length // lanes) * lanes
                     if t.block_rows > 2 * t.tile_rows:
                         assert t.block_rows * padded * elem <= l2 // 2 and t.block_rows * kwidth * elem <= l1d // 2
-    assert hspa_kernel.choose_tiles(16384, 96, 4, 32, 32 * 2**10, 2**20).tile_rows == 6    # 16 registers
-    l1d, l2 = hspa_kernel.cache_sizes()
+    assert native.choose_tiles(16384, 96, 4, 32, 32 * 2**10, 2**20).tile_rows == 6    # 16 registers
+    l1d, l2 = native.cache_sizes()
     assert l1d >= 4096 and l2 >= l1d
 
 
 def test_chosen_tiles_for_other_caches_are_exact():
     # The configurations choose_tiles picks for other machines' caches, run here.
-    lib = hspa_kernel.load()
+    lib = native.load()
     if lib is None:
-        pytest.skip(hspa_kernel.unavailable_reason())
+        pytest.skip(native.unavailable_reason())
     q, k, v = _inference_inputs('mixed', torch.float32)
     ref = hspa_ref(q, k, v)
     for l1d, l2 in ((16 * 2**10, 256 * 2**10), (48 * 2**10, 2 * 2**20), (64 * 2**10, 32 * 2**20)):
-        tiles = hspa_kernel.choose_tiles(q.shape[1], q.shape[2], 4, lib.hspa_vector_bytes(), l1d, l2)
+        tiles = native.choose_tiles(q.shape[1], q.shape[2], 4, lib.hspa_vector_bytes(), l1d, l2)
         assert rel(_inference_with(lib, q, k, v, tiles), ref) <= TOL, tiles
 
 
 def test_unknown_tile_configuration_is_refused():
-    lib = hspa_kernel.load()
+    lib = native.load()
     if lib is None:
-        pytest.skip(hspa_kernel.unavailable_reason())
+        pytest.skip(native.unavailable_reason())
     q, k, v = features(1, 50, 4, 3, scale=1.0)
-    lanes = hspa_kernel.column_tile(lib, torch.float32)
-    for bad in (hspa_kernel.Tiles(8, 5, lanes), hspa_kernel.Tiles(8, 6, lanes + 1), hspa_kernel.Tiles(0, 6, lanes)):
+    lanes = native.column_tile(lib, torch.float32)
+    for bad in (native.Tiles(8, 5, lanes), native.Tiles(8, 6, lanes + 1), native.Tiles(0, 6, lanes)):
         with pytest.raises(ValueError, match='tile configuration'):
             _inference_with(lib, q, k, v, bad)
 
@@ -379,19 +366,19 @@ def test_unknown_tile_configuration_is_refused():
 def test_x86_64_v3_build_is_exact():
     # The kernels built for AVX2 without AVX-512 (-march=x86-64-v3): the inference kernel with its own tiles
     # and the training kernels, float32 and float64.
-    lib = hspa_kernel.load('x86-64-v3')
+    lib = native.load('x86-64-v3')
     if lib is None:
-        pytest.skip(hspa_kernel.unavailable_reason())
+        pytest.skip(native.unavailable_reason())
     assert lib.hspa_vector_bytes() == 32
     for dtype in (torch.float32, torch.float64):
         q, k, v = _inference_inputs('mixed', dtype)
         ref = hspa_ref(q, k, v)
         tol = TOL if dtype == torch.float32 else 1e-12
-        tiles = hspa_kernel.tiles_for(lib, q.shape[1], q.shape[2], dtype)
+        tiles = native.tiles_for(lib, q.shape[1], q.shape[2], dtype)
         assert tiles.tile_rows == 6
         assert rel(_inference_with(lib, q, k, v, tiles), ref) <= tol
-        native = _Native(_Inputs(q, k, v, 500), lib)
-        out, supports = native.forward(2**30)
+        training = _Native(_Inputs(q, k, v, 500), lib)
+        out, supports = training.forward(2**30)
         assert rel(out, ref) <= tol and all(part is not None for part in supports)
 
 
@@ -399,17 +386,17 @@ def test_kernel_threads_survive_fork():
     # The kernel's worker threads are started once per process; a forked child (a DataLoader worker) has
     # none of them and must start its own instead of waiting for the parent's. The child keeps torch on one
     # thread (as DataLoader workers do: OpenMP is not fork-safe) and runs the kernel on two.
-    lib = hspa_kernel.load()
+    lib = native.load()
     if not hasattr(os, 'fork') or lib is None:
         pytest.skip('needs fork and the native kernel')
     q, k, v = features(1, 600, 8, 6, scale=1.0, seed=2)
     ref = hspa_ref(q, k, v)
 
     def two_threads() -> float:
-        native = _Native(_Inputs(q, k, v, 0), lib)
-        native.threads = 2
+        kernels = _Native(_Inputs(q, k, v, 0), lib)
+        kernels.threads = 2
         out = torch.empty_like(ref)
-        native.attend(out)
+        kernels.attend(out)
         return rel(out, ref)
 
     assert two_threads() <= TOL                          # the pool exists in the parent now
