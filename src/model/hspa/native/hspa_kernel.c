@@ -1,4 +1,4 @@
-/* Exact sparsemax attention kernels for the CPU (HSPA), called through ctypes by model/hspa_blocked.py.
+/* Exact sparsemax attention kernels for the CPU (HSPA), called through ctypes by model/hspa/blocked.py.
  *
  * The caller computes a block of scores S (rows x L) with a BLAS matmul; these kernels do the rest:
  *   threshold   tau of each row by Michelot's iteration: Newton's method on
@@ -10,7 +10,10 @@
  *   gather      the support of each row as CSR (column, p = s - tau) and the row's output sum_j p_j v_j.
  *   grad_rows   dP on the support, the sparsemax Jacobian (dS = dP - mean over the support) and dQ.
  *   grad_keys   dK and dV, by key, through a counting-sort transpose of the block's CSR.
- * Rows are shared among threads in small chunks from a common counter (rows differ in cost).
+ *   attend      inference: scores, threshold and output fused, per block of rows, with the blocking
+ *               (block rows, micro-kernel rows, key panel) given by the caller (loader.choose_tiles).
+ * Rows are shared among threads in small chunks from a common counter (rows differ in cost); the threads
+ * are a pool kept for the life of the process, each with work space kept between calls.
  * This file includes itself twice to define every kernel for float (suffix f32) and double (f64).
  */
 #ifndef HSPA_T
