@@ -19,6 +19,10 @@ retry, dense weights @ values, and its saved-output backward. The floor is the s
     python benchmarks/hspa.py                                   # random features, 48..256 and training
     python benchmarks/hspa.py --features trained --sizes 128 --no-train \
         --weights experiment/quick/model/model_latest.pt
+    python benchmarks/hspa.py --march x86-64-v3 --sizes 128 --no-train   # the AVX2 build of the kernel
+
+The header names the CPU, its vector extensions and caches, and the kernel's build; every time is given as a
+multiple of the floor measured in the same worker.
 """
 
 from __future__ import annotations
@@ -146,6 +150,15 @@ def _build(spec: dict):
 
     sys.path.insert(0, str(ROOT / 'src'))
     from model.attention import HSPA
+
+    if spec['march']:
+        # The project's layer calls model.hspa.native.load() for its library: hand it the one built for --march.
+        from model.hspa import native
+
+        lib = native.load(spec['march'])
+        if lib is None:
+            raise SystemExit(f'--march {spec["march"]}: {native.unavailable_reason()}')
+        native.load = lambda march=None: lib
 
     torch.manual_seed(spec['seed'])
     size, batch, topk = spec['size'], spec['batch'], spec['topk']
@@ -282,17 +295,36 @@ def _max_diff(path_a: str, path_b: str, row_stride: int = 0) -> dict:
     return {'out': out, 'grad_rel': grads.get('grad_x')}
 
 
-def _machine(threads: int, wait_policy: str | None) -> str:
+# Vector extensions named in the header, as /proc/cpuinfo spells them (x86 flags, aarch64 features).
+_VECTOR_FLAGS = ('sse4_2', 'avx', 'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512_vnni', 'avx512_bf16',
+                 'avx512_fp16', 'amx_tile', 'amx_bf16', 'asimd', 'sve', 'sve2')
+
+
+def _machine(threads: int, wait_policy: str | None, march: str | None) -> str:
     import torch
 
-    model = platform.processor() or 'unknown CPU'
+    sys.path.insert(0, str(ROOT / 'src'))
+    from model.hspa import native
+
+    model, flags = platform.processor() or 'unknown CPU', set()
     try:
         with open('/proc/cpuinfo') as f:
-            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() in ('model name', 'Model') and model in ('unknown CPU', platform.processor()):
+                    model = value.strip()
+                elif key.strip() in ('flags', 'Features'):
+                    flags = set(value.split())
+    except OSError:
         pass
+    vector = ' '.join(f for f in _VECTOR_FLAGS if f in flags) or 'unknown'
+    l1d, l2 = native.cache_sizes()
+    lib = native.load(march)
+    build = (f'kernel built with -march={march or "native"}, {lib.hspa_vector_bytes() * 8}-bit vectors'
+             if lib is not None else f'no native kernel ({native.unavailable_reason()})')
     load = os.getloadavg() if hasattr(os, 'getloadavg') else (float('nan'),) * 3
-    return (f'{model}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} torch threads per run, '
+    return (f'{model} ({vector}; L1d {l1d // 1024} KiB, L2 {l2 // 1024} KiB per core), {os.cpu_count()} cores, '
+            f'{build}, torch {torch.__version__}, {threads} torch threads per run, '
             f'OMP_WAIT_POLICY={wait_policy or os.environ.get("OMP_WAIT_POLICY", "(unset)")}, '
             f'load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}')
 
@@ -334,6 +366,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         'the input of the trained quick-demo HSPA layer on Set5/Set14 crops (--weights)')
     p.add_argument('--weights', default=str(ROOT / 'experiment' / 'quick' / 'model' / 'model_latest.pt'),
                    help='checkpoint for --features trained (made by: bash demo.sh quick)')
+    p.add_argument('--march', help='build the native kernel for this -march target instead of the host '
+                   '(e.g. x86-64-v3: AVX2 without AVX-512), as a separate library')
     p.add_argument('--omp-wait-policy', choices=['PASSIVE', 'ACTIVE'],
                    help='OMP_WAIT_POLICY for the workers (default: unset, as a user runs it)')
     p.add_argument('--dense-limit-gib', type=float, default=8.0,
@@ -345,8 +379,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _cell_time(t: float | None, why: str | None) -> str:
-    return f'{t:.3f} s' if t is not None else f'skipped ({why})'
+def _cell_ratio(t: float | None, floor: float | None, why: str | None) -> str:
+    if t is None:
+        return why if why and why.startswith('failed') else f'skipped ({why})'
+    return f'{t / floor:.2f}x ({t:.3f} s)' if floor else f'{t:.3f} s'
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             base = {'mode': mode, 'size': size, 'batch': batch, 'channels': args.channels,
                     'reduction': args.reduction, 'topk': args.topk, 'block': args.block, 'seed': args.seed,
                     'threads': args.threads, 'row_stride': row_stride, 'repeats': args.repeats,
-                    'features': args.features, 'weights': args.weights, 'images': images}
+                    'features': args.features, 'weights': args.weights, 'images': images, 'march': args.march}
             impls = ['project'] if too_big else ['dense', 'project']
             mem = {}
             for impl in impls + (['dense-rows'] if too_big and mode == 'infer' else []):
@@ -394,19 +430,19 @@ def main(argv: list[str] | None = None) -> int:
                          'error': mem['project'].get('error') or timing.get('error'), 'diff': diff,
                          'threads': timing.get('threads')})
     threads = next((r['threads'] for r in rows if r['threads']), 0)
-    print(f'Machine: {_machine(threads, args.omp_wait_policy)}; layer input: {args.features}\n')
-    print('| case | dense time | project time | speed-up | score-matmul floor | project / floor | dense extra mem '
+    print(f'Machine: {_machine(threads, args.omp_wait_policy, args.march)}; layer input: {args.features}\n')
+    print('Times as a multiple of the score-matmul floor measured in the same worker (seconds in brackets).\n')
+    print('| case | score-matmul floor | dense / floor | project / floor | speed-up | dense extra mem '
           '| project extra mem | mem ratio | max abs diff (out) | max rel diff (input grad) |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    print('|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:
         name = f'{"inference" if r["mode"] == "infer" else "train step"} {r["size"]}x{r["size"]}, batch {r["batch"]}'
         d_t, o_t, f_t = (r['medians'].get(k) for k in ('dense', 'project', 'floor'))
         d_m, o_m, diff = r['dense_mib'], r['ours_mib'], r['diff']
-        cells = [name, _cell_time(d_t, r['skipped']),
-                 f'{o_t:.3f} s' if o_t is not None else f'failed ({r["error"]})',
+        cells = [name, f'{f_t:.3f} s' if f_t is not None else '—',
+                 _cell_ratio(d_t, f_t, r['skipped']),
+                 _cell_ratio(o_t, f_t, f'failed ({r["error"]})'),
                  f'{d_t / o_t:.1f}x' if d_t and o_t else '—',
-                 f'{f_t:.3f} s' if f_t is not None else '—',
-                 f'{o_t / f_t:.1f}x' if o_t and f_t else '—',
                  _fmt_mib(d_m), _fmt_mib(o_m), f'{d_m / o_m:.1f}x' if d_m and o_m else '—',
                  (f'{diff["out"]:.1e}' + (f' ({diff["rows"]} rows)' if 'rows' in diff else '')) if diff else '—',
                  f'{diff["grad_rel"]:.1e}' if diff and diff['grad_rel'] is not None else '—']

@@ -284,3 +284,4 @@ def test_hspa_rejects_bad_arguments():
         attention.HSPA(channel=8, impl='sparse')
     with pytest.raises(ValueError, match='topk'):
         attention.HSPA(channel=8, topk=0)
+

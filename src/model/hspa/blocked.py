@@ -2,7 +2,7 @@
 
 ``hspa_attention(q, k, v, topk)`` has two back-ends:
 
-* ``native`` (CPU; the C kernels of model/hspa/native/hspa_kernel.c). Without gradients, one fused kernel call per
+* ``native`` (CPU; the C kernels of model/hspa/native/native.c). Without gradients, one fused kernel call per
   sample: each thread scores a few query rows with its own micro-kernel, finds each row's exact threshold
   by Michelot's iteration (a few vectorised masked sums, no sort) and adds up sum_j p_j v_j over the
   support, O(|support| * C) instead of O(L * C), while the rows are in its cache. With gradients, blocks of
@@ -72,8 +72,9 @@ class _Native:
     """The C kernels over one pass (forward, or backward with ``grad``) of one call's blocks;
     ``supports[i]`` is block i's (crow, cols, p) or None."""
 
-    def __init__(self, x: _Inputs, lib: Any, grad: Tensor | None = None, scores: Tensor | None = None) -> None:
-        self.x, self.lib, self.grad = x, lib, grad
+    def __init__(self, x: _Inputs, lib: Any, grad: Tensor | None = None, scores: Tensor | None = None,
+                 tiles: native.Tiles | None = None) -> None:
+        self.x, self.lib, self.grad, self.tiles = x, lib, grad, tiles
         self.threads = max(1, torch.get_num_threads())
         # The (block x L) score buffer: the one given (a caller's, reused across calls) or made on first use.
         self.scores = scores
@@ -115,14 +116,21 @@ class _Native:
     def attend(self, out: Tensor) -> None:
         """The output of every sample, keeping no support: one fused kernel call per sample."""
         x, p = self.x, native.ptr
-        lanes = 2 * 64 // x.q.element_size()          # the kernel's column tile: two 64-byte vectors
+        lanes = native.column_tile(self.lib, x.q.dtype)
+        tiles = self.tiles or native.tiles_for(self.lib, x.length, x.kwidth, x.q.dtype)
         padded = -(-x.length // lanes) * lanes
-        k_t = torch.zeros(x.kwidth, padded, dtype=x.q.dtype)
+        # Keys packed in tiles of `lanes` keys, channel-major inside a tile (what the micro-kernel reads).
+        k_pad = torch.zeros(padded, x.kwidth, dtype=x.q.dtype)
+        k_packed = torch.empty(padded // lanes, x.kwidth, lanes, dtype=x.q.dtype)
         for s in range(x.n):
             q, k, v = self._contiguous(s)
-            k_t[:, :x.length] = k.t()
-            status = self._fn('hspa_attend')(p(q), p(k_t), x.length, padded, x.kwidth, p(v), x.width,
-                                             p(out[s]), self.threads)
+            k_pad[:x.length] = k
+            k_packed.copy_(k_pad.view(-1, lanes, x.kwidth).transpose(1, 2))
+            status = self._fn('hspa_attend')(p(q), p(k_packed), x.length, padded, x.kwidth, p(v), x.width,
+                                             p(out[s]), tiles.block_rows, tiles.tile_rows, tiles.key_tile,
+                                             self.threads)
+            if status == -2:
+                raise ValueError(f'HSPA kernel: no tile configuration {tiles}')
             if status != 0:
                 raise MemoryError('HSPA: out of memory for the kernel work space')
 
@@ -198,11 +206,11 @@ class _HSPAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, topk: int, block_size: int,
-                memory_budget: int, backend: str) -> Tensor:
+                memory_budget: int, backend: str, tiles: native.Tiles | None) -> Tensor:
         with torch.autocast(device_type=query.device.type, enabled=False):
             x = _Inputs(query, key, value, block_size)
             if backend == 'native':
-                out, ctx.supports = _Native(x, native.load()).forward(
+                out, ctx.supports = _Native(x, native.load(), tiles=tiles).forward(
                     memory_budget if any(ctx.needs_input_grad[:3]) else 0)
             else:
                 out = _torch_forward(x, topk)
@@ -223,17 +231,19 @@ class _HSPAFunction(torch.autograd.Function):
                 grads = _torch_backward(x, ctx.topk, grad, needs)
         dtypes = (query.dtype, key.dtype, value.dtype)
         grads = tuple(None if d is None else d.to(dtype) for d, dtype in zip(grads, dtypes, strict=True))
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def hspa_attention(query: Tensor, key: Tensor, value: Tensor, topk: int, block_size: int = 0,
-                   memory_budget: int = DEFAULT_MEMORY_BUDGET, backend: str | None = None) -> Tensor:
+                   memory_budget: int = DEFAULT_MEMORY_BUDGET, backend: str | None = None,
+                   tiles: native.Tiles | None = None) -> Tensor:
     """Exact ``sparsemax(query @ key^T, dim=-1) @ value`` over blocks of query rows.
 
     query, key: (N, L, Ck); value: (N, L, C). ``topk`` is where the torch back-end's threshold search
     starts (the native one needs none; neither result depends on it). ``block_size``: query rows per
     block (0: about BLOCK_BYTES of scores). ``memory_budget``: bytes of supports kept for backward.
-    ``backend``: 'native' or 'torch'; None takes 'native' on the CPU when the kernels compile.
+    ``backend``: 'native' or 'torch'; None takes 'native' on the CPU when the kernels compile. ``tiles``:
+    the native inference kernel's blocking (None: ``native.tiles_for`` this machine).
     """
     if query.dim() != 3 or key.shape != query.shape or value.dim() != 3 or value.shape[:2] != query.shape[:2]:
         raise ValueError(f'hspa_attention expects query/key (N, L, Ck) and value (N, L, C); got '
@@ -241,7 +251,7 @@ def hspa_attention(query: Tensor, key: Tensor, value: Tensor, topk: int, block_s
     if topk < 1 or block_size < 0:
         raise ValueError(f'hspa_attention needs topk >= 1 and block_size >= 0; got {topk}, {block_size}')
     backend = resolve_backend(backend, query.device)
-    return _HSPAFunction.apply(query, key, value, topk, block_size, memory_budget, backend)
+    return _HSPAFunction.apply(query, key, value, topk, block_size, memory_budget, backend, tiles)
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:

@@ -1,5 +1,18 @@
 """The native CPU kernels of the blocked HSPA: hspa_kernel.c, compiled once per machine and loaded by ctypes."""
 
-from model.hspa.native.loader import describe, function, load, ptr, unavailable_reason
+from model.hspa.native.loader import (
+                                      TILE_ROWS,
+                                      Tiles,
+                                      cache_sizes,
+                                      choose_tiles,
+                                      column_tile,
+                                      describe,
+                                      function,
+                                      load,
+                                      ptr,
+                                      tiles_for,
+                                      unavailable_reason,
+)
 
-__all__ = ['describe', 'function', 'load', 'ptr', 'unavailable_reason']
+__all__ = ['TILE_ROWS', 'Tiles', 'cache_sizes', 'choose_tiles', 'column_tile', 'describe', 'function', 'load', 'ptr',
+           'tiles_for', 'unavailable_reason']

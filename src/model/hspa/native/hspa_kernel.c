@@ -1,4 +1,4 @@
-/* Exact sparsemax attention kernels for the CPU (HSPA), called through ctypes by model/hspa_blocked.py.
+/* Exact sparsemax attention kernels for the CPU (HSPA), called through ctypes by model/hspa/blocked.py.
  *
  * The caller computes a block of scores S (rows x L) with a BLAS matmul; these kernels do the rest:
  *   threshold   tau of each row by Michelot's iteration: Newton's method on
@@ -10,7 +10,10 @@
  *   gather      the support of each row as CSR (column, p = s - tau) and the row's output sum_j p_j v_j.
  *   grad_rows   dP on the support, the sparsemax Jacobian (dS = dP - mean over the support) and dQ.
  *   grad_keys   dK and dV, by key, through a counting-sort transpose of the block's CSR.
- * Rows are shared among threads in small chunks from a common counter (rows differ in cost).
+ *   attend      inference: scores, threshold and output fused, per block of rows, with the blocking
+ *               (block rows, micro-kernel rows, key panel) given by the caller (loader.choose_tiles).
+ * Rows are shared among threads in small chunks from a common counter (rows differ in cost); the threads
+ * are a pool kept for the life of the process, each with work space kept between calls.
  * This file includes itself twice to define every kernel for float (suffix f32) and double (f64).
  */
 #ifndef HSPA_T
@@ -19,30 +22,123 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+
+/* Vector width of the target: the kernels use as many vector registers as the ISA has, no more. */
+#if defined(__AVX512F__)
+#define VBYTES 64
+#elif defined(__AVX__)
+#define VBYTES 32
+#else
+#define VBYTES 16 /* SSE2, NEON and the rest */
+#endif
+#define MAX_THREADS 64
 
 typedef void (*thread_fn)(void *ctx);
 
+/* One process-wide pool of worker threads, started on first use and kept: a call wakes them (a condition
+ * variable, no spinning, so cores shared with other work are not burnt) instead of creating threads. */
 typedef struct {
+    pthread_mutex_t lock; /* guards every field below */
+    pthread_cond_t start, finish;
+    pthread_mutex_t busy; /* held by the caller whose job the pool runs; other callers run alone */
     thread_fn fn;
     void *ctx;
-} thread_arg;
+    int started, wanted, running;
+    uint64_t job;
+    uint64_t first_job[MAX_THREADS]; /* per worker: the job counter when it was created (it waits for the next) */
+} worker_pool;
 
-static void *thread_main(void *p) {
-    thread_arg *a = (thread_arg *)p;
-    a->fn(a->ctx);
+static worker_pool pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
+                           PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0, 0, 0, {0}};
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+
+/* A forked child (DataLoader workers) has none of the parent's threads: it starts an empty pool. */
+static void pool_after_fork(void) {
+    worker_pool fresh = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
+                         PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0, 0, 0, {0}};
+    pool = fresh;
+}
+
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+static void *worker_main(void *p) {
+    const int index = (int)(intptr_t)p; /* 1, 2, ...: worker i takes part in jobs of more than i threads */
+    pthread_mutex_lock(&pool.lock);
+    uint64_t seen = pool.first_job[index];
+    for (;;) {
+        while (pool.job == seen) pthread_cond_wait(&pool.start, &pool.lock);
+        seen = pool.job;
+        if (index > pool.wanted) continue;
+        thread_fn fn = pool.fn;
+        void *ctx = pool.ctx;
+        pthread_mutex_unlock(&pool.lock);
+        fn(ctx);
+        pthread_mutex_lock(&pool.lock);
+        if (--pool.running == 0) pthread_cond_signal(&pool.finish);
+    }
     return NULL;
 }
 
 /* Runs fn(ctx) on n_threads threads (the calling thread is one of them); fn shares the work itself. */
 static void run_threads(int n_threads, thread_fn fn, void *ctx) {
-    if (n_threads > 64) n_threads = 64;
-    thread_arg arg = {fn, ctx};
-    pthread_t threads[64];
-    int started = 0;
-    for (int t = 1; t < n_threads; t++)
-        if (pthread_create(&threads[started], NULL, thread_main, &arg) == 0) started++;
+    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
+    pthread_once(&pool_once, pool_init);
+    if (n_threads <= 1 || pthread_mutex_trylock(&pool.busy) != 0) {
+        fn(ctx);
+        return;
+    }
+    pthread_mutex_lock(&pool.lock);
+    while (pool.started < n_threads - 1) {
+        pthread_t t;
+        pool.first_job[pool.started + 1] = pool.job;
+        if (pthread_create(&t, NULL, worker_main, (void *)(intptr_t)(pool.started + 1)) != 0) break;
+        pthread_detach(t);
+        pool.started++;
+    }
+    pool.wanted = pool.running = n_threads - 1 < pool.started ? n_threads - 1 : pool.started;
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.job++;
+    pthread_cond_broadcast(&pool.start);
+    pthread_mutex_unlock(&pool.lock);
     fn(ctx);
-    for (int t = 0; t < started; t++) pthread_join(threads[t], NULL);
+    pthread_mutex_lock(&pool.lock);
+    while (pool.running > 0) pthread_cond_wait(&pool.finish, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool.busy);
+}
+
+/* Per-thread work space, kept between calls (no page faults of fresh allocations in every call). */
+enum { WS_SCORES, WS_QUERIES, WS_SUBSET, WS_COLS, WS_VALS, WS_SLOTS };
+static __thread void *ws_ptr[WS_SLOTS];
+static __thread size_t ws_cap[WS_SLOTS];
+
+static void *workspace(int slot, size_t bytes) {
+    if (ws_cap[slot] < bytes) {
+        void *p = NULL;
+        free(ws_ptr[slot]);
+        ws_ptr[slot] = NULL;
+        ws_cap[slot] = 0;
+        if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
+        ws_ptr[slot] = p;
+        ws_cap[slot] = bytes;
+    }
+    return ws_ptr[slot];
+}
+
+/* Bytes of one vector register of the build; the column tile of the score micro-kernel is two of them. */
+int hspa_vector_bytes(void) { return VBYTES; }
+
+/* L1 data and L2 cache sizes from the C library (0 where it does not say). */
+void hspa_cache_sizes(int64_t *l1d, int64_t *l2) {
+    long a = -1, b = -1;
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+    a = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    *l1d = a > 0 ? a : 0;
+    *l2 = b > 0 ? b : 0;
 }
 
 typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
@@ -74,8 +170,6 @@ static void parallel_for(int64_t n, int64_t chunk, int n_threads, range_fn fn, v
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define GROUP 16 /* vectors per group whose lane-wise maximum joins the subset */
-#define TILE_ROWS 6 /* query rows of the score micro-kernel */
-#define BLOCK_ROWS 24 /* query rows a thread scores and thresholds at a time */
 
 #define HSPA_T float
 #define HSPA_I int32_t
@@ -93,10 +187,10 @@ static void parallel_for(int64_t n, int64_t chunk, int n_threads, range_fn fn, v
 #else /* the kernels for one element type HSPA_T (HSPA_I: the integer of the same width) */
 
 #define T HSPA_T
-#define W (int64_t)(64 / sizeof(T)) /* lanes of one 64-byte vector */
-typedef T CAT(vec, SFX) __attribute__((vector_size(64)));
-typedef HSPA_I CAT(ivec, SFX) __attribute__((vector_size(64)));
-typedef uint64_t CAT(uvec, SFX) __attribute__((vector_size(64)));
+#define W (int64_t)(VBYTES / sizeof(T)) /* lanes of one vector */
+typedef T CAT(vec, SFX) __attribute__((vector_size(VBYTES)));
+typedef HSPA_I CAT(ivec, SFX) __attribute__((vector_size(VBYTES)));
+typedef uint64_t CAT(uvec, SFX) __attribute__((vector_size(VBYTES)));
 #define VEC CAT(vec, SFX)
 #define IVEC CAT(ivec, SFX)
 #define UVEC CAT(uvec, SFX)
@@ -107,7 +201,7 @@ static inline VEC CAT(vmax, SFX)(VEC a, VEC b) { IVEC m = a > b; return (VEC)(((
 static inline int CAT(any, SFX)(IVEC m) {
     UVEC u = (UVEC)m;
     uint64_t r = 0;
-    for (int l = 0; l < 8; l++) r |= u[l];
+    for (int l = 0; l < VBYTES / 8; l++) r |= u[l];
     return r != 0;
 }
 
@@ -173,9 +267,10 @@ static T CAT(row_threshold, SFX)(const T *s, int64_t n, T *subset, int64_t *supp
     return CAT(michelot, SFX)(s, n, m, t, support);
 }
 
+/* The calling thread's work space for row_threshold's subset (NULL: none needed, or no memory). */
 static T *CAT(subset_buffer, SFX)(int64_t n) {
     const int64_t groups = n / (W * GROUP);
-    return groups > 1 ? malloc((size_t)groups * W * sizeof(T)) : NULL;
+    return groups > 1 ? workspace(WS_SUBSET, (size_t)groups * W * sizeof(T)) : NULL;
 }
 
 /* Appends the support of row s (entries > t) to cols/vals from index e; returns the new end. */
@@ -214,7 +309,6 @@ static void CAT(threshold_range, SFX)(void *p, int64_t begin, int64_t end) {
     T *subset = CAT(subset_buffer, SFX)(c->length);
     for (int64_t i = begin; i < end; i++)
         c->tau[i] = CAT(row_threshold, SFX)(c->s + i * c->length, c->length, subset, &c->nnz[i]);
-    free(subset);
 }
 
 void CAT(hspa_threshold, SFX)(const T *s, int64_t rows, int64_t length, T *tau, int64_t *nnz, int n_threads) {
@@ -251,76 +345,112 @@ void CAT(hspa_gather, SFX)(const T *s, int64_t rows, int64_t length, const T *ta
 }
 
 typedef struct {
-    const T *q, *kt, *v;
-    int64_t length, padded, kwidth, width;
+    const T *q, *kp, *v;
+    int64_t length, padded, kwidth, width, block_rows, tile_rows, key_tile;
     T *out;
-    int64_t next; /* next block of BLOCK_ROWS query rows */
+    int64_t next; /* first query row of the next block */
+    int failed;
 } CAT(attend_ctx, SFX);
 
-/* scores[r][j] = q[r] . kt[:, j] for TILE_ROWS rows and the 2W columns from j0; kt is (kwidth x padded). */
-static void CAT(score_tile, SFX)(const T *qt, const T *kt, int64_t padded, int64_t kwidth, int64_t j0, T *scores) {
-    VEC acc[TILE_ROWS][2];
-    for (int r = 0; r < TILE_ROWS; r++) acc[r][0] = acc[r][1] = CAT(splat, SFX)(0);
-    for (int64_t c = 0; c < kwidth; c++) {
-        const VEC k0 = CAT(load, SFX)(kt + c * padded + j0), k1 = CAT(load, SFX)(kt + c * padded + j0 + W);
-        for (int r = 0; r < TILE_ROWS; r++) {
-            const VEC a = CAT(splat, SFX)(qt[r * kwidth + c]);
-            acc[r][0] += a * k0;
-            acc[r][1] += a * k1;
-        }
+/* scores[r][j] = q[r] . k[j] for MR query rows and the 2W keys of one packed tile: kp holds k[j0 + l][c]
+ * at kp[c * 2W + l], qt holds q[r][c] at qt[c * MR + r]; the MR x 2 accumulators stay in registers. */
+#define SCORE_TILE(MR)                                                                                        \
+    static void CAT(CAT(score_tile, MR), SFX)(const T *qt, const T *kp, int64_t kwidth, T *scores,              \
+                                              int64_t stride) {                                               \
+        VEC acc[MR][2];                                                                                       \
+        for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = CAT(splat, SFX)(0);                             \
+        for (int64_t c = 0; c < kwidth; c++) {                                                                \
+            const VEC k0 = CAT(load, SFX)(kp + c * 2 * W), k1 = CAT(load, SFX)(kp + c * 2 * W + W);          \
+            for (int r = 0; r < MR; r++) {                                                                    \
+                const VEC a = CAT(splat, SFX)(qt[c * MR + r]);                                               \
+                acc[r][0] += a * k0;                                                                          \
+                acc[r][1] += a * k1;                                                                          \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int r = 0; r < MR; r++) {                                                                        \
+            memcpy(scores + r * stride, &acc[r][0], sizeof(VEC));                                             \
+            memcpy(scores + r * stride + W, &acc[r][1], sizeof(VEC));                                         \
+        }                                                                                                     \
     }
-    for (int r = 0; r < TILE_ROWS; r++) {
-        memcpy(scores + r * padded + j0, &acc[r][0], sizeof(VEC));
-        memcpy(scores + r * padded + j0 + W, &acc[r][1], sizeof(VEC));
+SCORE_TILE(4)
+SCORE_TILE(6)
+SCORE_TILE(8)
+SCORE_TILE(12)
+#undef SCORE_TILE
+
+typedef void (*CAT(score_fn, SFX))(const T *, const T *, int64_t, T *, int64_t);
+
+static CAT(score_fn, SFX) CAT(score_kernel, SFX)(int64_t tile_rows) {
+    switch (tile_rows) {
+    case 4: return CAT(score_tile_4, SFX);
+    case 6: return CAT(score_tile_6, SFX);
+    case 8: return CAT(score_tile_8, SFX);
+    case 12: return CAT(score_tile_12, SFX);
+    default: return NULL;
     }
 }
 
 static void CAT(attend_thread, SFX)(void *p) {
     CAT(attend_ctx, SFX) *c = p;
-    const int64_t n = c->length, np = c->padded, kw = c->kwidth;
-    T *scores = malloc((size_t)BLOCK_ROWS * np * sizeof(T));
-    T *qt = calloc((size_t)BLOCK_ROWS * kw, sizeof(T));
+    const int64_t n = c->length, np = c->padded, kw = c->kwidth, mr = c->tile_rows;
+    const int64_t groups = (c->block_rows + mr - 1) / mr;
+    /* Score rows one cache line longer than the keys: rows a power of two apart would share cache sets. */
+    const int64_t stride = np + 64 / (int64_t)sizeof(T);
+    const CAT(score_fn, SFX) score = CAT(score_kernel, SFX)(mr);
+    T *scores = workspace(WS_SCORES, (size_t)(groups * mr) * stride * sizeof(T));
+    T *qt = workspace(WS_QUERIES, (size_t)(groups * mr) * kw * sizeof(T));
     T *subset = CAT(subset_buffer, SFX)(n);
-    int32_t *cols = malloc((size_t)n * sizeof(int32_t));
-    T *vals = malloc((size_t)n * sizeof(T));
-    if (scores && qt && cols && vals) {
-        for (;;) {
-            const int64_t r0 = __atomic_fetch_add(&c->next, BLOCK_ROWS, __ATOMIC_RELAXED);
-            if (r0 >= n) break;
-            const int64_t rows = r0 + BLOCK_ROWS <= n ? BLOCK_ROWS : n - r0;
-            memset(qt, 0, (size_t)BLOCK_ROWS * kw * sizeof(T));
-            memcpy(qt, c->q + r0 * kw, (size_t)rows * kw * sizeof(T));
-            /* Column tiles outside, row tiles inside: each tile of kt is loaded from memory once per block. */
-            for (int64_t j0 = 0; j0 < np; j0 += 2 * W)
-                for (int64_t g = 0; g < rows; g += TILE_ROWS)
-                    CAT(score_tile, SFX)(qt + g * kw, c->kt, np, kw, j0, scores + g * np);
-            for (int64_t i = 0; i < rows; i++) {
-                const T *s = scores + i * np;
-                int64_t nnz;
-                const T t = CAT(row_threshold, SFX)(s, n, subset, &nnz);
-                const int64_t e = t == t ? CAT(row_support, SFX)(s, n, t, cols, vals, 0) : 0;
-                CAT(row_output, SFX)(cols, vals, 0, e, t, c->v, c->width, c->out + (r0 + i) * c->width);
+    int32_t *cols = workspace(WS_COLS, (size_t)n * sizeof(int32_t));
+    T *vals = workspace(WS_VALS, (size_t)n * sizeof(T));
+    if (!scores || !qt || !cols || !vals || (n / (W * GROUP) > 1 && !subset)) {
+        __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    for (;;) {
+        const int64_t r0 = __atomic_fetch_add(&c->next, c->block_rows, __ATOMIC_RELAXED);
+        if (r0 >= n) break;
+        const int64_t rows = r0 + c->block_rows <= n ? c->block_rows : n - r0;
+        const int64_t used = (rows + mr - 1) / mr;
+        /* The block's queries, packed per group of mr rows as the micro-kernel reads them (zero rows pad). */
+        for (int64_t g = 0; g < used; g++)
+            for (int64_t r = 0; r < mr; r++) {
+                const int64_t row = g * mr + r;
+                for (int64_t d = 0; d < kw; d++) qt[g * mr * kw + d * mr + r] = row < rows ? c->q[(r0 + row) * kw + d] : 0;
             }
+        /* Key panels of key_tile columns outside, row groups inside: each panel is read from memory once
+         * per block and then from the L1 cache. */
+        for (int64_t j0 = 0; j0 < np; j0 += c->key_tile) {
+            const int64_t j1 = j0 + c->key_tile < np ? j0 + c->key_tile : np;
+            for (int64_t g = 0; g < used; g++)
+                for (int64_t j = j0; j < j1; j += 2 * W)
+                    score(qt + g * mr * kw, c->kp + j * kw, kw, scores + g * mr * stride + j, stride);
+        }
+        for (int64_t i = 0; i < rows; i++) {
+            const T *s = scores + i * stride;
+            int64_t nnz;
+            const T t = CAT(row_threshold, SFX)(s, n, subset, &nnz);
+            const int64_t e = t == t ? CAT(row_support, SFX)(s, n, t, cols, vals, 0) : 0;
+            CAT(row_output, SFX)(cols, vals, 0, e, t, c->v, c->width, c->out + (r0 + i) * c->width);
         }
     }
-    free(scores);
-    free(qt);
-    free(subset);
-    free(cols);
-    free(vals);
 }
 
-/* out = sparsemax(q kt) v for one sample, keeping nothing (inference). q: (length x kwidth); kt: the keys
- * transposed, (kwidth x padded) with padded a multiple of 2W and zero columns from length on; v: (length x
- * width). Each thread scores BLOCK_ROWS rows with its own micro-kernel and thresholds them while they are
- * in its cache, so a call has no synchronisation but its end. Returns 0, or -1 without work space. */
-int CAT(hspa_attend, SFX)(const T *q, const T *kt, int64_t length, int64_t padded, int64_t kwidth, const T *v,
-                          int64_t width, T *out, int n_threads) {
-    if (padded % (2 * W) || padded < length) return -1;
-    CAT(attend_ctx, SFX) c = {q, kt, v, length, padded, kwidth, width, out, 0};
-    const int64_t blocks = (length + BLOCK_ROWS - 1) / BLOCK_ROWS;
+/* out = sparsemax(q k^T) v for one sample, keeping nothing (inference). q: (length x kwidth); kp: the keys
+ * packed in tiles of 2W (two vectors) keys, tile t holding k[2W t + l][c] at kp[(2W t) kwidth + 2W c + l],
+ * padded with zero keys to `padded` (a multiple of 2W) keys; v: (length x width). Each thread takes
+ * block_rows query rows at a time, scores them with its micro-kernel of tile_rows rows (4, 6, 8 or 12)
+ * over key panels of key_tile keys (a multiple of 2W), and thresholds them while they are in its cache.
+ * Returns 0; -1 without work space; -2 for a tile configuration the kernel does not have. */
+int CAT(hspa_attend, SFX)(const T *q, const T *kp, int64_t length, int64_t padded, int64_t kwidth, const T *v,
+                          int64_t width, T *out, int64_t block_rows, int64_t tile_rows, int64_t key_tile,
+                          int n_threads) {
+    if (padded % (2 * W) || padded < length || block_rows < 1 || key_tile < 1 || key_tile % (2 * W) ||
+        !CAT(score_kernel, SFX)(tile_rows))
+        return -2;
+    CAT(attend_ctx, SFX) c = {q, kp, v, length, padded, kwidth, width, block_rows, tile_rows, key_tile, out, 0, 0};
+    const int64_t blocks = (length + block_rows - 1) / block_rows;
     run_threads(n_threads < blocks ? n_threads : (int)blocks, CAT(attend_thread, SFX), &c);
-    return c.next >= length ? 0 : -1;
+    return c.failed || c.next < length ? -1 : 0;
 }
 
 typedef struct {

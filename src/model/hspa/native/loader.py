@@ -6,6 +6,10 @@ and cached as ``<cache>/hspan/hspa_kernel-<hash>.so``, where ``<cache>`` is ``$X
 the CPU's feature list, so a shared home directory never serves a library built for another CPU. The
 library is written under a temporary name and renamed, so concurrent processes (torchrun) are safe.
 When no compiler works, ``load()`` returns None and ``unavailable_reason()`` says why.
+
+``load(march)`` builds for another target instead (``'x86-64-v3'``: AVX2 without AVX-512), as a separate
+library. ``choose_tiles`` sizes the fused kernel's tiles from the vector width of the build and the cache
+sizes of the machine (read once from /sys, else from the C library).
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +40,7 @@ _int = ctypes.c_int
 _SIGNATURES = {
     'hspa_threshold': (None, [_p, _i64, _i64, _p, _p, _int]),
     'hspa_gather': (None, [_p, _i64, _i64, _p, _p, _p, _p, _p, _i64, _p, _int]),
-    'hspa_attend': (_int, [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _int]),
+    'hspa_attend': (_int, [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _i64, _int]),
     'hspa_grad_rows': (None, [_p, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, _int]),
     'hspa_grad_keys': (_int, [_p, _p, _p, _p, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _int]),
 }
@@ -83,12 +89,12 @@ def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
 
 
 @functools.cache
-def _build() -> tuple[ctypes.CDLL | None, str]:
+def _build(march: str | None = None) -> tuple[ctypes.CDLL | None, str]:
     compiler = os.environ.get('CC') or 'cc'
     if shutil.which(compiler) is None:
         return None, f'no C compiler found ({compiler!r} is not on PATH; set CC)'
     errors = []
-    for flags in (_FLAGS + _NATIVE, _FLAGS):
+    for flags in ((_FLAGS + _NATIVE, _FLAGS) if march is None else (_FLAGS + [f'-march={march}'],)):
         key = hashlib.sha256(SOURCE.read_bytes() + ' '.join([compiler, *flags, _cpu_id()]).encode())
         target = _cache_dir() / f'hspa_kernel-{key.hexdigest()[:16]}.so'
         if not target.exists():
@@ -105,13 +111,16 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             for suffix in ('f32', 'f64'):
                 fn = getattr(lib, f'{name}_{suffix}')
                 fn.restype, fn.argtypes = restype, argtypes
+        lib.hspa_vector_bytes.restype, lib.hspa_vector_bytes.argtypes = _int, []
+        lib.hspa_cache_sizes.restype, lib.hspa_cache_sizes.argtypes = None, [_p, _p]
         return lib, f'native CPU kernel {target}'
     return None, f'compiling {SOURCE.name} failed: {errors[-1]}'
 
 
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None where it cannot be built (see unavailable_reason)."""
-    return _build()[0]
+def load(march: str | None = None) -> ctypes.CDLL | None:
+    """The compiled kernel library, or None where it cannot be built (see unavailable_reason). ``march``:
+    build for that ``-march`` target instead of the host CPU (benchmarks of other instruction sets)."""
+    return _build(march)[0]
 
 
 def unavailable_reason() -> str:
@@ -137,3 +146,74 @@ def ptr(t: torch.Tensor | None) -> int | None:
     if not t.is_contiguous() or t.device.type != 'cpu':
         raise ValueError('HSPA kernels need contiguous CPU tensors')
     return t.data_ptr()
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The fused kernel's blocking: query rows a thread scores and thresholds at a time (``block_rows``),
+    rows of its register micro-kernel (``tile_rows``, one of TILE_ROWS) and keys per panel (``key_tile``,
+    a multiple of the column tile)."""
+
+    block_rows: int
+    tile_rows: int
+    key_tile: int
+
+
+TILE_ROWS = (4, 6, 8, 12)  # the micro-kernels hspa_kernel.c has
+_LINE = 64
+
+
+def column_tile(lib: ctypes.CDLL, dtype: torch.dtype) -> int:
+    """Keys per micro-kernel tile: two vectors of the build."""
+    return 2 * lib.hspa_vector_bytes() // (8 if dtype == torch.float64 else 4)
+
+
+def _sysfs_cache(level: int, kinds: tuple[str, ...]) -> int:
+    for index in sorted(Path('/sys/devices/system/cpu/cpu0/cache').glob('index*')):
+        try:
+            if int((index / 'level').read_text()) == level and (index / 'type').read_text().strip() in kinds:
+                size = re.fullmatch(r'(\d+)([KMG]?)', (index / 'size').read_text().strip())
+                if size:
+                    return int(size[1]) * {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30}[size[2]]
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+@functools.cache
+def cache_sizes() -> tuple[int, int]:
+    """(L1 data, L2) bytes of one core: /sys on Linux, else the C library's sysconf, else 32 KiB and 1 MiB."""
+    l1d, l2 = _sysfs_cache(1, ('Data',)), _sysfs_cache(2, ('Unified', 'Data'))
+    lib = load()
+    if (not l1d or not l2) and lib is not None:
+        a, b = ctypes.c_int64(0), ctypes.c_int64(0)
+        lib.hspa_cache_sizes(ctypes.byref(a), ctypes.byref(b))
+        l1d, l2 = l1d or a.value, l2 or b.value
+    return l1d or 32 * 2**10, l2 or 2**20
+
+
+def choose_tiles(length: int, kwidth: int, element_size: int, vector_bytes: int, l1d: int, l2: int) -> Tiles:
+    """Tiles for one sample of ``length`` keys of ``kwidth`` channels.
+
+    tile_rows: the most rows whose 2 x tile_rows accumulators, two key vectors and a broadcast query fit the
+    vector registers (32 with AVX-512 and on aarch64, else 16). key_tile: a panel of packed keys takes an
+    eighth of the L2 cache (it is read once per block from memory, then from L2 by every row tile).
+    block_rows: the block's score rows fill at most half the L2 cache, so the threshold passes read them
+    from there, and its packed queries at most half the L1 data cache; at least two row tiles, so that each
+    key panel serves several.
+    """
+    registers = 32 if vector_bytes == 64 or platform.machine().lower() in ('aarch64', 'arm64') else 16
+    tile_rows = max(r for r in TILE_ROWS if 2 * r + 3 <= registers)
+    lanes = 2 * vector_bytes // element_size
+    key_tile = max(lanes, (l2 // 8) // (kwidth * element_size) // lanes * lanes)
+    padded = -(-length // lanes) * lanes
+    rows = min((l2 // 2) // ((padded + _LINE // element_size) * element_size),
+               (l1d // 2) // (kwidth * element_size))
+    block_rows = max(2 * tile_rows, rows // tile_rows * tile_rows)
+    return Tiles(block_rows, tile_rows, key_tile)
+
+
+def tiles_for(lib: ctypes.CDLL, length: int, kwidth: int, dtype: torch.dtype) -> Tiles:
+    """choose_tiles for this machine's caches and the library's vector width."""
+    return choose_tiles(length, kwidth, 8 if dtype == torch.float64 else 4, lib.hspa_vector_bytes(),
+                        *cache_sizes())

@@ -1,0 +1,146 @@
+"""The native kernel's tile configurations, its AVX2 build and its thread pool (src/model/hspa/native/) against
+the sort-based oracle of test_hspa_blocked."""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import time
+
+import pytest
+import torch
+
+from model.hspa import native
+from model.hspa.blocked import _Inputs, _Native
+from test_hspa_blocked import TOL, _inference_inputs, features, hspa_ref, rel
+
+
+def _inference_with(lib, q, k, v, tiles):
+    """The native inference kernel of ``lib`` with the blocking ``tiles`` forced."""
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype)
+    _Native(_Inputs(q, k, v, 0), lib, tiles=tiles).attend(out)
+    return out
+
+
+def _forced_tiles(lib, dtype: torch.dtype, length: int) -> list:
+    """Every micro-kernel, with blocks of one row, one row tile, a ragged count and more rows than the sample,
+    and key panels of one column tile, several, and more keys than the sample."""
+    lanes = native.column_tile(lib, dtype)
+    return [native.Tiles(block, rows, panel)
+            for rows in native.TILE_ROWS
+            for block in (1, rows, 2 * rows + 1, length + 5)
+            for panel in (lanes, 3 * lanes, -(-length // lanes) * lanes + lanes)]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('case', ['ties', 'mixed'])
+def test_every_tile_configuration_is_exact(case, dtype):
+    # Each tile configuration the fused kernel has, forced, against the sort-based oracle.
+    lib = native.load()
+    if lib is None:
+        pytest.skip(native.unavailable_reason())
+    q, k, v = _inference_inputs(case, dtype)
+    ref = hspa_ref(q, k, v)
+    tol = TOL if dtype == torch.float32 else 1e-12
+    for tiles in _forced_tiles(lib, dtype, q.shape[1]):
+        assert rel(_inference_with(lib, q, k, v, tiles), ref) <= tol, tiles
+
+
+def test_chosen_tiles_are_configurations_the_kernel_has():
+    # Over a range of caches, vector widths and shapes, choose_tiles only picks what the kernel implements,
+    # and sizes the blocks to the caches it is given.
+    for vector_bytes in (16, 32, 64):
+        for l1d in (16 * 2**10, 32 * 2**10, 48 * 2**10, 64 * 2**10):
+            for l2 in (256 * 2**10, 2**20, 2 * 2**20, 4 * 2**20):
+                for length, kwidth, elem in ((100, 8, 4), (2304, 96, 4), (16384, 96, 4), (16384, 24, 8)):
+                    t = native.choose_tiles(length, kwidth, elem, vector_bytes, l1d, l2)
+                    lanes = 2 * vector_bytes // elem
+                    assert t.tile_rows in native.TILE_ROWS and t.key_tile % lanes == 0 and t.key_tile >= lanes
+                    assert t.block_rows % t.tile_rows == 0 and t.block_rows >= 2 * t.tile_rows
+                    padded = -(-length // lanes) * lanes
+                    if t.block_rows > 2 * t.tile_rows:
+                        assert t.block_rows * padded * elem <= l2 // 2 and t.block_rows * kwidth * elem <= l1d // 2
+    assert native.choose_tiles(16384, 96, 4, 32, 32 * 2**10, 2**20).tile_rows == 6    # 16 registers
+    l1d, l2 = native.cache_sizes()
+    assert l1d >= 4096 and l2 >= l1d
+
+
+def test_chosen_tiles_for_other_caches_are_exact():
+    # The configurations choose_tiles picks for other machines' caches, run here.
+    lib = native.load()
+    if lib is None:
+        pytest.skip(native.unavailable_reason())
+    q, k, v = _inference_inputs('mixed', torch.float32)
+    ref = hspa_ref(q, k, v)
+    for l1d, l2 in ((16 * 2**10, 256 * 2**10), (48 * 2**10, 2 * 2**20), (64 * 2**10, 32 * 2**20)):
+        tiles = native.choose_tiles(q.shape[1], q.shape[2], 4, lib.hspa_vector_bytes(), l1d, l2)
+        assert rel(_inference_with(lib, q, k, v, tiles), ref) <= TOL, tiles
+
+
+def test_unknown_tile_configuration_is_refused():
+    lib = native.load()
+    if lib is None:
+        pytest.skip(native.unavailable_reason())
+    q, k, v = features(1, 50, 4, 3, scale=1.0)
+    lanes = native.column_tile(lib, torch.float32)
+    for bad in (native.Tiles(8, 5, lanes), native.Tiles(8, 6, lanes + 1), native.Tiles(0, 6, lanes)):
+        with pytest.raises(ValueError, match='tile configuration'):
+            _inference_with(lib, q, k, v, bad)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ('x86_64', 'amd64'), reason='an x86-64 target')
+def test_x86_64_v3_build_is_exact():
+    # The kernels built for AVX2 without AVX-512 (-march=x86-64-v3): the inference kernel with its own tiles
+    # and the training kernels, float32 and float64.
+    lib = native.load('x86-64-v3')
+    if lib is None:
+        pytest.skip(native.unavailable_reason())
+    assert lib.hspa_vector_bytes() == 32
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = _inference_inputs('mixed', dtype)
+        ref = hspa_ref(q, k, v)
+        tol = TOL if dtype == torch.float32 else 1e-12
+        tiles = native.tiles_for(lib, q.shape[1], q.shape[2], dtype)
+        assert tiles.tile_rows == 6
+        assert rel(_inference_with(lib, q, k, v, tiles), ref) <= tol
+        training = _Native(_Inputs(q, k, v, 500), lib)
+        out, supports = training.forward(2**30)
+        assert rel(out, ref) <= tol and all(part is not None for part in supports)
+
+
+def test_kernel_threads_survive_fork():
+    # The kernel's worker threads are started once per process; a forked child (a DataLoader worker) has
+    # none of them and must start its own instead of waiting for the parent's. The child keeps torch on one
+    # thread (as DataLoader workers do: OpenMP is not fork-safe) and runs the kernel on two.
+    lib = native.load()
+    if not hasattr(os, 'fork') or lib is None:
+        pytest.skip('needs fork and the native kernel')
+    q, k, v = features(1, 600, 8, 6, scale=1.0, seed=2)
+    ref = hspa_ref(q, k, v)
+
+    def two_threads() -> float:
+        kernels = _Native(_Inputs(q, k, v, 0), lib)
+        kernels.threads = 2
+        out = torch.empty_like(ref)
+        kernels.attend(out)
+        return rel(out, ref)
+
+    assert two_threads() <= TOL                          # the pool exists in the parent now
+    pid = os.fork()
+    if pid == 0:                                         # the child: the same call, exit status = result
+        try:
+            torch.set_num_threads(1)
+            os._exit(0 if two_threads() <= TOL else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail('the forked child hung in the HSPA kernel')
