@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from errors import UserError
+from option import check_batch_split
 
 # Variables torchrun (and torch.distributed.launch) sets for every worker; env:// reads MASTER_ADDR/PORT too.
 TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
@@ -93,6 +94,10 @@ def check_distributed_args(args: argparse.Namespace, env: DistEnv) -> None:
     if args.batch_size % env.world_size:
         raise RankZeroError(f'--batch_size {args.batch_size} is the global batch: it must be divisible by the '
                             f'{env.world_size} torchrun processes (WORLD_SIZE)')
+    try:
+        check_batch_split(args.batch_size, args.accumulate, env.world_size)
+    except UserError as e:
+        raise RankZeroError(str(e)) from None
     if not args.test_only and 'GAN' in str(args.loss).upper():
         import loss
 

@@ -95,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--gan_k', type=int, default=1, help='discriminator steps per generator step')
     g.add_argument('--amp', type=str, default='off', choices=('off', 'bf16', 'fp16'),
                    help='mixed precision for training')
+    g.add_argument('--accumulate', type=int, default=1,
+                   help='micro-batches per optimizer step: each step sums the gradients of N forwards of '
+                        '--batch_size / N patches (the same patches as one batch)')
+    g.add_argument('--ema_decay', type=float, default=0,
+                   help='keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: off); '
+                        'evaluation and the model files use it')
+    g.add_argument('--ema_start', type=int, default=0,
+                   help='with --ema_decay: the average equals the weights until this optimizer step')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the network for training and evaluation (slower on the CPU: see '
+                        'benchmarks/README.md)')
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--lr', type=float, default=1e-4, help='learning rate')
@@ -106,15 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
                         'over --epochs x --test_every batches')
     g.add_argument('--min_lr', type=float, default=0, help='final learning rate of --lr_schedule cosine')
     g.add_argument('--warmup', type=int, default=0, help='batches of linear learning-rate warm-up (0: none)')
-    g.add_argument('--optimizer', default='ADAM', choices=('SGD', 'ADAM', 'RMSprop'), help='optimizer')
+    g.add_argument('--optimizer', default='ADAM', choices=('SGD', 'ADAM', 'ADAMW', 'RMSprop'),
+                   help='optimizer (ADAMW: Adam with decoupled --weight_decay)')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    g.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.999), help='ADAM betas')
-    g.add_argument('--epsilon', type=float, default=1e-8, help='ADAM epsilon')
+    g.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.999), help='ADAM/ADAMW betas')
+    g.add_argument('--epsilon', type=float, default=1e-8, help='ADAM/ADAMW epsilon')
     g.add_argument('--weight_decay', type=float, default=0, help='weight decay')
     g.add_argument('--gclip', type=float, default=0, help='gradient clipping threshold (0: none)')
 
     g = p.add_argument_group('loss')
-    g.add_argument('--loss', type=str, default='1*L1', help="weighted sum of terms, e.g. '1*L1+0.1*MSE'")
+    g.add_argument('--loss', type=str, default='1*L1',
+                   help="weighted sum of terms, e.g. '1*L1+0.1*MSE' (L1, MSE, Charbonnier, VGG22, VGG54, GAN)")
+    g.add_argument('--charbonnier_eps', type=float, default=1e-3,
+                   help='eps of the Charbonnier term, mean(sqrt((sr - hr)^2 + eps^2)), in --rgb_range units')
     g.add_argument('--skip_threshold', type=float, default=1e8,
                    help='skip a batch whose loss exceeds this multiple of the previous epoch mean')
     g.add_argument('--max_skips', type=int, default=100,
@@ -187,22 +202,40 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_batch_split(batch_size: int, accumulate: int, world_size: int) -> None:
+    """--batch_size must split into --accumulate micro-batches on each of `world_size` processes."""
+    if batch_size % (accumulate * world_size):
+        processes = f' x {world_size} torchrun processes' if world_size > 1 else ''
+        raise UserError(f'--batch_size {batch_size} is not divisible by --accumulate {accumulate}{processes}: '
+                        'each optimizer step needs equal micro-batches')
+
+
 def validate(args: argparse.Namespace) -> None:
     """Refuse values no run can use, naming the flag (combinations a network cannot use are refused where it
     is built: model/<name>.make_model)."""
     at_least = {'patch_size': 1, 'batch_size': 1, 'test_every': 1, 'rgb_range': 1, 'n_feats': 1, 'print_every': 1,
                 'n_resgroups': 1, 'n_resblocks': 0, 'reduction': 1, 'topk': 1, 'hspa_block': 0, 'tile': 0,
                 'tile_overlap': 0, 'split_batch': 1, 'n_GPUs': 1, 'gan_k': 1, 'warmup': 0, 'n_threads': 0,
-                'epochs': 0, 'resume': -1, 'dist_timeout': 1, 'max_skips': 1}
+                'epochs': 0, 'resume': -1, 'dist_timeout': 1, 'max_skips': 1, 'accumulate': 1,
+                'ema_start': 0}
     for flag, low in at_least.items():
         if getattr(args, flag) < low:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected an integer >= {low}')
-    for flag in ('lr', 'gamma', 'epsilon', 'skip_threshold'):
+    for flag in ('lr', 'gamma', 'epsilon', 'skip_threshold', 'charbonnier_eps'):
         if not getattr(args, flag) > 0:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected a positive number')
     for flag in ('gclip', 'weight_decay', 'momentum'):
         if not getattr(args, flag) >= 0:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected 0 or a positive number')
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f'--ema_decay {args.ema_decay}: expected a number in [0, 1) (0: no averaging)')
+    check_batch_split(args.batch_size, args.accumulate, 1)
+    if args.accumulate > 1 and not args.test_only and 'GAN' in str(args.loss).upper():
+        from loss import parse_loss
+
+        if any(t.name == 'GAN' for t in parse_loss(args.loss)):
+            raise UserError(f'--accumulate {args.accumulate}: the GAN term steps its discriminator at every forward; '
+                            'train it without --accumulate')
     if not all(0 <= b < 1 for b in args.betas):
         raise UserError(f'--betas {" ".join(map(str, args.betas))}: expected two numbers in [0, 1)')
     if args.min_lr < 0 or args.min_lr > args.lr:

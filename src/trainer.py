@@ -6,6 +6,11 @@ wrapper's DDP averages the gradients, so the step equals a single-process step o
 values are averaged across processes before logging and before --skip_threshold decides, so all processes
 skip alike.
 
+With --accumulate N each optimizer step runs N forwards and backwards on equal slices of the batch (DDP
+averages gradients on the last one only) and counts as one batch everywhere: learning rate, skips,
+--gclip, the progress and the loss curve. With --ema_decay the weight average (ema.py) follows every
+optimizer step; evaluation and the model files use it, the training state keeps both.
+
 What a run shows as it goes (progress, loss_curve.csv, plots, TensorBoard) lives in watch.py.
 """
 
@@ -21,6 +26,7 @@ from collections.abc import Iterator
 import torch
 
 import distributed
+from ema import WeightAverage
 from errors import UserError
 from evaluate import Evaluator
 from experiment import Experiment
@@ -34,12 +40,15 @@ AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """--optimizer ADAM | SGD | RMSprop with the published hyper-parameter flags."""
+    """--optimizer ADAM | ADAMW | SGD | RMSprop with the published hyper-parameter flags (ADAMW: decoupled
+    --weight_decay)."""
     common = {'lr': args.lr, 'weight_decay': args.weight_decay}
     if args.optimizer == 'SGD':
         return torch.optim.SGD(params, momentum=args.momentum, **common)
     if args.optimizer == 'RMSprop':
         return torch.optim.RMSprop(params, eps=args.epsilon, **common)
+    if args.optimizer == 'ADAMW':
+        return torch.optim.AdamW(params, betas=tuple(args.betas), eps=args.epsilon, **common)
     return torch.optim.Adam(params, betas=tuple(args.betas), eps=args.epsilon, **common)
 
 
@@ -94,6 +103,12 @@ class Trainer:
             if not params:
                 raise UserError(f'--model {args.model} has no trainable parameters: use it with --test_only')
             self.optimizer = make_optimizer(args, params)
+        self.ema: WeightAverage | None = None
+        if args.ema_decay > 0 and not args.test_only:
+            self.ema = WeightAverage(model, args.ema_decay, args.ema_start)
+            experiment.write_log(f'EMA of the weights: decay {args.ema_decay:g}'
+                                 + (f' from optimizer step {args.ema_start}' if args.ema_start else '')
+                                 + '; evaluation and the model files use the average')
         # --amp: the training forward under autocast; fp16 also needs loss scaling (a disabled GradScaler is a
         # pass-through, so there is one code path).
         self.amp_dtype = AMP_DTYPES.get(args.amp)
@@ -131,19 +146,18 @@ class Trainer:
             self.watch.data_ready()
             lr_now = self._set_lr(first + batch)
             self.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                sr = self.model(lr_img, idx_scale)
-            loss = self.loss(sr.float(), hr)  # the loss in float32, whatever the forward ran in
+            self._accumulate_gradients(lr_img, hr, idx_scale)
             value = self._synced_loss_value()
             # NaN/inf fail this comparison too, so a diverging batch never reaches the weights.
             kept = value < args.skip_threshold * self.error_last
             if kept:
-                self.scaler.scale(loss).backward()
                 if args.gclip > 0:
                     self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
                     torch.nn.utils.clip_grad_value_(self.model.parameters(), args.gclip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if self.ema is not None:
+                    self.ema.update(first + batch)
                 self.loss.record()
                 self.skips = 0
             else:
@@ -159,6 +173,21 @@ class Trainer:
         self.epoch = epoch
         self._set_lr(epoch * args.test_every)  # the optimizers hold the LR of the next batch
 
+    def _accumulate_gradients(self, lr_img: torch.Tensor, hr: torch.Tensor, idx_scale: int) -> None:
+        """Forward and backward of the batch in --accumulate equal micro-batches, gradients summed (each loss
+        divided by their number: the batch's mean loss); the loss values are the micro-batches' mean.
+        Under DDP only the last backward averages the gradients across processes."""
+        n = self.args.accumulate
+        values = []
+        for i, (lr_part, hr_part) in enumerate(zip(lr_img.chunk(n), hr.chunk(n), strict=True)):
+            with self.model.gradient_sync(i == n - 1):
+                with self._autocast():
+                    sr = self.model(lr_part, idx_scale)
+                loss = self.loss(sr.float(), hr_part)  # the loss in float32, whatever the forward ran in
+                self.scaler.scale(loss / n if n > 1 else loss).backward()
+            values.append(self.loss.last_values())
+        self.loss.set_last_values([sum(column) / n for column in zip(*values, strict=True)])
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -173,7 +202,8 @@ class Trainer:
 
     def test(self) -> None:
         """Evaluate; when training, checkpoint (model_best too when the first set's PSNR improved)."""
-        is_best = self.evaluator.run(self.epoch)
+        with self._evaluated_weights():
+            is_best = self.evaluator.run(self.epoch, 'EMA weights' if self.ema is not None else '')
         self.watch.evaluated(self.evaluator.history)
         if not self.args.test_only:
             self.save(is_best)
@@ -184,7 +214,8 @@ class Trainer:
         check_finite(self.model, self.epoch)
         if not exp.is_main:
             return
-        self.model.save(exp.dir, self.epoch, is_best)
+        with self._evaluated_weights():
+            self.model.save(exp.dir, self.epoch, is_best)
         self.loss.save(exp, self.watch.loss_points())
         exp.save_torch(self.evaluator.psnr_table(self.epoch), 'psnr_log.pt')
         self.watch.checkpoint(self.evaluator.history)
@@ -192,7 +223,12 @@ class Trainer:
         TrainingState(epoch=self.epoch, model=plain_state_dict(self.model), optimizer_name=self.args.optimizer,
                       optimizer=self.optimizer.state_dict(), loss=self.loss.state(), error_last=self.error_last,
                       scaler=self.scaler.state_dict(), history=list(self.evaluator.history),
-                      log_marks=list(self.log_marks)).save(exp.dir)
+                      log_marks=list(self.log_marks),
+                      ema=self.ema.state_dict() if self.ema is not None else {}).save(exp.dir)
+
+    def _evaluated_weights(self) -> contextlib.AbstractContextManager:
+        """The weights evaluation and the model files use: the --ema_decay average when there is one."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def resume(self) -> None:
         """--load NAME: rank 0 reads the experiment folder (the others may not see it) and loads the weights;
@@ -208,7 +244,13 @@ class Trainer:
             raise distributed.RankZeroError(problem)
         with torch.no_grad():
             distributed.broadcast_tensors(self.model.state_dict().values())
-        self._apply(distributed.broadcast_object(state))
+        state = distributed.broadcast_object(state)
+        if self.ema is not None:  # the stored average (read by rank 0), else the resumed weights
+            if state.ema:
+                distributed.broadcast_tensors(self.ema.tensors())
+            else:
+                self.ema.reset()
+        self._apply(state)
 
     def _read_resume_point(self) -> TrainingState:
         """Load the weights of the epoch to resume from into the model; the state of that epoch, without weights."""
@@ -218,14 +260,24 @@ class Trainer:
             self.model.load_state(self.model.checkpoint_path(exp.dir, f'model_{args.resume}'), flag='--resume')
             epoch = args.resume
         elif stored is not None:
-            self.model.load_weights(stored.model, f'{exp.dir} training state')
+            weights = stored.model
+            if args.test_only and stored.ema:  # evaluate what the run evaluated: the average
+                weights = {**weights, **stored.ema['weights']}
+            self.model.load_weights(weights, f'{exp.dir} training state')
             epoch = stored.epoch
         else:
             self.model.load_state(self.model.checkpoint_path(exp.dir, 'model_latest'), flag=f'--load {args.load}')
             epoch = 0
         if stored is None or stored.epoch < epoch:
             return TrainingState(epoch=epoch)
-        return stored.at_epoch(epoch)
+        state = stored.at_epoch(epoch)
+        if self.ema is not None and state.ema:
+            try:
+                self.ema.load_weights(state.ema['weights'])
+            except ValueError as e:
+                raise UserError(f'{exp.dir} training state: {e}') from None
+        state.ema = {k: v for k, v in state.ema.items() if k != 'weights'}  # broadcast without the tensors
+        return state
 
     def _apply(self, state: TrainingState) -> None:
         """Continue from `state` (every process alike)."""

@@ -9,12 +9,14 @@ evaluation-time forwards: --chop (each model's published forward_chop), --tile, 
 Under torchrun (an initialised process group of several processes) each process drives cuda:LOCAL_RANK (or
 the CPU) and training forwards go through DistributedDataParallel, which averages gradients across processes
 in backward; evaluation forwards use the plain network, so processes evaluating different images never wait
-on each other.
+on each other. With --compile both run the torch.compile'd network (model/compiled.py); the wrapper's state
+dict, and so every file it saves or loads, keeps the plain network's keys.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pkgutil
 from collections.abc import Callable, Mapping
@@ -39,6 +41,7 @@ from model.checkpoint import (
     unwrap_state_dict,
     write_checkpoint,
 )
+from model.compiled import compile_network
 from model.contract import MODEL_FLAGS, ChopRule, SRNetwork
 from model.tiling import tile_starts, tile_weights
 
@@ -207,8 +210,11 @@ class Model(nn.Module):
             self.nets.half()
 
         self.n_parallel = 1
-        self._runners: list[nn.Module] = list(self.nets)  # plain list: DataParallel must not re-register
+        # Plain lists: DataParallel, DDP and compiled modules must not re-register the networks' weights.
+        self._runners: list[nn.Module] = [compile_network(n) for n in self.nets] if args.compile else list(self.nets)
         if self.device.type == 'cuda' and args.n_GPUs > 1:
+            if args.compile:
+                raise UserError(f'--compile with --n_GPUs {args.n_GPUs}: use torchrun for several GPUs')
             if args.n_GPUs > torch.cuda.device_count():
                 raise UserError(f'--n_GPUs {args.n_GPUs}: only {torch.cuda.device_count()} CUDA devices are visible')
             self.n_parallel = args.n_GPUs
@@ -221,7 +227,17 @@ class Model(nn.Module):
             if self.n_parallel > 1:
                 raise UserError(f'--n_GPUs {args.n_GPUs} cannot be combined with torchrun: drop --n_GPUs')
             ids = [self.device.index] if self.device.type == 'cuda' else None
-            self._train_runners = [nn.parallel.DistributedDataParallel(net, device_ids=ids) for net in self.nets]
+            self._train_runners = [nn.parallel.DistributedDataParallel(net, device_ids=ids) for net in self._runners]
+
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Training backwards inside the block average gradients across torchrun processes only when
+        `enabled` (DDP's no_sync otherwise: the micro-batches of --accumulate before the last one)."""
+        stack = contextlib.ExitStack()
+        if not enabled:
+            for runner in self._train_runners:
+                if isinstance(runner, nn.parallel.DistributedDataParallel):
+                    stack.enter_context(runner.no_sync())
+        return stack
 
     # ---- set-up helpers
 
