@@ -1,4 +1,4 @@
-"""Fused Triton HSPA (src/model/hspa_triton.py) against the dense oracle.
+"""Fused Triton HSPA (src/model/hspa/triton/) against the dense oracle.
 
 Without a GPU the kernels run on the CPU in Triton's interpreter (TRITON_INTERPRET=1, set here before the
 kernels are imported), so the maps are small. Outputs and q/k/v gradients must agree with the sort-based
@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip('triton')
 
 from model import attention  # noqa: E402
-from model.hspa_triton import hspa_triton  # noqa: E402
+from model.hspa.triton import hspa_triton  # noqa: E402
 from test_hspa_blocked import TOL, features, hspa_ref, rel  # noqa: E402
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'

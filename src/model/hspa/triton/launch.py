@@ -41,9 +41,9 @@ def available() -> bool:
 
 
 def _kernels() -> ModuleType:
-    from model import _hspa_triton_kernels  # imports triton (a leading _ keeps the registry from importing it)
+    from model.hspa.triton import kernels  # imports triton, so only when a kernel runs
 
-    return _hspa_triton_kernels
+    return kernels
 
 
 def _cdiv(a: int, b: int) -> int:

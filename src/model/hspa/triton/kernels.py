@@ -1,4 +1,4 @@
-"""Triton kernels of model/hspa_triton.py (imported only when the triton impl runs; see there)."""
+"""Triton kernels of model/hspa/triton/launch.py (imported only when the triton impl runs; see there)."""
 
 import triton
 import triton.language as tl
