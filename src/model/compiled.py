@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.attention import HSPA
+from model.hspa import HSPA
 
 EAGER_LAYERS: tuple[type[nn.Module], ...] = (HSPA,)
 
