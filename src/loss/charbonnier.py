@@ -1,4 +1,5 @@
-"""The Charbonnier loss: a smooth L1, mean(sqrt((sr - hr)^2 + eps^2)) (LapSRN, MPRNet, Restormer)."""
+"""The Charbonnier loss: a smooth L1, mean(sqrt((sr - hr)^2 + eps^2)), eps 1e-3 by default (as MPRNet and
+Restormer write it). BasicSR's CharbonnierLoss adds its eps (1e-12) unsquared: --charbonnier_eps 1e-6 here."""
 
 from __future__ import annotations
 
