@@ -11,11 +11,16 @@ same average locally: no communication.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
+
+import distributed
+from errors import UserError
 
 
 class WeightAverage:
@@ -67,15 +72,45 @@ class WeightAverage:
         return {'decay': self.decay, 'start': self.start,
                 'weights': {k: v.detach().cpu().clone() for k, v in self.weights.items()}}
 
-    def load_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Restore the average from state_dict()['weights'] (the same keys)."""
+    def load_weights(self, weights: Mapping[str, torch.Tensor], source: str) -> None:
+        """Restore the average from state_dict()['weights'] (the same keys) read from `source`."""
         if set(weights) != set(self.weights):
             missing, extra = sorted(set(self.weights) - set(weights)), sorted(set(weights) - set(self.weights))
-            raise ValueError(f'the stored EMA does not fit the network (missing {missing[:3]}, unexpected {extra[:3]})')
+            raise UserError(f'{source}: the stored EMA does not fit the network (missing {missing[:3]}, '
+                            f'unexpected {extra[:3]})')
         with torch.no_grad():
             for k, v in weights.items():
                 self.weights[k].copy_(v)
 
-    def tensors(self) -> list[torch.Tensor]:
-        """The average's tensors, in a fixed order (for a broadcast from rank 0)."""
-        return [self.weights[k] for k in sorted(self.weights)]
+
+def average_from_flags(args: argparse.Namespace, module: nn.Module, log: Callable[[str], Any]) -> WeightAverage | None:
+    """The --ema_decay average of a training run's weights (None without it), announced in the log."""
+    if not args.ema_decay > 0 or args.test_only:
+        return None
+    start = f' from optimizer step {args.ema_start}' if args.ema_start else ''
+    log(f'EMA of the weights: decay {args.ema_decay:g}{start}; evaluation and the model files use the average')
+    return WeightAverage(module, args.ema_decay, args.ema_start)
+
+
+def restore_average(average: WeightAverage | None, stored: dict, source: str) -> dict:
+    """Load a training state's average (`stored`, its 'ema' entry) into `average` when both exist; the entry
+    without its tensors, to broadcast (share_average sends them)."""
+    if average is not None and stored:
+        average.load_weights(stored['weights'], source)
+    return {k: v for k, v in stored.items() if k != 'weights'}
+
+
+def share_average(average: WeightAverage | None, stored: bool) -> None:
+    """On resume, every process: rank 0's average (it read the stored one) when `stored`, else the resumed
+    weights."""
+    if average is None:
+        return
+    if stored:
+        distributed.broadcast_tensors([average.weights[k] for k in sorted(average.weights)])
+    else:
+        average.reset()
+
+
+def weights_in_use(average: WeightAverage | None) -> contextlib.AbstractContextManager:
+    """The weights evaluation and the model files use: the average when there is one."""
+    return average.applied() if average is not None else contextlib.nullcontext()

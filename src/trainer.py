@@ -21,12 +21,12 @@ import contextlib
 import itertools
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 import distributed
-from ema import WeightAverage
+from ema import WeightAverage, average_from_flags, restore_average, share_average, weights_in_use
 from errors import UserError
 from evaluate import Evaluator
 from experiment import Experiment
@@ -50,6 +50,23 @@ def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -
     if args.optimizer == 'ADAMW':
         return torch.optim.AdamW(params, betas=tuple(args.betas), eps=args.epsilon, **common)
     return torch.optim.Adam(params, betas=tuple(args.betas), eps=args.epsilon, **common)
+
+
+def accumulate_gradients(model: torch.nn.Module, loss: torch.nn.Module, scaler: torch.amp.GradScaler,
+                         autocast: Callable[[], contextlib.AbstractContextManager], lr_img: torch.Tensor,
+                         hr: torch.Tensor, idx_scale: int, n: int) -> None:
+    """Forward and backward of a batch in `n` (--accumulate) equal micro-batches, gradients summed (each loss
+    divided by n: the batch's mean loss); the loss values kept are the micro-batches' mean. Under DDP only
+    the last backward averages the gradients across processes."""
+    values = []
+    for i, (lr_part, hr_part) in enumerate(zip(lr_img.chunk(n), hr.chunk(n), strict=True)):
+        with model.gradient_sync(i == n - 1):
+            with autocast():
+                sr = model(lr_part, idx_scale)
+            value = loss(sr.float(), hr_part)  # the loss in float32, whatever the forward ran in
+            scaler.scale(value / n if n > 1 else value).backward()
+        values.append(loss.last_values())
+    loss.set_last_values([sum(column) / n for column in zip(*values, strict=True)])
 
 
 def cycle_batches(loader: object, count: int) -> Iterator:
@@ -103,12 +120,7 @@ class Trainer:
             if not params:
                 raise UserError(f'--model {args.model} has no trainable parameters: use it with --test_only')
             self.optimizer = make_optimizer(args, params)
-        self.ema: WeightAverage | None = None
-        if args.ema_decay > 0 and not args.test_only:
-            self.ema = WeightAverage(model, args.ema_decay, args.ema_start)
-            experiment.write_log(f'EMA of the weights: decay {args.ema_decay:g}'
-                                 + (f' from optimizer step {args.ema_start}' if args.ema_start else '')
-                                 + '; evaluation and the model files use the average')
+        self.ema: WeightAverage | None = average_from_flags(args, model, experiment.write_log)
         # --amp: the training forward under autocast; fp16 also needs loss scaling (a disabled GradScaler is a
         # pass-through, so there is one code path).
         self.amp_dtype = AMP_DTYPES.get(args.amp)
@@ -146,7 +158,8 @@ class Trainer:
             self.watch.data_ready()
             lr_now = self._set_lr(first + batch)
             self.optimizer.zero_grad(set_to_none=True)
-            self._accumulate_gradients(lr_img, hr, idx_scale)
+            accumulate_gradients(self.model, self.loss, self.scaler, self._autocast, lr_img, hr, idx_scale,
+                                 args.accumulate)
             value = self._synced_loss_value()
             # NaN/inf fail this comparison too, so a diverging batch never reaches the weights.
             kept = value < args.skip_threshold * self.error_last
@@ -173,21 +186,6 @@ class Trainer:
         self.epoch = epoch
         self._set_lr(epoch * args.test_every)  # the optimizers hold the LR of the next batch
 
-    def _accumulate_gradients(self, lr_img: torch.Tensor, hr: torch.Tensor, idx_scale: int) -> None:
-        """Forward and backward of the batch in --accumulate equal micro-batches, gradients summed (each loss
-        divided by their number: the batch's mean loss); the loss values are the micro-batches' mean.
-        Under DDP only the last backward averages the gradients across processes."""
-        n = self.args.accumulate
-        values = []
-        for i, (lr_part, hr_part) in enumerate(zip(lr_img.chunk(n), hr.chunk(n), strict=True)):
-            with self.model.gradient_sync(i == n - 1):
-                with self._autocast():
-                    sr = self.model(lr_part, idx_scale)
-                loss = self.loss(sr.float(), hr_part)  # the loss in float32, whatever the forward ran in
-                self.scaler.scale(loss / n if n > 1 else loss).backward()
-            values.append(self.loss.last_values())
-        self.loss.set_last_values([sum(column) / n for column in zip(*values, strict=True)])
-
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -202,7 +200,7 @@ class Trainer:
 
     def test(self) -> None:
         """Evaluate; when training, checkpoint (model_best too when the first set's PSNR improved)."""
-        with self._evaluated_weights():
+        with weights_in_use(self.ema):
             is_best = self.evaluator.run(self.epoch, 'EMA weights' if self.ema is not None else '')
         self.watch.evaluated(self.evaluator.history)
         if not self.args.test_only:
@@ -214,7 +212,7 @@ class Trainer:
         check_finite(self.model, self.epoch)
         if not exp.is_main:
             return
-        with self._evaluated_weights():
+        with weights_in_use(self.ema):
             self.model.save(exp.dir, self.epoch, is_best)
         self.loss.save(exp, self.watch.loss_points())
         exp.save_torch(self.evaluator.psnr_table(self.epoch), 'psnr_log.pt')
@@ -225,10 +223,6 @@ class Trainer:
                       scaler=self.scaler.state_dict(), history=list(self.evaluator.history),
                       log_marks=list(self.log_marks),
                       ema=self.ema.state_dict() if self.ema is not None else {}).save(exp.dir)
-
-    def _evaluated_weights(self) -> contextlib.AbstractContextManager:
-        """The weights evaluation and the model files use: the --ema_decay average when there is one."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def resume(self) -> None:
         """--load NAME: rank 0 reads the experiment folder (the others may not see it) and loads the weights;
@@ -245,11 +239,7 @@ class Trainer:
         with torch.no_grad():
             distributed.broadcast_tensors(self.model.state_dict().values())
         state = distributed.broadcast_object(state)
-        if self.ema is not None:  # the stored average (read by rank 0), else the resumed weights
-            if state.ema:
-                distributed.broadcast_tensors(self.ema.tensors())
-            else:
-                self.ema.reset()
+        share_average(self.ema, stored=bool(state.ema))  # rank 0's stored average, else the resumed weights
         self._apply(state)
 
     def _read_resume_point(self) -> TrainingState:
@@ -260,10 +250,8 @@ class Trainer:
             self.model.load_state(self.model.checkpoint_path(exp.dir, f'model_{args.resume}'), flag='--resume')
             epoch = args.resume
         elif stored is not None:
-            weights = stored.model
-            if args.test_only and stored.ema:  # evaluate what the run evaluated: the average
-                weights = {**weights, **stored.ema['weights']}
-            self.model.load_weights(weights, f'{exp.dir} training state')
+            average = stored.ema.get('weights', {}) if args.test_only else {}  # evaluate what the run evaluated
+            self.model.load_weights({**stored.model, **average}, f'{exp.dir} training state')
             epoch = stored.epoch
         else:
             self.model.load_state(self.model.checkpoint_path(exp.dir, 'model_latest'), flag=f'--load {args.load}')
@@ -271,12 +259,7 @@ class Trainer:
         if stored is None or stored.epoch < epoch:
             return TrainingState(epoch=epoch)
         state = stored.at_epoch(epoch)
-        if self.ema is not None and state.ema:
-            try:
-                self.ema.load_weights(state.ema['weights'])
-            except ValueError as e:
-                raise UserError(f'{exp.dir} training state: {e}') from None
-        state.ema = {k: v for k, v in state.ema.items() if k != 'weights'}  # broadcast without the tensors
+        state.ema = restore_average(self.ema, state.ema, f'{exp.dir} training state')
         return state
 
     def _apply(self, state: TrainingState) -> None:
