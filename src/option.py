@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--ema_start', type=int, default=0,
                    help='with --ema_decay: the average equals the weights until this optimizer step')
     g.add_argument('--compile', action='store_true',
-                   help='torch.compile the network for training and evaluation (slower on the CPU: see '
-                        'benchmarks/README.md)')
+                   help='torch.compile the network for training and evaluation (HSPA layers stay eager; '
+                        'speed: benchmarks/README.md)')
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--lr', type=float, default=1e-4, help='learning rate')
