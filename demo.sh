@@ -59,7 +59,7 @@ quick() {
     # Bicubic on the same pipeline, for the comparison.
     "$PYTHON" src/main.py --reset --save quick_bicubic --model Bicubic --scale 2 --rgb_range 1 --save_results \
         --dir_data datasets --data_test Set5 --dir_cache experiment/quick_cache --test_only --n_threads 1 > /dev/null
-    "$PYTHON" src/make_table.py experiment/quick_bicubic experiment/quick --names Bicubic HSPAN-quick \
+    "$PYTHON" src/tools/make_table.py experiment/quick_bicubic experiment/quick --names Bicubic HSPAN-quick \
         --out experiment/quick/table.md
     echo "quick demo: $((SECONDS - start)) s; experiment/quick/ holds results.json, table.md, plots, images"
 }
@@ -99,9 +99,9 @@ ablation() {
         OMP_WAIT_POLICY=PASSIVE "$PYTHON" src/main.py --reset --save "ablation_$att" "${CPU_RECIPE[@]}" \
             --attention "$att" --dir_data "$data" --dir_cache "$data/cache" --epochs 3 --test_every 300 "$@"
     done
-    "$PYTHON" src/make_table.py experiment/ablation_hspa experiment/ablation_softmax experiment/ablation_none \
+    "$PYTHON" src/tools/make_table.py experiment/ablation_hspa experiment/ablation_softmax experiment/ablation_none \
         --names HSPA softmax none --out experiment/ablation_table.md
-    "$PYTHON" src/make_figures.py ablation experiment/ablation_hspa experiment/ablation_softmax \
+    "$PYTHON" src/tools/make_figures.py ablation experiment/ablation_hspa experiment/ablation_softmax \
         experiment/ablation_none --names HSPA softmax none --set Set5 --scale 2 --baseline 33.67
 }
 
@@ -150,11 +150,11 @@ attention_ablation() {
         done
     done
     while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done
-    "$PYTHON" src/make_table.py "${edsr[@]}" "${hspan[@]}" --names "${edsr_names[@]}" "${hspan_names[@]}" \
+    "$PYTHON" src/tools/make_table.py "${edsr[@]}" "${hspan[@]}" --names "${edsr_names[@]}" "${hspan_names[@]}" \
         --out experiment/attention_ablation_table.md
-    "$PYTHON" src/make_figures.py ablation "${edsr[@]}" --names "${edsr_names[@]}" --set Set5 --scale 2 \
+    "$PYTHON" src/tools/make_figures.py ablation "${edsr[@]}" --names "${edsr_names[@]}" --set Set5 --scale 2 \
         --baseline 33.67 --out Figs/attention_ablation_edsr.png
-    "$PYTHON" src/make_figures.py ablation "${hspan[@]}" --names "${hspan_names[@]}" --set Set5 --scale 2 \
+    "$PYTHON" src/tools/make_figures.py ablation "${hspan[@]}" --names "${hspan_names[@]}" --set Set5 --scale 2 \
         --baseline 33.67 --out Figs/attention_ablation_hspan.png
 }
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 from cpu_processes import _patches  # noqa: E402
 from model.compiled import compile_network  # noqa: E402
-from model.hspan import HSPAN  # noqa: E402
+from model.networks.hspan import HSPAN  # noqa: E402
 
 
 def _steps(net: torch.nn.Module, opt: torch.optim.Optimizer, batches: list) -> list[float]:

@@ -34,8 +34,8 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'src'))
 
-from imresize import imresize  # noqa: E402
-from model.hspan import HSPAN  # noqa: E402
+from imageops.imresize import imresize  # noqa: E402
+from model.networks.hspan import HSPAN  # noqa: E402
 
 
 def _patches(n_images: int, steps: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -144,7 +144,7 @@ def recover(world: dict, name: str, ddp: bool) -> tuple[int, str]:
 
 
 def _weights(path: Path) -> dict:
-    from model import read_state_dict
+    from model.checkpoint import read_state_dict
 
     return read_state_dict(path)
 

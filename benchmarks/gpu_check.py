@@ -37,7 +37,7 @@ from model import attention  # noqa: E402
 from model.hspa import hspa_attention  # noqa: E402
 from model.hspa.triton import available as triton_available  # noqa: E402
 from model.hspa.triton import hspa_triton  # noqa: E402
-from model.hspan import HSPAN  # noqa: E402
+from model.networks.hspan import HSPAN  # noqa: E402
 
 HSPAN_X2 = dict(scale=2, n_feats=192, n_resgroups=10, n_resblocks=4, reduction=2, topk=128, res_scale=0.1,
                 rgb_range=1)

@@ -62,7 +62,7 @@ def _worker(spec: dict) -> dict:
     import option
     from hspa import _published_st_function, _reset_peak, _rss_kib
     from model.attention import HSPA
-    from model.msnlan import CrossScaleAttention
+    from model.networks.msnlan import CrossScaleAttention
 
     flags = ['--cpu', '--test_only', *spec['flags']]
     if spec['mode'] == 'chop':

@@ -43,7 +43,7 @@ def worker(size: int, impl: str, seed: int) -> dict:
     import torch
 
     import option
-    from model.msnlan import MSNLAN
+    from model.networks.msnlan import MSNLAN
 
     args = option.parse(['--template', 'MSNLAN', '--scale', '4', '--cpu', '--test_only'])
     torch.manual_seed(seed)

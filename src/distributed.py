@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +81,39 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> DistEnv | None:
 
 
 def uses_cuda(args: argparse.Namespace) -> bool:
-    """The device rule of model.Model: CUDA unless --cpu or no CUDA device is visible."""
+    """The device rule: CUDA unless --cpu or no CUDA device is visible."""
     return not args.cpu and torch.cuda.is_available()
+
+
+def choose_device(args: argparse.Namespace, log: Callable[[str], Any] = print) -> torch.device:
+    """The device of the network: the CPU with --cpu or without CUDA, cuda:LOCAL_RANK in a torchrun job of
+    several processes (one GPU each), else the current CUDA device."""
+    if args.cpu:
+        return torch.device('cpu')
+    if not uses_cuda(args):
+        log('CUDA is not available: running on the CPU')
+        return torch.device('cpu')
+    if get_world_size() > 1:
+        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    return torch.device('cuda')
+
+
+def data_parallel_gpus(args: argparse.Namespace, device: torch.device) -> int:
+    """How many GPUs one process drives with DataParallel: --n_GPUs on CUDA, else 1."""
+    if device.type != 'cuda' or args.n_GPUs <= 1:
+        return 1
+    if args.n_GPUs > torch.cuda.device_count():
+        raise UserError(f'--n_GPUs {args.n_GPUs}: only {torch.cuda.device_count()} CUDA devices are visible')
+    return args.n_GPUs
+
+
+def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`net` inside DistributedDataParallel in a torchrun job of several processes (its construction
+    broadcasts rank 0's weights, so every process starts equal); `net` itself otherwise."""
+    if get_world_size() == 1:
+        return net
+    ids = [device.index] if device.type == 'cuda' else None
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
 
 def check_distributed_args(args: argparse.Namespace, env: DistEnv) -> None:
@@ -98,12 +129,6 @@ def check_distributed_args(args: argparse.Namespace, env: DistEnv) -> None:
         check_batch_split(args.batch_size, args.accumulate, env.world_size)
     except UserError as e:
         raise RankZeroError(str(e)) from None
-    if not args.test_only and 'GAN' in str(args.loss).upper():
-        import loss
-
-        if any(t.name == 'GAN' for t in loss.parse_loss(args.loss)):
-            raise RankZeroError(f'--loss {args.loss}: the GAN term trains its own discriminator per process, '
-                                'which torchrun would let drift apart; train it in a single process')
     if uses_cuda(args) and env.local_rank >= torch.cuda.device_count():
         raise RankZeroError(f'LOCAL_RANK {env.local_rank}: only {torch.cuda.device_count()} CUDA devices are '
                             'visible on this machine (lower --nproc_per_node, or use --cpu)')

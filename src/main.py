@@ -44,9 +44,9 @@ def run(args: argparse.Namespace) -> None:
     import distributed
     import loss
     import model
-    from experiment import Experiment
-    from seeding import seed_everything
-    from trainer import Trainer
+    from runs.experiment import Experiment
+    from training.seeding import seed_everything
+    from training.trainer import Trainer
 
     dist_env = distributed.init_distributed(args)  # None unless started by torchrun
     try:
@@ -54,19 +54,19 @@ def run(args: argparse.Namespace) -> None:
         # The same seed everywhere while the network is built (DDP also broadcasts rank 0's weights).
         seed_everything(args.seed)
         try:  # the checkpoint's architecture flags, before config.txt is written
-            adopted = model.configure(args)
+            configured = model.configure(args)
         except UserError as e:  # decided alike by every process: reported once under torchrun
             raise distributed.RankZeroError(str(e)) from None
         experiment = Experiment(args, restart=distributed.restart_count())
         try:
             experiment.write_log(f'Experiment folder: {experiment.dir}')
-            if adopted:
-                experiment.write_log(model.configuration_note(adopted))
+            if configured.adopted:
+                experiment.write_log(model.configuration_note(configured.adopted))
             if dist_env is not None:
                 experiment.write_log(f'Distributed: {world} processes ({dist_env.backend}); global batch '
                                      f'{args.batch_size} = {args.batch_size // world} per process')
             # The model first: a wrong --model or a checkpoint that does not fit is refused before any data work.
-            net = model.Model(args, log=experiment.write_log)
+            net = model.Model(args, log=experiment.write_log, configured=configured)
             loader = data.Data(args, rank, world, log=experiment.write_log)
             criterion = None
             if not args.test_only:

@@ -7,6 +7,7 @@ processes started with `spawn` can import every module safely.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 
 import template
@@ -79,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='EDSR with --attention hspa|softmax: residual blocks per attention (default 8)')
     g.add_argument('--hspa_impl', type=str, default='auto', choices=('auto', 'dense', 'fast', 'triton'),
                    help='HSPA algorithm: auto (by device and size), fast (blocked, exact; native kernels on '
-                        'the CPU), triton (fused exact kernels, CUDA) or dense (published, N x N scores)')
+                        'the CPU), triton (fused exact kernels, CUDA) or dense (published, N x N scores); '
+                        'MSNLAN: auto, fast or dense for its cross-scale attention')
     g.add_argument('--hspa_block', type=int, default=0,
-                   help='query rows per block of the fast HSPA when training (0: automatic, about 32 MiB of scores)')
+                   help='query rows per block of the fast HSPA when training (0: automatic, about 32 MiB of '
+                        "scores); MSNLAN: query positions per tile of its attention (0: automatic)")
 
     g = p.add_argument_group('training')
     g.add_argument('--reset', action='store_true', help='delete the experiment folder and start afresh')
@@ -196,8 +199,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.epochs = int(1e8)
     args.betas = tuple(args.betas)
     if args.template != '.' and not template.template_values(args.template):
-        raise UserError(f'--template {args.template}: unknown; known: {", ".join(template.TEMPLATES)} '
-                        f'(and {", ".join(template.ALIASES)})')
+        raise UserError(f'--template {args.template}: unknown; known: {", ".join(template.known_names())}')
     validate(args)
     return args
 
@@ -210,17 +212,27 @@ def check_batch_split(batch_size: int, accumulate: int, world_size: int) -> None
                         'each optimizer step needs equal micro-batches')
 
 
+def flag_type(dest: str) -> type | None:
+    """The type a flag's value is parsed to (int, float, str), or None (switches, --model, unknown names)."""
+    return next((a.type for a in build_parser()._actions if a.dest == dest), None)
+
+
+# The smallest value of each integer flag that a run can use.
+AT_LEAST = {'patch_size': 1, 'batch_size': 1, 'test_every': 1, 'rgb_range': 1, 'n_feats': 1, 'print_every': 1,
+            'n_resgroups': 1, 'n_resblocks': 0, 'reduction': 1, 'topk': 1, 'hspa_block': 0, 'tile': 0,
+            'tile_overlap': 0, 'split_batch': 1, 'n_GPUs': 1, 'gan_k': 1, 'warmup': 0, 'n_threads': 0,
+            'epochs': 0, 'resume': -1, 'dist_timeout': 1, 'max_skips': 1, 'accumulate': 1, 'ema_start': 0}
+
+
 def validate(args: argparse.Namespace) -> None:
     """Refuse values no run can use, naming the flag (combinations a network cannot use are refused where it
     is built: model/<name>.make_model)."""
-    at_least = {'patch_size': 1, 'batch_size': 1, 'test_every': 1, 'rgb_range': 1, 'n_feats': 1, 'print_every': 1,
-                'n_resgroups': 1, 'n_resblocks': 0, 'reduction': 1, 'topk': 1, 'hspa_block': 0, 'tile': 0,
-                'tile_overlap': 0, 'split_batch': 1, 'n_GPUs': 1, 'gan_k': 1, 'warmup': 0, 'n_threads': 0,
-                'epochs': 0, 'resume': -1, 'dist_timeout': 1, 'max_skips': 1, 'accumulate': 1,
-                'ema_start': 0}
-    for flag, low in at_least.items():
+    for flag, low in AT_LEAST.items():
         if getattr(args, flag) < low:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected an integer >= {low}')
+    for flag in ('res_scale', 'lr', 'min_lr', 'gamma', 'epsilon', 'momentum', 'weight_decay'):
+        if not math.isfinite(getattr(args, flag)):
+            raise UserError(f'--{flag} {getattr(args, flag)}: expected a finite number')
     for flag in ('lr', 'gamma', 'epsilon', 'skip_threshold', 'charbonnier_eps'):
         if not getattr(args, flag) > 0:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected a positive number')
@@ -255,10 +267,23 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f'--attention {args.attention}: --model Bicubic has no attention')
     if args.resume != 0 and not args.load:
         raise UserError(f'--resume {args.resume} needs --load <experiment name> to say what to resume')
+    if not args.test_only and 'GAN' in str(args.loss).upper():
+        _refuse_gan_under_torchrun(args.loss)
     if args.tensorboard:
-        from tensorboard_log import check_available
+        from runs.tensorboard_log import check_available
 
         check_available()
     for s in args.scale:
         if not args.test_only and args.patch_size % s:
             raise UserError(f'--patch_size {args.patch_size} is not a multiple of --scale {s}')
+
+
+def _refuse_gan_under_torchrun(spec: str) -> None:
+    """The GAN term trains its own discriminator in each process: refused in a torchrun job (every process
+    refuses alike, so rank 0 alone reports it)."""
+    import distributed
+    import loss
+
+    if distributed.torchrun_env() is not None and any(t.name == 'GAN' for t in loss.parse_loss(spec)):
+        raise distributed.RankZeroError(f'--loss {spec}: the GAN term trains its own discriminator per process, '
+                                        'which torchrun would let drift apart; train it in a single process')

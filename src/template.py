@@ -16,15 +16,23 @@ TEMPLATES: dict[str, dict[str, object]] = {
     'EDSR_PAPER': {'model': 'EDSR', 'n_resblocks': 32, 'n_feats': 256, 'res_scale': 0.1},
     'EDSR': {'model': 'EDSR', 'n_resblocks': 16, 'n_feats': 64, 'res_scale': 1},
 }
-ALIASES = {'MSDSN': 'MSNLAN'}
 
 
 def template_values(name: str) -> dict[str, object]:
     """The preset whose name appears in `name` (case-insensitive; first match in TEMPLATES order), or {}."""
+    from model.registry import ALIASES  # the networks' other names (--template MSDSN = MSNLAN)
+
     key = str(name).upper()
     for alias, target in ALIASES.items():
-        key = key.replace(alias, target)
+        key = key.replace(alias.upper(), target.upper())
     return next((dict(values) for t, values in TEMPLATES.items() if t in key), {})
+
+
+def known_names() -> list[str]:
+    """The preset names --template accepts: TEMPLATES, then the networks' other names (e.g. MSDSN)."""
+    from model.registry import ALIASES
+
+    return [*TEMPLATES, *(alias.upper() for alias, target in ALIASES.items() if target.upper() in TEMPLATES)]
 
 
 def set_template(args: argparse.Namespace, given: Collection[str] = ()) -> None:

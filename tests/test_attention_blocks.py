@@ -13,11 +13,12 @@ import main
 import model
 import option
 from conftest import write_blocky_folders
+from model import checkpoint
 from model.attention import HSPA, NonLocalAttention
 from model.checkpoint import read_state_dict
-from model.edsr import EDSR
-from model.hspan import HSPAN
-from model.msnlan import MSNLAN
+from model.networks.edsr import EDSR
+from model.networks.hspan import HSPAN
+from model.networks.msnlan import MSNLAN
 
 
 def _sparsemax(scores: torch.Tensor, dim: int) -> torch.Tensor:
@@ -77,7 +78,7 @@ def test_edsr_attention_keys_and_placement() -> None:
     from errors import UserError
 
     with pytest.raises(UserError, match='--attention none'):
-        model.check_state_fits(hspa, EDSR(**kw).state_dict(), 'ckpt')
+        checkpoint.check_state_fits(hspa, EDSR(**kw).state_dict(), 'ckpt')
 
 
 def _independent_edsr_hspa(net: EDSR, x: torch.Tensor) -> torch.Tensor:

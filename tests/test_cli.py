@@ -67,7 +67,7 @@ def test_main_returns_instead_of_exiting(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_experiment_root_ignores_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import experiment
+    from runs import experiment
 
     monkeypatch.delenv('SR_EXPERIMENT_ROOT', raising=False)
     monkeypatch.chdir(tmp_path)
@@ -79,7 +79,7 @@ def test_experiment_root_ignores_the_working_directory(tmp_path: Path, monkeypat
 def test_reset_deletes_in_python(tmp_path: Path) -> None:
     import argparse
 
-    import experiment
+    from runs import experiment
 
     name = 'odd name; rm -rf $HOME'  # a shell would split this; shutil takes it as one folder name
     old = tmp_path / name
@@ -103,6 +103,10 @@ def test_reset_deletes_in_python(tmp_path: Path) -> None:
     (['--model', 'EDSR', '--scale', '5'], '--scale 5'),
     (['--chop', '--tile', '32'], '--chop and --tile'),
     (['--tile', '-1'], '--tile -1'),
+    (['--res_scale', 'nan'], '--res_scale nan: expected a finite number'),
+    (['--lr', 'inf'], '--lr inf: expected a finite number'),
+    (['--min_lr', 'nan'], '--min_lr nan'),
+    (['--model', 'MSNLAN', '--hspa_impl', 'triton'], '--hspa_impl triton: MSNLAN'),
     (['--template', 'RCAN'], '--template RCAN'),
     (['--dilation'], 'unrecognized arguments: --dilation'),
     (['--act', 'relu'], 'unrecognized arguments: --act'),

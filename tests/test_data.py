@@ -16,9 +16,9 @@ import torch
 import data
 import option
 from conftest import shared_path
-from data import common
 from errors import UserError
-from imresize import imresize
+from imageops import color
+from imageops.imresize import imresize
 
 
 def quiet(_msg: str) -> None:
@@ -279,7 +279,7 @@ def test_pixel_conversions(tmp_path):
     ds = data.make_dataset('Odd', args, train=False, log=quiet)
     lr, hr, name = ds.test_item([p.stem for p in ds.hr_files].index('rgba'))
     assert lr.shape == (1, 15, 15) and hr.shape == (1, 30, 30)
-    y = common.rgb_to_y(rgba[..., :3])[..., 0] / 255
+    y = color.rgb_to_y(rgba[..., :3]) / 255
     np.testing.assert_allclose(hr[0].numpy(), y, atol=1e-6)
 
 

@@ -21,9 +21,9 @@ import torch
 import distributed
 import main
 import option
-import seeding
 from conftest import ROOT, write_blocky_folders
 from errors import UserError
+from training import seeding
 
 TINY = ['--model', 'HSPAN', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8', '--reduction', '2',
         '--topk', '8', '--res_scale', '0.1', '--rgb_range', '1', '--scale', '2', '--patch_size', '16',
@@ -54,7 +54,7 @@ def _run(world: dict, *argv: str, ddp: bool, ok: bool = True) -> subprocess.Comp
 
 def _weights(path: Path) -> dict:
     """The state dict of a model file (which also carries the network's configuration)."""
-    from model import read_state_dict
+    from model.checkpoint import read_state_dict
 
     return read_state_dict(path)
 

@@ -43,7 +43,7 @@ def _content(log: Path) -> list[str]:
 
 def _weights(path: Path) -> dict:
     """The state dict of a model file (which also carries the network's configuration)."""
-    from model import read_state_dict
+    from model.checkpoint import read_state_dict
 
     return read_state_dict(path)
 
@@ -184,7 +184,7 @@ def test_existing_run_is_not_overwritten(runs: dict, world: dict, monkeypatch: p
 def test_batch_lr_cosine_and_warmup() -> None:
     from argparse import Namespace
 
-    from schedule import lr_at as batch_lr
+    from training.schedule import lr_at as batch_lr
 
     cos = Namespace(lr_schedule='cosine', lr=1e-3, min_lr=1e-5, epochs=2, test_every=50, warmup=0,
                     decay_milestones=[], gamma=0.5)
@@ -200,7 +200,7 @@ def test_batch_lr_cosine_and_warmup() -> None:
 def test_cosine_warmup_resume_matches_uninterrupted(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-batch LRs depend on the batch number only: a 3-epoch run killed after epoch 2 and resumed ends
     where the uninterrupted one does (the curve spans the planned --epochs, so the kill is simulated)."""
-    import trainer
+    from training import trainer
 
     cosine = ['--lr_schedule', 'cosine', '--warmup', '3', '--min_lr', '1e-5', '--epochs', '3']
     _main(world, monkeypatch, '--save', 'cos_full', *cosine)
@@ -224,8 +224,8 @@ def test_gan_discriminator_follows_the_one_schedule(world: dict, monkeypatch: py
     """The discriminator's optimizer gets the network's learning rate, batch by batch (here cosine with
     warm-up, which its own MultiStepLR used to ignore)."""
     import option
-    import trainer
-    from schedule import lr_at
+    from training import trainer
+    from training.schedule import lr_at
 
     flags = ['--loss', '1*L1+0.01*GAN', '--lr_schedule', 'cosine', '--warmup', '1', '--epochs', '3']
     with monkeypatch.context() as m:

@@ -204,8 +204,8 @@ def test_diverging_run_stops_after_max_skips(world: dict, monkeypatch: pytest.Mo
 
 
 def test_non_finite_weights_are_never_written() -> None:
-    import trainer
     from distributed import RankZeroError
+    from training import trainer
 
     net = torch.nn.Linear(2, 2)
     trainer.check_finite(net, 3)

@@ -8,7 +8,7 @@ import torch
 from model.hspa import HSPA, PlanLog, native, plan
 from model.hspa import dispatch as plan_module
 from model.hspa import triton as fused
-from model.hspan import HSPAN
+from model.networks.hspan import HSPAN
 
 CPU, GPU = torch.device('cpu'), torch.device('cuda', 0)
 GIB = 2**30

@@ -8,9 +8,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-import metrics
 from conftest import ROOT, shared_path
-from imresize import contributions, imresize
+from imageops import metrics
+from imageops.imresize import contributions, imresize
 
 SETS = ('Set5', 'Set14', 'B100')
 SCALES = (2, 3, 4)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import loss
 from errors import UserError
-from schedule import set_lr
+from training.schedule import set_lr
 
 
 def _args(spec: str, **kw: object) -> argparse.Namespace:
@@ -80,7 +80,7 @@ def test_state_round_trip_truncates_to_resumed_epoch() -> None:
 
 
 def test_loss_files(tmp_path) -> None:
-    import experiment
+    from runs import experiment
 
     ckp = experiment.Experiment(argparse.Namespace(save='lossrun', load='', reset=False, resume=0, test_only=False),
                              root=tmp_path)

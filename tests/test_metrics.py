@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-import metrics
+from imageops import color, metrics
 
 
 def _noisy_pair(shape=(48, 40, 3), seed=0, sigma=12.0):
@@ -45,16 +45,16 @@ def test_border_is_shaved():
 
 
 def test_rgb_to_y_range():
-    assert metrics.rgb_to_y(np.zeros((1, 1, 3), np.uint8))[0, 0] == pytest.approx(16)
-    assert metrics.rgb_to_y(np.full((1, 1, 3), 255, np.uint8))[0, 0] == pytest.approx(235)
+    assert color.rgb_to_y(np.zeros((1, 1, 3), np.uint8))[0, 0] == pytest.approx(16)
+    assert color.rgb_to_y(np.full((1, 1, 3), 255, np.uint8))[0, 0] == pytest.approx(235)
 
 
 @pytest.mark.parametrize('seed', [0, 1])
 def test_ssim_matches_skimage(seed):
     sr, hr = _noisy_pair(seed=seed)
     b = 3
-    y_sr = metrics.rgb_to_y(sr)[b:-b, b:-b]
-    y_hr = metrics.rgb_to_y(hr)[b:-b, b:-b]
+    y_sr = color.rgb_to_y(sr)[b:-b, b:-b]
+    y_hr = color.rgb_to_y(hr)[b:-b, b:-b]
     expected = structural_similarity(y_sr, y_hr, gaussian_weights=True, sigma=1.5,
                                      use_sample_covariance=False, data_range=255)
     assert metrics.ssim(sr, hr, b) == pytest.approx(expected, abs=1e-9)
@@ -95,6 +95,6 @@ def test_shape_mismatch_is_an_error():
 def test_rgb_to_gray_is_the_channel_for_equal_channels_and_luma_otherwise():
     g = np.arange(256, dtype=np.uint8).reshape(16, 16)
     rgb = np.repeat(g[..., None], 3, axis=2)
-    assert np.array_equal(metrics.rgb_to_gray(rgb)[..., 0], g)
+    assert np.array_equal(color.rgb_to_gray(rgb)[..., 0], g)
     px = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.uint8)
-    assert metrics.rgb_to_gray(px)[0, :, 0].tolist() == [76, 150, 29]
+    assert color.rgb_to_gray(px)[0, :, 0].tolist() == [76, 150, 29]

@@ -11,8 +11,9 @@ import torch
 import model
 import option
 from errors import UserError
-from model.edsr import EDSR
-from model.hspan import HSPAN
+from model import attention, checkpoint
+from model.networks.edsr import EDSR
+from model.networks.hspan import HSPAN
 
 HSPAN_SMALL = ['--model', 'HSPAN', '--scale', '2', '--n_resgroups', '2', '--n_resblocks', '1', '--n_feats', '16',
                '--reduction', '2', '--topk', '8', '--rgb_range', '1', '--hspa_impl', 'dense']
@@ -37,8 +38,8 @@ def _build(tmp_path: Path, obj: object, *extra: str, logs: list[str] | None = No
 
 def _assert_loaded(m: model.Model, state: dict[str, torch.Tensor]) -> None:
     own = m.model.state_dict()
-    assert list(own) == list(model.unwrap_state_dict(state, 'x'))
-    for k, v in model.unwrap_state_dict(state, 'x').items():
+    assert list(own) == list(checkpoint.unwrap_state_dict(state, 'x'))
+    for k, v in checkpoint.unwrap_state_dict(state, 'x').items():
         assert torch.equal(own[k], v), k
 
 
@@ -120,7 +121,7 @@ def test_refusal_happens_before_changing_weights(tmp_path: Path) -> None:
     path = tmp_path / 'bad.pt'
     torch.save(bad, path)
     with pytest.raises(UserError):
-        model.load_into(net, path)
+        checkpoint.load_into(net, path)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
@@ -130,20 +131,20 @@ def test_missing_unreadable_and_non_state_files(tmp_path: Path) -> None:
     junk = tmp_path / 'junk.pt'
     junk.write_bytes(b'not a checkpoint')
     with pytest.raises(UserError, match='cannot read it'):
-        model.read_state_dict(junk)
+        checkpoint.read_state_dict(junk)
     torch.save([1, 2, 3], tmp_path / 'list.pt')
     with pytest.raises(UserError, match='no state dict found'):
-        model.read_state_dict(tmp_path / 'list.pt')
+        checkpoint.read_state_dict(tmp_path / 'list.pt')
     torch.save({'epoch': 3}, tmp_path / 'meta.pt')
     with pytest.raises(UserError, match='no state dict found'):
-        model.read_state_dict(tmp_path / 'meta.pt')
+        checkpoint.read_state_dict(tmp_path / 'meta.pt')
 
 
 def test_refuses_arbitrary_pickles(tmp_path: Path) -> None:
     path = tmp_path / 'evil.pt'
     torch.save({'state_dict': _hspan_state(), 'opt': torch.optim.SGD}, path)  # a class: not allowed by weights_only
     with pytest.raises(UserError, match='cannot read it'):
-        model.read_state_dict(path)
+        checkpoint.read_state_dict(path)
 
 
 def test_no_pre_train(tmp_path: Path) -> None:
@@ -164,7 +165,7 @@ def test_save_plain_atomic_and_round_trip(tmp_path: Path) -> None:
     saved = stored['state_dict']
     assert list(saved) == list(m.model.state_dict())
     assert not any(k.startswith('module.') for k in saved)
-    assert model.plain_state_dict(torch.nn.DataParallel(m.model)).keys() == saved.keys()
+    assert checkpoint.plain_state_dict(torch.nn.DataParallel(m.model)).keys() == saved.keys()
 
     other = model.Model(_args(*HSPAN_SMALL), log=lambda s: None)
     assert not torch.equal(other.model.state_dict()['head.0.weight'], saved['head.0.weight'])
@@ -214,7 +215,7 @@ def test_safetensors_round_trip_with_configuration(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / 'model').iterdir()) == ['model_latest.safetensors']
     with safe_open(str(path), framework='pt') as f:
         assert json.loads(f.metadata()['sr_config']) == {'model': 'hspan', **m.model.config}
-    state, config = model.read_checkpoint(path)
+    state, config = checkpoint.read_checkpoint(path)
     assert config == {'model': 'hspan', **m.model.config}
     for k, v in m.model.state_dict().items():
         assert torch.equal(state[k], v), k
@@ -228,15 +229,29 @@ def test_safetensors_round_trip_with_configuration(tmp_path: Path) -> None:
     model.Model(_args(*HSPAN_SMALL, '--save_format', 'bare_pt'), log=lambda s: None).save(tmp_path / 'b', epoch=1)
     bare = torch.load(tmp_path / 'b' / 'model' / 'model_latest.pt', weights_only=True)
     assert list(bare) == list(m.model.state_dict()) and all(torch.is_tensor(v) for v in bare.values())
-    assert model.read_checkpoint(tmp_path / 'b' / 'model' / 'model_latest.pt')[1] is None
+    assert checkpoint.read_checkpoint(tmp_path / 'b' / 'model' / 'model_latest.pt')[1] is None
+
+
+def test_topk_is_how_not_what(tmp_path: Path) -> None:
+    """topk (where HSPA's exact threshold search starts) is stored for information: --topk on the command
+    line wins over the checkpoint's, and without it the stored value is used."""
+    m = model.Model(_args(*HSPAN_SMALL), log=lambda s: None)
+    m.save(tmp_path, epoch=1)
+    path = str(tmp_path / 'model' / 'model_latest.pt')
+    given = model.Model(_args('--model', 'HSPAN', '--topk', '4', '--pre_train', path), log=lambda s: None)
+    assert {a.topk for a in given.model.modules() if isinstance(a, attention.HSPA)} == {4}
+    stored = model.Model(_args('--model', 'HSPAN', '--pre_train', path), log=lambda s: None)
+    assert {a.topk for a in stored.model.modules() if isinstance(a, attention.HSPA)} == {8}
+    for k, v in m.model.state_dict().items():
+        assert torch.equal(given.model.state_dict()[k], v), k
 
 
 def test_checkpoint_configuration_contradicted_on_the_command_line(tmp_path: Path) -> None:
     m = model.Model(_args(*HSPAN_SMALL), log=lambda s: None)
     m.save(tmp_path, epoch=1)
     path = str(tmp_path / 'model' / 'model_latest.pt')
-    with pytest.raises(UserError, match=r'^--topk 4 contradicts --pre_train .*, which was saved with --topk 8$'):
-        model.Model(_args('--model', 'HSPAN', '--topk', '4', '--pre_train', path), log=lambda s: None)
+    with pytest.raises(UserError, match=r'^--n_feats 32 contradicts --pre_train .*, which was saved with --n_feats 16'):
+        model.Model(_args('--model', 'HSPAN', '--n_feats', '32', '--pre_train', path), log=lambda s: None)
     with pytest.raises(UserError, match=r'^--model EDSR contradicts .* saved with --model hspan$'):
         model.Model(_args('--model', 'EDSR', '--pre_train', path), log=lambda s: None)
     with pytest.raises(UserError, match=r'^--scale 3 contradicts'):

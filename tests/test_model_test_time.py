@@ -11,6 +11,8 @@ import model
 import option
 from conftest import load_reference
 from errors import UserError
+from model import tiling
+from model.contract import ChopRule
 
 IMPLS = ['dense', 'fast', 'auto']  # every HSPA algorithm the flag can select
 # EDSR without residual blocks: head, body conv, upsampler conv (LR, radius 3) and tail conv (HR, radius 1):
@@ -71,28 +73,28 @@ def test_chop_equals_plain_for_local_model_and_recurses() -> None:
 
 def test_chop_rules() -> None:
     from model.contract import EDSR_CHOP
-    from model.hspan import HSPAN_CHOP
+    from model.networks.hspan import HSPAN_CHOP
 
-    assert HSPAN_CHOP == model.ChopRule(shave=10, min_size=120000, h_mult=4, w_mult=8)
+    assert HSPAN_CHOP == ChopRule(shave=10, min_size=120000, h_mult=4, w_mult=8)
     m = _model('--model', 'HSPAN', '--scale', '2', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8',
                '--reduction', '2', '--topk', '8')
     assert m.chop_rule() == HSPAN_CHOP
     m = _model('--model', 'MSNLAN', '--scale', '4', '--n_resgroups', '2', '--n_resblocks', '1', '--n_feats', '16')
-    assert m.chop_rule() == model.ChopRule(shave=10, min_size=3600, h_mult=4, w_mult=4)
+    assert m.chop_rule() == ChopRule(shave=10, min_size=3600, h_mult=4, w_mult=4)
     # EDSR's own rule (EDSR-PyTorch's forward_chop: min_size 160000, quarters not rounded), not HSPAN's
     m = _model(*TINY_EDSR, '--scale', '2')
-    assert m.chop_rule() == EDSR_CHOP == model.ChopRule(shave=10, min_size=160000, h_mult=0, w_mult=0)
+    assert m.chop_rule() == EDSR_CHOP == ChopRule(shave=10, min_size=160000, h_mult=0, w_mult=0)
 
 
 def test_tile_geometry_and_weights() -> None:
     for length, tile, overlap in [(100, 32, 8), (33, 32, 8), (32, 32, 8), (10, 32, 8), (257, 48, 16), (70, 20, 19)]:
-        starts = model.tile_starts(length, tile, overlap)
+        starts = tiling.tile_starts(length, tile, overlap)
         size = min(tile, length)
         assert starts[0] == 0 and starts[-1] + size == length
         for a, b in zip(starts, starts[1:], strict=False):
             assert a < b and a + size - b >= overlap
         for scale in (1, 3):
-            weights = model.tile_weights(starts, length, tile, overlap, scale)
+            weights = tiling.tile_weights(starts, length, tile, overlap, scale)
             total = torch.zeros(scale * length, dtype=torch.float64)
             for a, w in zip(starts, weights, strict=True):
                 assert w.shape == (scale * size,)
@@ -111,7 +113,7 @@ def test_tiled_equals_untiled_within_receptive_field() -> None:
     thin = _model(*TINY_EDSR, '--scale', '2', '--tile', '24', '--tile_overlap', '2')
     thin.model.load_state_dict(m.model.state_dict())
     x = torch.rand(1, 3, 68, 68)
-    assert model.tile_starts(68, 24, 2) == [0, 22, 44]
+    assert tiling.tile_starts(68, 24, 2) == [0, 22, 44]
     with torch.no_grad():
         assert (thin(x) - _plain(m, x)).abs().max().item() > 1e-4
 
@@ -174,7 +176,7 @@ def test_self_ensemble_wraps_chop() -> None:
     with torch.no_grad():
         out = m(x)
         manual = _manual_x8(lambda y: m.forward_chop(y, min_size=200), x)
-        out_small = model.Model.forward_x8(x, lambda y: m.forward_chop(y, min_size=200))
+        out_small = tiling.forward_x8(x, lambda y: m.forward_chop(y, min_size=200))
     assert torch.allclose(out, manual, atol=1e-5)
     assert torch.allclose(out_small, manual, atol=1e-6)
 

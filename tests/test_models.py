@@ -12,10 +12,10 @@ import model
 import option
 from conftest import load_reference, reference_path
 from errors import UserError
-from model import common
-from model.edsr import EDSR
-from model.hspan import HSPAN
-from model.msnlan import MSNLAN
+from model import checkpoint, common
+from model.networks.edsr import EDSR
+from model.networks.hspan import HSPAN
+from model.networks.msnlan import MSNLAN
 
 HSPAN_DEFAULT = dict(n_feats=192, n_resgroups=10, n_resblocks=4, reduction=2, topk=128)
 MSNLAN_DEFAULT = dict(n_feats=64, n_resgroups=8, n_resblocks=9)
@@ -41,7 +41,7 @@ def test_default_layout_keys_order_shapes_and_params(name: str, cls: type, kwarg
     assert sum(p.numel() for p in net.parameters()) == layout['params'][str(scale)]
     # a released checkpoint (exactly these keys and shapes) passes the strict check
     fake = {k: torch.empty(shape, device='meta') for k, shape in layout['keys'][str(scale)]}
-    model.check_state_fits(net, fake, 'layout')
+    checkpoint.check_state_fits(net, fake, 'layout')
 
 
 def _small_hspan(ref: dict, scale: int, impl: str) -> HSPAN:
@@ -193,3 +193,15 @@ def test_meanshift_frozen_and_values() -> None:
     assert torch.allclose(out[0, :, 0, 0], torch.tensor([100 - 102.0, 100 - 127.5, 100 - 153.0]))
     gray = common.MeanShift(1, (0.4, 0.5, 0.6), sign=1, n_colors=1)
     assert torch.allclose(gray(torch.zeros(1, 1, 1, 1)), torch.tensor(0.5))
+
+
+def test_msnlan_attention_impl_and_block_from_the_flags() -> None:
+    """--hspa_impl and --hspa_block reach MSNLAN's cross-scale attention (fast = its blocked computation)."""
+    from model.networks.msnlan import CrossScaleAttention
+
+    flags = ['--model', 'MSNLAN', '--n_resgroups', '2', '--n_resblocks', '1', '--n_feats', '16']
+    net = model.make_network(_args(*flags, '--hspa_impl', 'fast', '--hspa_block', '7'))
+    found = [(m.impl, m.block_size) for m in net.modules() if isinstance(m, CrossScaleAttention)]
+    assert found and set(found) == {('blocked', 7)}
+    net = model.make_network(_args(*flags))
+    assert {(m.impl, m.block_size) for m in net.modules() if isinstance(m, CrossScaleAttention)} == {('auto', 0)}

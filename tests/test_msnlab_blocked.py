@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model.msnlan as msnlan
+import model.networks.msnlan as msnlan
 from conftest import shared_path
-from model.cross_scale import cross_scale_attention, tile_shape
-from model.msnlan import MSNLAB, MSNLAN, CrossScaleAttention
+from model.blocks.cross_scale import cross_scale_attention, tile_shape
+from model.networks.msnlan import MSNLAB, MSNLAN, CrossScaleAttention
 
 BLOCKS = [3, 17, 0]
 
@@ -155,7 +155,7 @@ def test_blocked_msnlan_matches_published_model(scale: int) -> None:
 _PEAK_SCRIPT = '''
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from model.msnlan import CrossScaleAttention
+from model.networks.msnlan import CrossScaleAttention
 
 def status(field):
     for line in open('/proc/self/status'):

@@ -66,3 +66,18 @@ def test_multi_scale_and_zero_epochs():
 def test_bad_values_name_the_flag(argv, words):
     with pytest.raises(UserError, match=words):
         option.parse(argv)
+
+
+def test_gan_under_torchrun_is_refused_when_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GAN term trains a discriminator per process: refused for a torchrun job before anything starts,
+    once (by rank 0); a single process and evaluation-only runs are fine."""
+    from distributed import RankZeroError
+
+    argv = ['--loss', '1*L1+0.01*GAN']
+    assert option.parse(argv).loss == '1*L1+0.01*GAN'
+    for k, v in (('RANK', '0'), ('WORLD_SIZE', '2'), ('LOCAL_RANK', '0')):
+        monkeypatch.setenv(k, v)
+    with pytest.raises(RankZeroError, match='--loss 1\\*L1\\+0.01\\*GAN: the GAN term'):
+        option.parse(argv)
+    assert option.parse([*argv, '--test_only']).test_only
+    assert option.parse(['--loss', '1*L1']).loss == '1*L1'

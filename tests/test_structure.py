@@ -1,6 +1,8 @@
-"""Code shape: no file in src/ over 400 lines, a Trainer class of at most 200 lines, no import cycle among
-the modules of src/ (imports inside functions count; `if TYPE_CHECKING:` blocks, which never run, do not),
-and a README of a user's manual's length."""
+"""Code shape: no Python file over 400 lines, a Trainer class of at most 200 lines, no import cycle among the
+modules of src/ (imports inside functions and `if TYPE_CHECKING:` blocks count: both are dependencies), the
+layer rules (data/, model/ and loss/ never import training/ or runs/; the base modules import nothing above
+them), at most 8 modules directly in src/, a short model/__init__.py, and a README of a user's manual's
+length."""
 
 from __future__ import annotations
 
@@ -14,6 +16,18 @@ from conftest import SRC
 MAX_LINES = 400
 MAX_TRAINER_LINES = 200
 MAX_README_LINES = 240
+MAX_TOP_LEVEL_MODULES = 8
+MAX_MODEL_INIT_LINES = 120
+ROOT = SRC.parent
+# Files over the limit that other branches own today: each must shrink (strict xfail flips when it does).
+OVER_LIMIT_ELSEWHERE = {'tests/test_data.py', 'benchmarks/hspa.py'}
+# Packages below the training loop and the experiment folder, and the base they may import.
+LOWER = ('data', 'model', 'loss')
+UPPER = ('training', 'runs')
+BASE = ('errors', 'fileio', 'distributed', 'imageops')
+# The loss still saves and plots its own epoch log (Loss.save) until it becomes a pure criterion; listed so
+# that no other edge appears and this one is noticed when it goes.
+LOSS_SAVES_ITSELF = ['loss -> runs.curves', 'loss -> runs.experiment']
 
 
 def _modules() -> dict[str, Path]:
@@ -27,22 +41,12 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == 'TYPE_CHECKING') or \
-        (isinstance(test, ast.Attribute) and test.attr == 'TYPE_CHECKING')
-
-
 def _imports(tree: ast.AST, modules: set[str]) -> set[str]:
     """The src/ modules a file imports anywhere (`from pkg import name` counts as pkg.name when that is a
     module, else as pkg)."""
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name in modules)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -89,25 +93,60 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def _top(module: str) -> str:
+    return module.split('.')[0]
+
+
+def _layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    return [f'{a} -> {b}' for a, deps in sorted(graph.items()) for b in sorted(deps)
+            if (_top(a) in LOWER and _top(b) in UPPER) or (_top(a) in BASE and _top(b) not in BASE)]
+
+
 def test_no_import_cycle_among_src_modules() -> None:
     graph = import_graph()
-    assert 'trainer' in graph and 'evaluate' in graph['trainer']  # the graph is really read
+    assert 'training.trainer' in graph and 'training.evaluate' in graph['training.trainer']  # really read
     assert find_cycle(graph) is None, ' -> '.join(find_cycle(graph) or [])
 
 
 def test_cycle_finder_can_fail() -> None:
     assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
     tree = ast.parse('def f():\n    import b\nif TYPE_CHECKING:\n    import c\n')
-    assert _imports(tree, {'b', 'c'}) == {'b'}
+    assert _imports(tree, {'b', 'c'}) == {'b', 'c'}
 
 
-@pytest.mark.parametrize('path', sorted(SRC.rglob('*.py')), ids=lambda p: str(p.relative_to(SRC)))
-def test_no_src_file_over_400_lines(path: Path) -> None:
+def test_layer_rules() -> None:
+    """data/, model/ and loss/ never import training/ or runs/; the base (errors, fileio, distributed,
+    imageops/) imports only the base."""
+    assert _layer_violations(import_graph()) == LOSS_SAVES_ITSELF
+
+
+def test_layer_rule_checker_can_fail() -> None:
+    graph = {'model.wrapper': {'runs.experiment', 'errors'}, 'distributed': {'loss'}}
+    assert _layer_violations(graph) == ['distributed -> loss', 'model.wrapper -> runs.experiment']
+
+
+def test_src_top_level_is_small() -> None:
+    top = sorted(p.name for p in SRC.glob('*.py'))
+    assert 'main.py' in top and len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+def test_model_package_init_is_short() -> None:
+    assert len((SRC / 'model' / '__init__.py').read_text(encoding='utf-8').splitlines()) <= MAX_MODEL_INIT_LINES
+
+
+def _python_files() -> list:
+    files = sorted(p for folder in ('src', 'tests', 'benchmarks') for p in (ROOT / folder).rglob('*.py'))
+    return [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason='owned by another branch'))
+            if p.relative_to(ROOT).as_posix() in OVER_LIMIT_ELSEWHERE else p for p in files]
+
+
+@pytest.mark.parametrize('path', _python_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_file_over_400_lines(path: Path) -> None:
     assert len(path.read_text(encoding='utf-8').splitlines()) <= MAX_LINES
 
 
 def test_trainer_class_is_edsr_sized() -> None:
-    tree = ast.parse((SRC / 'trainer.py').read_text(encoding='utf-8'))
+    tree = ast.parse((SRC / 'training' / 'trainer.py').read_text(encoding='utf-8'))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == 'Trainer')
     assert cls.end_lineno - cls.lineno + 1 <= MAX_TRAINER_LINES
 

@@ -21,11 +21,11 @@ from torch import nn
 import main
 import option
 from conftest import ROOT
-from ema import WeightAverage
 from loss import Loss
 from loss.charbonnier import Charbonnier
-from model import read_state_dict
-from trainer import make_optimizer
+from model.checkpoint import read_state_dict
+from training.ema import WeightAverage
+from training.trainer import make_optimizer
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import faults  # noqa: E402

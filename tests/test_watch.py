@@ -127,7 +127,7 @@ def test_resume_from_an_earlier_epoch_cuts_the_curve_back(runs: dict, world: dic
 
 
 def test_plots_by_batch(runs: dict) -> None:
-    from curves import LossCurve, loss_figure
+    from runs.curves import LossCurve, loss_figure
 
     part = runs['part']
     for name in ('loss_L1.png', 'psnr_Mini.png'):
@@ -141,7 +141,7 @@ def test_plots_by_batch(runs: dict) -> None:
 
 def test_one_evaluation_is_readable() -> None:
     """One PSNR value: a labelled point on an axis from batch 0 (integer ticks), at least 1 dB tall."""
-    from curves import psnr_figure
+    from runs.curves import psnr_figure
 
     fig = psnr_figure('Set5', {'x2': [(900, 35.123)]}, batches_per_epoch=900)
     ax = fig.axes[0]
@@ -154,7 +154,7 @@ def test_one_evaluation_is_readable() -> None:
 
 
 def test_smoothing() -> None:
-    from curves import smooth
+    from runs.curves import smooth
 
     assert smooth([2.0, 2.0, 2.0, 2.0]) == pytest.approx([2.0] * 4)  # bias-corrected: no pull towards 0
     out = smooth([1.0, 0.0, 0.0, 0.0, 0.0], span=3)
@@ -183,7 +183,7 @@ def test_progress_line_without_a_terminal(world: dict, monkeypatch: pytest.Monke
 def test_progress_bar_text() -> None:
     from tqdm import tqdm
 
-    from watch import BAR_FORMAT, format_duration, progress_text
+    from runs.watch import BAR_FORMAT, format_duration, progress_text
 
     assert [format_duration(s) for s in (0, 5.4, 125, 3723)] == ['0:00', '0:05', '2:05', '1:02:03']
     status = progress_text(0.03125, 4e-3, 0.2481, 210)

@@ -18,8 +18,8 @@ passes over the concatenation and stops after batch_size * test_every keys.
 
 Distributed training: `Data(args, rank, world_size)`. With world_size > 1 every rank draws the same
 global batches (same seed) and takes its own contiguous slice of batch_size / world_size keys, so all
-ranks train on one scale per step; test sets are split by rank (image i goes to rank i % world_size,
-no padding), and the caller gathers the per-image scores.
+ranks train on one scale per step; test sets are split by rank (ShardSampler: each image to one rank,
+balanced by pixel count, no padding), and the caller gathers the per-image scores.
 
 Workers: `min(--n_threads, os.cpu_count())` processes (0 = load in the main process); datasets hold only
 paths and numbers, so they pickle for the `spawn` start method. A UserError raised inside a worker

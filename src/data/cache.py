@@ -51,15 +51,12 @@ def check(path: Path, sources: Sequence[Path]) -> str | None:
     return None
 
 
-def ensure(path: Path, sources: Sequence[Path], build: Callable[[], np.ndarray], reset: bool = False) -> bool:
-    """Make sure `path` holds a good cache of `build()`; returns True when it was (re)built."""
-    problem = None if reset else check(path, sources)
-    if not reset and problem is None:
-        return False
+def rebuild(path: Path, problem: str | None, build: Callable[[], np.ndarray]) -> None:
+    """Write `build()` to `path`, warning first when an old file was there (`problem`: what `check` said);
+    OSError when the folder cannot be written."""
     if problem:
         log.warning('%s: cache %s; rebuilding it', path, problem)
     save(path, build())
-    return True
 
 
 def load(path: Path, sources: Sequence[Path], build: Callable[[], np.ndarray]) -> np.ndarray:

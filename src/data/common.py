@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from errors import UserError
+from imageops.color import rgb_to_y
 
 
 class TrainItem(NamedTuple):
@@ -101,21 +102,27 @@ def to_uint8(img: np.ndarray, path: Path | str = '<array>') -> np.ndarray:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to uint8 HxWxC (C 1 or 3); a UserError naming the file when it cannot be read."""
+    """Decode an image file to uint8 HxWxC (C 1 or 3); a UserError naming the file when it cannot be read.
+    Pixels are taken as stored (an EXIF orientation tag is not applied, as in the published readers, so the
+    header's size and the decoded size agree); CMYK is converted to RGB, palettes are expanded."""
     import imageio.v3 as iio
 
     try:
-        img = iio.imread(path)
+        img = np.asarray(iio.imread(path))
+        if img.ndim == 3 and img.shape[2] == 4 and _is_cmyk(path):  # 4 ink channels, not RGBA
+            img = np.asarray(iio.imread(path, mode='RGB'))
     except Exception as exc:  # corrupt, truncated, or not an image: the user's file
         raise UserError(f'{path}: cannot read the image ({_first_line(exc)})') from None
-    return to_uint8(np.asarray(img), path)
+    return to_uint8(img, path)
 
 
-def rgb_to_y(img: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 -> HxWx1 float32 BT.601 luma on 0..255 (16..235), as the published set_channel."""
-    x = img.astype(np.float32)
-    y = 16.0 + (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255.0
-    return y[..., None]
+def _is_cmyk(path: Path) -> bool:
+    """True for a CMYK file (print JPEGs and TIFFs), whose four channels are inks, not RGB plus alpha."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.mode == 'CMYK'
+
 
 
 def set_channel(img: np.ndarray, n_colors: int) -> np.ndarray:
@@ -124,7 +131,7 @@ def set_channel(img: np.ndarray, n_colors: int) -> np.ndarray:
     if n_colors == 3 and c == 1:
         return np.repeat(img, 3, axis=2)
     if n_colors == 1 and c == 3:
-        return rgb_to_y(img)
+        return rgb_to_y(img).astype(np.float32)[..., None]
     return img
 
 

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from data import cache, common
 from errors import UserError
-from imresize import imresize
+from imageops.imresize import imresize
 
 logger = logging.getLogger('data')
 
@@ -205,10 +205,8 @@ class SRData(Dataset):
             return
         log(f'{self.name}: writing {len(todo)} cache file(s) under {self.bin_dir}')
         for path, problem, build in todo:
-            if problem:
-                logger.warning('%s: cache %s; rebuilding it', path, problem)
             try:
-                cache.save(path, build())
+                cache.rebuild(path, problem, build)
             except OSError as exc:
                 logger.warning('%s: cannot write the cache under %s (%s); decoding images on every read instead',
                                self.name, self.bin_dir, type(exc).__name__)

@@ -18,7 +18,7 @@ from torch import nn
 from errors import UserError
 
 if TYPE_CHECKING:  # for annotations only: the experiment folder is passed in, never imported
-    from experiment import Experiment
+    from runs.experiment import Experiment
 
 PIXEL_TERMS = ('L1', 'MSE', 'Charbonnier')
 VGG_TERMS = ('VGG22', 'VGG54')
@@ -156,7 +156,7 @@ class Loss(nn.Module):
     # ---------------------------------------------------------------- persistence
     def state(self) -> dict:
         """Everything resume needs: the spec, the log and the state of stateful terms (GAN)."""
-        # Stateful terms (the GAN's discriminator, its optimizer and schedule) ride in state_dict().
+        # Stateful terms (the GAN's discriminator and its optimizer) ride in state_dict().
         return {'spec': self.spec, 'columns': list(self.columns), 'log': self.log.clone(),
                 'modules': self.functions.state_dict()}
 
@@ -171,7 +171,7 @@ class Loss(nn.Module):
     def save(self, experiment: Experiment, by_batch: dict[str, list[tuple[int, float]]] | None = None) -> None:
         """loss_log.pt and one loss_<term>.png per column, in the experiment folder: the loss against the batch
         number when `by_batch` holds (batch, loss) points of the column (loss_curve.csv), else per epoch."""
-        from curves import save_loss_plot
+        from runs.curves import save_loss_plot
 
         experiment.save_torch(self.log.clone(), 'loss_log.pt')
         epochs = range(1, len(self.log) + 1)

@@ -1,4 +1,5 @@
-"""Model files: reading (bare or wrapped state dicts, .pt or .safetensors), strict fitting, writing.
+"""Model files: reading (bare or wrapped state dicts, .pt or .safetensors), strict fitting, writing, and the
+flags a --pre_train file's configuration sets (configure: the file is read once and handed to the wrapper).
 
 The model files this project writes carry the network's configuration (contract.SRNetwork.config plus the
 model name): in a .pt file as {'config': {...}, 'state_dict': {...}}, in a .safetensors file as the
@@ -8,8 +9,11 @@ config=None, write_checkpoint writes that bare layout too.
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,8 @@ from torch import nn
 
 from errors import UserError
 from fileio import atomic_write, atomic_write_bytes
-from model.contract import SRNetwork
+from model.contract import HOW_FLAGS, SRNetwork
+from model.registry import check_model_flags, resolve_model_name
 
 # Checkpoint containers: a state dict is looked for under these keys, in this order.
 WRAPPER_KEYS = ('params_ema', 'params', 'state_dict', 'model')
@@ -140,18 +145,109 @@ def check_state_fits(net: nn.Module, state: Mapping[str, torch.Tensor], source: 
 
 
 def config_mismatches(config: Mapping[str, object], own: Mapping[str, object]) -> list[str]:
-    """'--flag stored (here built with value)' for each flag both configurations state differently."""
-    return [f'--{k} {config[k]} (built with {own[k]})' for k in own if k in config and config[k] != own[k]]
+    """'--flag stored (here built with value)' for each flag both configurations state differently (flags
+    that choose how a network computes, HOW_FLAGS, never differ in what it is)."""
+    return [f'--{k} {config[k]} (built with {own[k]})' for k in own
+            if k in config and k not in HOW_FLAGS and config[k] != own[k]]
+
+
+def fit_into(net: nn.Module, state: Mapping[str, torch.Tensor], config: Mapping[str, object] | None,
+             source: str) -> None:
+    """Strictly load `state` (read from `source`) into `net`, refusing (UserError) before changing anything:
+    keys and shapes must fit, values must be finite."""
+    check_state_fits(net, state, source)
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise UserError(f'{source}: values not finite (NaN or infinite) in {len(broken)} tensors: {_few(broken)}')
+    diffs = config_mismatches(config or {}, net.config if isinstance(net, SRNetwork) else {})
+    if diffs:
+        raise UserError(f'{source}: the checkpoint was built with {", ".join(diffs)}')
+    net.load_state_dict(state, strict=True)
 
 
 def load_into(net: nn.Module, path: str | Path, flag: str = '--pre_train') -> None:
     """Strictly load the checkpoint at `path` into `net`, refusing (UserError) before changing anything."""
     state, config = read_checkpoint(path, flag)
-    check_state_fits(net, state, f'{flag} {path}')
-    diffs = config_mismatches(config or {}, net.config if isinstance(net, SRNetwork) else {})
-    if diffs:
-        raise UserError(f'{flag} {path}: the checkpoint was built with {", ".join(diffs)}')
-    net.load_state_dict(state, strict=True)
+    fit_into(net, state, config, f'{flag} {path}')
+
+
+def adopt_checkpoint_config(args: argparse.Namespace, config: Mapping[str, object], source: str) -> list[str]:
+    """Set the flags a checkpoint's configuration states, so `--pre_train X` rebuilds its network; a flag
+    given on the command line that contradicts it is refused, naming both values, except a flag of HOW_FLAGS
+    (how the network computes: the command line wins). Returns the flags set ('--n_feats 64', ...). With
+    several --scale values the checkpoint's scale is left to the per-scale files."""
+    adopted = []
+    for key, value in config.items():
+        if key not in vars(args) or (key == 'scale' and len(args.scale) > 1):
+            continue
+        if key in HOW_FLAGS and key in args.cli_flags:
+            continue
+        _check_config_value(key, value, getattr(args, key), source)
+        if key == 'model':
+            given, current = args.model, resolve_model_name(args.model)
+            value = resolve_model_name(str(value))
+        elif key == 'scale':
+            given, current = '+'.join(map(str, args.scale)), args.scale
+            value = [int(value)]
+        else:
+            given = current = getattr(args, key, None)
+        if current == value:
+            continue
+        if key in args.cli_flags:
+            shown = '+'.join(map(str, value)) if key == 'scale' else value
+            raise UserError(f'--{key} {given} contradicts {source}, which was saved with --{key} {shown}')
+        setattr(args, key, value)
+        adopted.append(f'--{key} {"+".join(map(str, value)) if key == "scale" else value}')
+    return adopted
+
+
+def _check_config_value(key: str, value: object, current: object, source: str) -> None:
+    """Refuse a configuration entry whose type the flag cannot take, or a number no run can use."""
+    from option import AT_LEAST, flag_type  # the flags' declared types and integer lower bounds
+
+    kind = flag_type(key)
+    if key == 'scale':
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    elif isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= AT_LEAST.get(key, value)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:  # strings, and flags whose default is None (--attention)
+        ok = isinstance(value, str)
+    if not ok:
+        raise UserError(f'{source}: its configuration entry {key!r} = {value!r} is not a value --{key} can take')
+
+
+def configuration_note(adopted: list[str]) -> str:
+    return f"From the checkpoint's configuration: {' '.join(adopted)}"
+
+
+@dataclass
+class Configured:
+    """What configure() decided: the flags a checkpoint set, and the --pre_train file it read, kept until the
+    wrapper takes it (path -> (state dict, configuration)), so the file is read once."""
+
+    adopted: list[str] = field(default_factory=list)
+    files: dict[str, tuple[dict[str, torch.Tensor], dict | None]] = field(default_factory=dict)
+
+    def take(self, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+        """The checkpoint at `path`: the one configure() read (handed over once), else read now."""
+        return self.files.pop(path, None) or read_checkpoint(path)
+
+
+def configure(args: argparse.Namespace) -> Configured:
+    """Complete args from the --pre_train checkpoint's configuration and refuse model flags --model does not
+    read. Called once, before anything is written (main); Model takes what it returns."""
+    out = Configured()
+    pre_train = str(args.pre_train)
+    if pre_train not in ('', '.'):
+        path = pre_train.replace('{scale}', str(args.scale[0]))
+        out.files[path] = read_checkpoint(path)
+        out.adopted = adopt_checkpoint_config(args, out.files[path][1] or {}, f'--pre_train {pre_train}')
+    check_model_flags(args)
+    return out
 
 
 def plain_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """What a network must and may provide to the Model wrapper.
 
-A model is a module `src/model/<name>.py` that defines
+A model is a module `src/model/networks/<name>.py`, listed in model/registry.py, that defines
 
 - `make_model(args) -> SRNetwork`: builds the network from the parsed flags; raises ValueError naming the
   flag (e.g. '--reduction 16: ...') for a value the network cannot use;
@@ -29,6 +29,9 @@ from torch import nn
 # Flags that only some models read; each model names the ones it reads in its FLAGS.
 MODEL_FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale', 'reduction', 'topk', 'attention',
                'attention_every', 'hspa_impl', 'hspa_block')
+# Model flags that choose how a network computes, not what it computes: a checkpoint may record them, but a
+# value given on the command line wins over it (HSPA's threshold is exact whatever topk is).
+HOW_FLAGS = ('topk', 'hspa_impl', 'hspa_block')
 
 
 @dataclass(frozen=True)

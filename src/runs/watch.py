@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from curves import CURVE_FILE, LossCurve, Points, save_psnr_plot
-from experiment import Experiment
-from records import HistoryEntry
-from timer import Timer
+from runs.curves import CURVE_FILE, LossCurve, Points, save_psnr_plot
+from runs.experiment import Experiment
+from runs.timer import Timer
+from training.records import HistoryEntry
 
 # The status goes in as tqdm's description (its postfix would start with a comma).
 BAR_FORMAT = 'Epoch {epoch} batch {{n_fmt}}/{{total_fmt}} |{{bar:20}}| {{desc}}'
@@ -58,7 +58,7 @@ class Watch:
         if self.main and self.training:
             self.curve.keep_until(epoch * args.test_every)
         if self.main and args.tensorboard:
-            from tensorboard_log import TensorBoardLog
+            from runs.tensorboard_log import TensorBoardLog
 
             self.tb = TensorBoardLog(experiment.path('tb'),
                                      purge_step=epoch * args.test_every + 1 if self.training else None)

@@ -31,9 +31,9 @@ import numpy as np
 from distributed import RankZeroError, broadcast_object, is_main_process
 from errors import UserError
 from fileio import WriteError, atomic_torch_save, atomic_write_bytes, atomic_write_text
-from training_state import TrainingState, has_training_state
+from training.training_state import TrainingState, has_training_state
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Settings that may differ between two runs of one configuration (how it was started, not what it trains).
 RUN_NEUTRAL = ('cli_flags', 'load', 'resume', 'reset', 'debug')
 RESTART_LOCK_WAIT = 60.0  # seconds
@@ -57,8 +57,9 @@ def encode_png(img: np.ndarray) -> bytes:
 class Experiment:
     """The experiment folder of one run: paths, the log, config.txt, images, results.json and plots.
 
-    It only writes; what goes into a checkpoint and how a run resumes is the training state's business
-    (training_state.py).
+    Rank 0 writes; it also reads what decides whether the folder may be used (its lock, config.txt, whether a
+    training state or model files exist) and hands the verdict to the other ranks. What goes into a
+    checkpoint and how a run resumes is the training state's business (training/training_state.py).
     """
 
     def __init__(self, args: argparse.Namespace, root: str | os.PathLike | None = None,
@@ -137,7 +138,7 @@ class Experiment:
     def _restart_point(self, restart: int) -> tuple[str | None, int | None]:
         """A restarted worker group: the epoch of the folder's training state when it is this configuration's
         run, else why not (a different configuration is refused, as without a restart)."""
-        old = _last_config(self.path('config.txt'))
+        old = read_config(self.path('config.txt'))
         new = dict(_config_items(self.args))
         diff = sorted(k for k in set(old) | set(new) if k not in RUN_NEUTRAL and old.get(k) != new.get(k))
         if diff:
@@ -253,8 +254,8 @@ def _config_items(args: argparse.Namespace) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in sorted(vars(args).items())]
 
 
-def _last_config(path: Path) -> dict[str, str]:
-    """The settings of the last block of a config.txt ({} when there is none)."""
+def read_config(path: Path) -> dict[str, str]:
+    """The settings of the last block of a config.txt, as name -> text ({} when there is none)."""
     blocks = path.read_text(encoding='utf-8').split('\n# ') if path.is_file() else ['']
     pairs = (ln.split(': ', 1) for ln in blocks[-1].splitlines()[1:] if ': ' in ln)
     return {k: v for k, v in pairs}

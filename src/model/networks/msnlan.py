@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import common
+from model.blocks.cross_scale import cross_scale_attention
 from model.contract import ChopRule, SRNetwork
-from model.cross_scale import cross_scale_attention
 from model.hspa import soft_threshold
 
 MSNLAN_MEAN = (0.4025, 0.4482, 0.4264)
-FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale', 'attention', 'topk')
+FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale', 'attention', 'topk', 'hspa_impl', 'hspa_block')
+# --hspa_impl -> CrossScaleAttention impl: fast is its blocked computation (exact; no Triton kernel here).
+IMPLS = {'auto': 'auto', 'dense': 'dense', 'fast': 'blocked'}
 CCA_REDUCTION = 16  # channel reduction of the contrast channel attention in every RMAB
 # CrossScaleAttention impl='auto': images whose score map (positions x patches) has at most this many entries
 # (32 MiB in float32) take the published dense arithmetic, larger ones the blocked computation.
@@ -35,7 +37,8 @@ ATTENTIONS = ('softmax', 'hspa')
 
 def make_model(args: argparse.Namespace) -> SRNetwork:
     """MSNLAN from the flags; --attention (None: softmax, the published model) picks the normaliser of
-    the multi-scale attention: softmax or hspa (soft thresholding of the same scores)."""
+    the multi-scale attention: softmax or hspa (soft thresholding of the same scores); --hspa_impl and
+    --hspa_block choose how its attention is computed (IMPLS, block_size)."""
     if args.n_resgroups < 2 or args.n_resgroups % 2:
         raise ValueError(f'--n_resgroups {args.n_resgroups}: MSNLAN needs an even number of groups, at least 2 '
                          '(half before its attention block, half after)')
@@ -46,6 +49,9 @@ def make_model(args: argparse.Namespace) -> SRNetwork:
     if attention not in ATTENTIONS:
         raise ValueError(f'--attention {attention}: MSNLAN supports softmax (published) or hspa (soft '
                          'thresholding inside its multi-scale attention)')
+    if args.hspa_impl not in IMPLS:
+        raise ValueError(f'--hspa_impl {args.hspa_impl}: MSNLAN computes its attention with '
+                         f'{", ".join(IMPLS)} (no Triton kernel)')
     return MSNLAN(
         scale=args.scale[0],
         n_colors=args.n_colors,
@@ -56,6 +62,8 @@ def make_model(args: argparse.Namespace) -> SRNetwork:
         rgb_range=args.rgb_range,
         attention=attention,
         topk=args.topk,
+        msnlab_impl=IMPLS[args.hspa_impl],
+        msnlab_block=args.hspa_block,
     )
 
 

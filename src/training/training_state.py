@@ -20,7 +20,7 @@ import torch
 
 from errors import UserError
 from fileio import atomic_torch_save
-from records import HistoryEntry
+from training.records import HistoryEntry
 
 FORMAT = 2
 STATE_FILE = 'training_state.pt'
@@ -52,6 +52,7 @@ class TrainingState:
     def from_dict(cls, obj: dict, source: str) -> TrainingState:
         if not isinstance(obj, dict) or obj.get('format') not in (1, FORMAT) or 'epoch' not in obj:
             raise UserError(f'{source}: not a training state written by this trainer')
+        _check_entries(obj, source)
         history = [HistoryEntry(**{k: h[k] for k in ('epoch', 'dataset', 'scale', 'psnr', 'ssim')})
                    for h in obj.get('history', [])]
         return cls(epoch=int(obj['epoch']), model=obj.get('model', {}), optimizer_name=obj.get('optimizer_name', ''),
@@ -72,7 +73,8 @@ class TrainingState:
         try:
             obj = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as e:
-            raise UserError(f'{path}: unreadable training state ({type(e).__name__}: {e})') from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+            raise UserError(f'{path}: unreadable training state ({type(e).__name__}: {first})') from None
         return cls.from_dict(obj, str(path))
 
     def at_epoch(self, epoch: int) -> TrainingState:
@@ -87,6 +89,24 @@ class TrainingState:
                              error_last=self.error_last if same else 1e8, scaler=self.scaler if same else {},
                              history=[h for h in self.history if h.epoch <= epoch],
                              log_marks=list(self.log_marks[:epoch]), ema=self.ema if same else {})
+
+
+def _check_entries(obj: dict, source: str) -> None:
+    """Refuse entries a training state written by this trainer cannot hold (a damaged or edited file)."""
+    history_keys = {'epoch', 'dataset', 'scale', 'psnr', 'ssim'}
+    checks = {
+        'epoch': lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        'model': lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+        'history': lambda v: isinstance(v, list) and all(isinstance(h, dict) and history_keys <= set(h) for h in v),
+        'log_marks': lambda v: isinstance(v, list) and all(isinstance(m, int) for m in v),
+        'optimizer': lambda v: v is None or isinstance(v, dict),
+        'loss': lambda v: v is None or isinstance(v, dict),
+    }
+    for entry, ok in checks.items():
+        if entry in obj and not ok(obj[entry]):
+            shown = repr(obj[entry])
+            raise UserError(f'{source}: damaged training state: entry {entry!r} = '
+                            f'{shown if len(shown) <= 60 else shown[:57] + "..."} is not what this trainer writes')
 
 
 def state_path(folder: str | Path) -> Path | None:

@@ -15,11 +15,12 @@ import torch
 from tqdm import tqdm
 
 import distributed
-import metrics
 from errors import UserError
-from experiment import Experiment
-from records import HistoryEntry, ImageScore, SetResult
-from timer import Timer
+from imageops import metrics
+from imageops.color import rgb_to_gray
+from runs.experiment import Experiment
+from runs.timer import Timer
+from training.records import HistoryEntry, ImageScore, SetResult
 
 
 def summarise(name: str, scale: int, scores: list[ImageScore], seconds: float, epoch: int) -> SetResult:
@@ -127,7 +128,7 @@ class Evaluator:
             sr_m, hr_m = sr_img, hr_img
             if sr_img.shape[2] == 3 and ds.is_gray(stem):
                 # A grayscale ground truth is scored on its single channel, not on Y.
-                sr_m, hr_m = metrics.rgb_to_gray(sr_img), hr_img[..., :1]
+                sr_m, hr_m = rgb_to_gray(sr_img), hr_img[..., :1]
             psnr = metrics.psnr(sr_m, hr_m, crop_border=scale)
             ssim = metrics.ssim(sr_m, hr_m, crop_border=scale)
         images = []

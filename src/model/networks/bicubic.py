@@ -11,7 +11,7 @@ import argparse
 import numpy as np
 import torch
 
-from imresize import imresize
+from imageops.imresize import imresize
 from model.contract import SRNetwork
 
 FLAGS: tuple[str, ...] = ()

@@ -26,15 +26,15 @@ from collections.abc import Callable, Iterator
 import torch
 
 import distributed
-from ema import WeightAverage, average_from_flags, restore_average, share_average, weights_in_use
 from errors import UserError
-from evaluate import Evaluator
-from experiment import Experiment
-from model import plain_state_dict
-from schedule import lr_at, set_lr
-from seeding import rank_seed, seed_everything
-from training_state import TrainingState
-from watch import Watch
+from model.checkpoint import plain_state_dict
+from runs.experiment import Experiment
+from runs.watch import Watch
+from training.ema import WeightAverage, average_from_flags, restore_average, share_average, weights_in_use
+from training.evaluate import Evaluator
+from training.schedule import lr_at, set_lr
+from training.seeding import rank_seed, seed_everything
+from training.training_state import TrainingState
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 

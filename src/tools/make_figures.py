@@ -1,9 +1,9 @@
 """The README's figures, made from the project's own runs (written to Figs/ by default).
 
-    python src/make_figures.py architecture
-    python src/make_figures.py ablation experiment/abl_hspa experiment/abl_softmax experiment/abl_none \
+    python src/tools/make_figures.py architecture
+    python src/tools/make_figures.py ablation experiment/abl_hspa experiment/abl_softmax experiment/abl_none \
         --names HSPA softmax none --set Set5 --scale 2
-    python src/make_figures.py compare --hr HR.png --sr Bicubic=a.png HSPAN=b.png --box 120 80 64
+    python src/tools/make_figures.py compare --hr HR.png --sr Bicubic=a.png HSPAN=b.png --box 120 80 64
 
 `ablation` plots PSNR against training iterations from each run's psnr_log.pt (epochs x sets x scales)
 and config.txt (--test_every); runs given the same --names label (seeds) become one line of means with
@@ -20,9 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import UserError
+if __package__ in (None, ''):  # run as a script (python src/tools/X.py): imports start at src/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FIGS = Path(__file__).resolve().parents[1] / 'Figs'
+from errors import UserError  # noqa: E402
+from runs.experiment import read_config  # noqa: E402
+
+FIGS = Path(__file__).resolve().parents[2] / 'Figs'
 
 
 def _pyplot():
@@ -97,10 +101,10 @@ def _iters_per_epoch(run: Path) -> int:
     config = run / 'config.txt'
     if not config.is_file():
         raise UserError(f'{config}: missing (is {run} an experiment folder?)')
-    found = re.findall(r'^test_every:\s*(\d+)', config.read_text(), flags=re.M)
-    if not found:
+    found = read_config(config).get('test_every', '')
+    if not found.isdigit():
         raise UserError(f'{config}: no test_every entry')
-    return int(found[-1])
+    return int(found)
 
 
 def _psnr_curve(run: Path, dataset: str, scale: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,10 +114,9 @@ def _psnr_curve(run: Path, dataset: str, scale: int) -> tuple[np.ndarray, np.nda
     if not log.is_file():
         raise UserError(f'{log}: missing (train with a --data_test set first)')
     table = torch.load(log, weights_only=True)
-    names = re.findall(r'^data_test:\s*(.+)$', (run / 'config.txt').read_text(), flags=re.M)
-    scales = re.findall(r'^scale:\s*(.+)$', (run / 'config.txt').read_text(), flags=re.M)
-    sets = [s.strip(" '[]") for s in names[-1].split(',')] if names else [dataset]
-    scale_list = [int(s) for s in re.findall(r'\d+', scales[-1])] if scales else [scale]
+    config = read_config(run / 'config.txt')
+    sets = [s.strip(" '[]") for s in config['data_test'].split(',')] if 'data_test' in config else [dataset]
+    scale_list = [int(s) for s in re.findall(r'\d+', config['scale'])] if 'scale' in config else [scale]
     if dataset not in sets or scale not in scale_list:
         raise UserError(f'{run}: no {dataset} x{scale} in its evaluations ({sets}, scales {scale_list})')
     psnr = table[:, sets.index(dataset), scale_list.index(scale)].numpy()

@@ -1,6 +1,6 @@
 """Paper-layout PSNR/SSIM table from one or more experiments' results.json.
 
-    python src/make_table.py experiment/Bicubic experiment/EDSR experiment/HSPAN_x4_results
+    python src/tools/make_table.py experiment/Bicubic experiment/EDSR experiment/HSPAN_x4_results
 
 Rows are methods (one per experiment, grouped by scale), columns are test sets, cells are
 PSNR/SSIM with the best value of each column and scale in bold. Runs given the same --names label (e.g.
@@ -18,8 +18,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from errors import UserError
-from fileio import atomic_write_text
+if __package__ in (None, ''):  # run as a script (python src/tools/X.py): imports start at src/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from errors import UserError  # noqa: E402
+from fileio import atomic_write_text  # noqa: E402
 
 # Paper column order; any other set follows in the order first seen.
 KNOWN_SETS = ('Set5', 'Set14', 'B100', 'Urban100', 'Manga109')
@@ -111,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif len(args.runs) == 1:
             out = (args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent) / 'table.md'
         else:
-            out = Path(__file__).resolve().parents[1] / 'experiment' / 'table.md'
+            out = Path(__file__).resolve().parents[2] / 'experiment' / 'table.md'
         atomic_write_text(out, table)
     except UserError as e:
         if args.debug:

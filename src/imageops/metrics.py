@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ['tensor_to_image', 'rgb_to_y', 'rgb_to_gray', 'psnr', 'ssim']
+from imageops.color import rgb_to_y
+
+__all__ = ['tensor_to_image', 'psnr', 'ssim']
 
 
 def tensor_to_image(t: torch.Tensor, rgb_range: float) -> np.ndarray:
@@ -30,22 +32,6 @@ def tensor_to_image(t: torch.Tensor, rgb_range: float) -> np.ndarray:
         raise ValueError(f'tensor_to_image: expected a (C,H,W) tensor, got shape {tuple(t.shape)}')
     x = t.detach().to('cpu', torch.float32).mul(255 / rgb_range).clamp(0, 255).round()
     return x.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-
-
-def rgb_to_y(img: np.ndarray) -> np.ndarray:
-    """HxWx3 RGB on 0..255 -> float64 HxW BT.601 luma (16..235), MATLAB's rgb2ycbcr Y without rounding."""
-    x = np.asarray(img, dtype=np.float64)
-    return 16.0 + (x @ np.array([65.481, 128.553, 24.966])) / 255.0
-
-
-def rgb_to_gray(img: np.ndarray) -> np.ndarray:
-    """HxWx3 uint8 RGB -> HxWx1 uint8 full-range BT.601 luma (0.299 R + 0.587 G + 0.114 B), rounded.
-
-    A grayscale ground truth is compared on its single channel; a network's RGB output for it is reduced
-    to that channel this way (for equal channels it is the channel itself).
-    """
-    x = np.asarray(img, dtype=np.float64) @ np.array([0.299, 0.587, 0.114])
-    return np.clip(np.round(x), 0, 255).astype(np.uint8)[..., None]
 
 
 def _prepare(img: np.ndarray, crop_border: int, y_channel: bool) -> np.ndarray:

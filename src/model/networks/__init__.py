@@ -1,0 +1,1 @@
+"""The networks `--model` names: one module each, with make_model(args) and FLAGS."""

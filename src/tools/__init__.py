@@ -1,0 +1,1 @@
+"""Command-line tools over finished runs (`python src/tools/<name>.py --help`)."""

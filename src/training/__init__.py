@@ -1,0 +1,2 @@
+"""The training loop and what it owns: evaluation, the training-state file, the LR schedule, result records,
+seeding."""
