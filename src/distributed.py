@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from errors import UserError
-from option import check_batch_split
 
 # Variables torchrun (and torch.distributed.launch) sets for every worker; env:// reads MASTER_ADDR/PORT too.
 TORCHRUN_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
@@ -114,6 +113,14 @@ def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return net
     ids = [device.index] if device.type == 'cuda' else None
     return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+
+def check_batch_split(batch_size: int, accumulate: int, world_size: int) -> None:
+    """--batch_size must split into --accumulate micro-batches on each of `world_size` processes."""
+    if batch_size % (accumulate * world_size):
+        processes = f' x {world_size} torchrun processes' if world_size > 1 else ''
+        raise UserError(f'--batch_size {batch_size} is not divisible by --accumulate {accumulate}{processes}: '
+                        'each optimizer step needs equal micro-batches')
 
 
 def check_distributed_args(args: argparse.Namespace, env: DistEnv) -> None:

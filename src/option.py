@@ -204,14 +204,6 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_batch_split(batch_size: int, accumulate: int, world_size: int) -> None:
-    """--batch_size must split into --accumulate micro-batches on each of `world_size` processes."""
-    if batch_size % (accumulate * world_size):
-        processes = f' x {world_size} torchrun processes' if world_size > 1 else ''
-        raise UserError(f'--batch_size {batch_size} is not divisible by --accumulate {accumulate}{processes}: '
-                        'each optimizer step needs equal micro-batches')
-
-
 def flag_type(dest: str) -> type | None:
     """The type a flag's value is parsed to (int, float, str), or None (switches, --model, unknown names)."""
     return next((a.type for a in build_parser()._actions if a.dest == dest), None)
@@ -241,7 +233,9 @@ def validate(args: argparse.Namespace) -> None:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected 0 or a positive number')
     if not 0 <= args.ema_decay < 1:
         raise UserError(f'--ema_decay {args.ema_decay}: expected a number in [0, 1) (0: no averaging)')
-    check_batch_split(args.batch_size, args.accumulate, 1)
+    import distributed
+
+    distributed.check_batch_split(args.batch_size, args.accumulate, 1)
     if args.accumulate > 1 and not args.test_only and 'GAN' in str(args.loss).upper():
         from loss import parse_loss
 
