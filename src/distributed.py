@@ -115,6 +115,14 @@ def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
 
+def check_batch_split(batch_size: int, accumulate: int, world_size: int) -> None:
+    """--batch_size must split into --accumulate micro-batches on each of `world_size` processes."""
+    if batch_size % (accumulate * world_size):
+        processes = f' x {world_size} torchrun processes' if world_size > 1 else ''
+        raise UserError(f'--batch_size {batch_size} is not divisible by --accumulate {accumulate}{processes}: '
+                        'each optimizer step needs equal micro-batches')
+
+
 def check_distributed_args(args: argparse.Namespace, env: DistEnv) -> None:
     """Flag combinations a torchrun job cannot run, refused alike by every process before any collective."""
     n_gpus = args.n_GPUs
@@ -124,6 +132,10 @@ def check_distributed_args(args: argparse.Namespace, env: DistEnv) -> None:
     if args.batch_size % env.world_size:
         raise RankZeroError(f'--batch_size {args.batch_size} is the global batch: it must be divisible by the '
                             f'{env.world_size} torchrun processes (WORLD_SIZE)')
+    try:
+        check_batch_split(args.batch_size, args.accumulate, env.world_size)
+    except UserError as e:
+        raise RankZeroError(str(e)) from None
     if uses_cuda(args) and env.local_rank >= torch.cuda.device_count():
         raise RankZeroError(f'LOCAL_RANK {env.local_rank}: only {torch.cuda.device_count()} CUDA devices are '
                             'visible on this machine (lower --nproc_per_node, or use --cpu)')

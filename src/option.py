@@ -98,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--gan_k', type=int, default=1, help='discriminator steps per generator step')
     g.add_argument('--amp', type=str, default='off', choices=('off', 'bf16', 'fp16'),
                    help='mixed precision for training')
+    g.add_argument('--accumulate', type=int, default=1,
+                   help='micro-batches per optimizer step: each step sums the gradients of N forwards of '
+                        '--batch_size / N patches (the same patches as one batch)')
+    g.add_argument('--ema_decay', type=float, default=0,
+                   help='keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: off); '
+                        'evaluation and the model files use it')
+    g.add_argument('--ema_start', type=int, default=0,
+                   help='with --ema_decay: the average equals the weights until this optimizer step')
+    g.add_argument('--compile', action='store_true',
+                   help='torch.compile the network for training and evaluation (HSPA layers stay eager; '
+                        'speed: benchmarks/README.md)')
 
     g = p.add_argument_group('optimisation')
     g.add_argument('--lr', type=float, default=1e-4, help='learning rate')
@@ -109,15 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
                         'over --epochs x --test_every batches')
     g.add_argument('--min_lr', type=float, default=0, help='final learning rate of --lr_schedule cosine')
     g.add_argument('--warmup', type=int, default=0, help='batches of linear learning-rate warm-up (0: none)')
-    g.add_argument('--optimizer', default='ADAM', choices=('SGD', 'ADAM', 'RMSprop'), help='optimizer')
+    g.add_argument('--optimizer', default='ADAM', choices=('SGD', 'ADAM', 'ADAMW', 'RMSprop'),
+                   help='optimizer (ADAMW: Adam with decoupled --weight_decay)')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
-    g.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.999), help='ADAM betas')
-    g.add_argument('--epsilon', type=float, default=1e-8, help='ADAM epsilon')
+    g.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.999), help='ADAM/ADAMW betas')
+    g.add_argument('--epsilon', type=float, default=1e-8, help='ADAM/ADAMW epsilon')
     g.add_argument('--weight_decay', type=float, default=0, help='weight decay')
     g.add_argument('--gclip', type=float, default=0, help='gradient clipping threshold (0: none)')
 
     g = p.add_argument_group('loss')
-    g.add_argument('--loss', type=str, default='1*L1', help="weighted sum of terms, e.g. '1*L1+0.1*MSE'")
+    g.add_argument('--loss', type=str, default='1*L1',
+                   help="weighted sum of terms, e.g. '1*L1+0.1*MSE' (L1, MSE, Charbonnier, VGG22, VGG54, GAN)")
+    g.add_argument('--charbonnier_eps', type=float, default=1e-3,
+                   help='eps of the Charbonnier term, mean(sqrt((sr - hr)^2 + eps^2)), in --rgb_range units')
     g.add_argument('--skip_threshold', type=float, default=1e8,
                    help='skip a batch whose loss exceeds this multiple of the previous epoch mean')
     g.add_argument('--max_skips', type=int, default=100,
@@ -198,7 +213,7 @@ def flag_type(dest: str) -> type | None:
 AT_LEAST = {'patch_size': 1, 'batch_size': 1, 'test_every': 1, 'rgb_range': 1, 'n_feats': 1, 'print_every': 1,
             'n_resgroups': 1, 'n_resblocks': 0, 'reduction': 1, 'topk': 1, 'hspa_block': 0, 'tile': 0,
             'tile_overlap': 0, 'split_batch': 1, 'n_GPUs': 1, 'gan_k': 1, 'warmup': 0, 'n_threads': 0,
-            'epochs': 0, 'resume': -1, 'dist_timeout': 1, 'max_skips': 1}
+            'epochs': 0, 'resume': -1, 'dist_timeout': 1, 'max_skips': 1, 'accumulate': 1, 'ema_start': 0}
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -210,12 +225,23 @@ def validate(args: argparse.Namespace) -> None:
     for flag in ('res_scale', 'lr', 'min_lr', 'gamma', 'epsilon', 'momentum', 'weight_decay'):
         if not math.isfinite(getattr(args, flag)):
             raise UserError(f'--{flag} {getattr(args, flag)}: expected a finite number')
-    for flag in ('lr', 'gamma', 'epsilon', 'skip_threshold'):
+    for flag in ('lr', 'gamma', 'epsilon', 'skip_threshold', 'charbonnier_eps'):
         if not getattr(args, flag) > 0:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected a positive number')
     for flag in ('gclip', 'weight_decay', 'momentum'):
         if not getattr(args, flag) >= 0:
             raise UserError(f'--{flag} {getattr(args, flag)}: expected 0 or a positive number')
+    if not 0 <= args.ema_decay < 1:
+        raise UserError(f'--ema_decay {args.ema_decay}: expected a number in [0, 1) (0: no averaging)')
+    import distributed
+
+    distributed.check_batch_split(args.batch_size, args.accumulate, 1)
+    if args.accumulate > 1 and not args.test_only and 'GAN' in str(args.loss).upper():
+        from loss import parse_loss
+
+        if any(t.name == 'GAN' for t in parse_loss(args.loss)):
+            raise UserError(f'--accumulate {args.accumulate}: the GAN term steps its discriminator at every forward; '
+                            'train it without --accumulate')
     if not all(0 <= b < 1 for b in args.betas):
         raise UserError(f'--betas {" ".join(map(str, args.betas))}: expected two numbers in [0, 1)')
     if args.min_lr < 0 or args.min_lr > args.lr:

@@ -1,7 +1,8 @@
 """Training loss: a weighted sum of terms written like '1*L1+0.1*MSE', with a per-term log per epoch.
 
-Terms: L1, MSE, VGG22 / VGG54 (perceptual; need torchvision and its ImageNet weights) and GAN
-(adversarial, with its own discriminator and optimizer). A weight may be left out ('L1' = '1*L1').
+Terms: L1, MSE, Charbonnier (a smooth L1, --charbonnier_eps), VGG22 / VGG54 (perceptual; need torchvision
+and its ImageNet weights) and GAN (adversarial, with its own discriminator and optimizer). A weight may be
+left out ('L1' = '1*L1').
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from errors import UserError
 if TYPE_CHECKING:  # for annotations only: the experiment folder is passed in, never imported
     from runs.experiment import Experiment
 
-PIXEL_TERMS = ('L1', 'MSE')
+PIXEL_TERMS = ('L1', 'MSE', 'Charbonnier')
 VGG_TERMS = ('VGG22', 'VGG54')
 GAN_TERMS = ('GAN',)
 KNOWN_TERMS = PIXEL_TERMS + VGG_TERMS + GAN_TERMS
@@ -40,8 +41,8 @@ def parse_loss(text: str) -> list[Term]:
         if m is None:
             raise UserError(f"--loss {text!r}: cannot read {part.strip()!r}; expected terms like '1*L1+0.1*MSE'")
         weight = float(m.group(1)) if m.group(1) is not None else 1.0
-        name = m.group(2).upper()
-        if name not in KNOWN_TERMS:
+        name = {t.upper(): t for t in KNOWN_TERMS}.get(m.group(2).upper())
+        if name is None:
             raise UserError(f'--loss {text!r}: unknown term {m.group(2)!r}; known: {", ".join(KNOWN_TERMS)}')
         if weight <= 0:
             raise UserError(f'--loss {text!r}: the weight of {name} must be positive')
@@ -56,6 +57,10 @@ def _make_function(term: Term, args: argparse.Namespace) -> nn.Module:
         return nn.L1Loss()
     if term.name == 'MSE':
         return nn.MSELoss()
+    if term.name == 'Charbonnier':
+        from loss.charbonnier import Charbonnier
+
+        return Charbonnier(args.charbonnier_eps)
     if term.name in VGG_TERMS:
         from loss.vgg import VGG
 

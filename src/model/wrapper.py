@@ -4,12 +4,14 @@ With several --scale values and a single-scale network, one network per scale is
 run --tile or --chop (each model's published forward_chop) inside --self_ensemble, at --precision. Under
 torchrun, training forwards go through DistributedDataParallel (distributed.wrap_ddp), which averages
 gradients in backward; evaluation forwards use the plain network, so processes evaluating different images
-never wait on each other.
+never wait on each other. With --compile both run the torch.compile'd network (model/compiled.py); the
+wrapper's state dict, and so every file it saves or loads, keeps the plain network's keys.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from model.checkpoint import (
     plain_state_dict,
     write_checkpoint,
 )
+from model.compiled import compile_network
 from model.contract import ChopRule, SRNetwork
 from model.hspa import HSPA, PlanLog
 from model.registry import make_network, resolve_model_name
@@ -88,13 +91,26 @@ class Model(nn.Module):
             self.nets.half()
 
         self.n_parallel = distributed.data_parallel_gpus(args, self.device)
-        self._runners: list[nn.Module] = list(self.nets)  # plain list: DataParallel must not re-register
+        # Plain lists: DataParallel, DDP and compiled modules must not re-register the networks' weights.
+        self._runners: list[nn.Module] = [compile_network(n) for n in self.nets] if args.compile else list(self.nets)
         if self.n_parallel > 1:
+            if args.compile:
+                raise UserError(f'--compile with --n_GPUs {args.n_GPUs}: use torchrun for several GPUs')
             self._runners = [nn.DataParallel(net, device_ids=list(range(self.n_parallel))) for net in self.nets]
         # Training forwards: DDP under torchrun (the plain list keeps 'module.' out of the wrapper's state dict).
         self._train_runners: list[nn.Module] = self._runners
         if not args.test_only and any(p.requires_grad for p in self.nets.parameters()):
-            self._train_runners = [distributed.wrap_ddp(net, self.device) for net in self.nets]
+            self._train_runners = [distributed.wrap_ddp(net, self.device) for net in self._runners]
+
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Training backwards inside the block average gradients across torchrun processes only when
+        `enabled` (DDP's no_sync otherwise: the micro-batches of --accumulate before the last one)."""
+        stack = contextlib.ExitStack()
+        if not enabled:
+            for runner in self._train_runners:
+                if isinstance(runner, nn.parallel.DistributedDataParallel):
+                    stack.enter_context(runner.no_sync())
+        return stack
 
     # ---- set-up helpers
 

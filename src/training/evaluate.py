@@ -52,10 +52,10 @@ class Evaluator:
         best = max(rows, key=lambda r: (r.psnr, -r.epoch))
         return best.psnr, best.epoch
 
-    def run(self, epoch: int) -> bool:
-        """Evaluate everything at `epoch`; write results.json and the log. True when the first test set at
-        the first scale reached a new best PSNR."""
-        self.exp.write_log('\nEvaluation:')
+    def run(self, epoch: int, weights: str = '') -> bool:
+        """Evaluate everything at `epoch`; write results.json and the log (`weights` names the weights
+        evaluated, e.g. 'EMA weights'). True when the first test set at the first scale reached a new best PSNR."""
+        self.exp.write_log('\nEvaluation:' + (f' {weights}' if weights else ''))
         self.model.eval()
         timer_all = Timer()
         results: list[SetResult] = []

@@ -6,6 +6,11 @@ wrapper's DDP averages the gradients, so the step equals a single-process step o
 values are averaged across processes before logging and before --skip_threshold decides, so all processes
 skip alike.
 
+With --accumulate N each optimizer step runs N forwards and backwards on equal slices of the batch (DDP
+averages gradients on the last one only) and counts as one batch everywhere: learning rate, skips,
+--gclip, the progress and the loss curve. With --ema_decay the weight average (ema.py) follows every
+optimizer step; evaluation and the model files use it, the training state keeps both.
+
 What a run shows as it goes (progress, loss_curve.csv, plots, TensorBoard) lives in watch.py.
 """
 
@@ -16,7 +21,7 @@ import contextlib
 import itertools
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -25,6 +30,7 @@ from errors import UserError
 from model.checkpoint import plain_state_dict
 from runs.experiment import Experiment
 from runs.watch import Watch
+from training.ema import WeightAverage, average_from_flags, restore_average, share_average, weights_in_use
 from training.evaluate import Evaluator
 from training.schedule import lr_at, set_lr
 from training.seeding import rank_seed, seed_everything
@@ -34,13 +40,33 @@ AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """--optimizer ADAM | SGD | RMSprop with the published hyper-parameter flags."""
+    """--optimizer ADAM | ADAMW | SGD | RMSprop with the published hyper-parameter flags (ADAMW: decoupled
+    --weight_decay)."""
     common = {'lr': args.lr, 'weight_decay': args.weight_decay}
     if args.optimizer == 'SGD':
         return torch.optim.SGD(params, momentum=args.momentum, **common)
     if args.optimizer == 'RMSprop':
         return torch.optim.RMSprop(params, eps=args.epsilon, **common)
+    if args.optimizer == 'ADAMW':
+        return torch.optim.AdamW(params, betas=tuple(args.betas), eps=args.epsilon, **common)
     return torch.optim.Adam(params, betas=tuple(args.betas), eps=args.epsilon, **common)
+
+
+def accumulate_gradients(model: torch.nn.Module, loss: torch.nn.Module, scaler: torch.amp.GradScaler,
+                         autocast: Callable[[], contextlib.AbstractContextManager], lr_img: torch.Tensor,
+                         hr: torch.Tensor, idx_scale: int, n: int) -> None:
+    """Forward and backward of a batch in `n` (--accumulate) equal micro-batches, gradients summed (each loss
+    divided by n: the batch's mean loss); the loss values kept are the micro-batches' mean. Under DDP only
+    the last backward averages the gradients across processes."""
+    values = []
+    for i, (lr_part, hr_part) in enumerate(zip(lr_img.chunk(n), hr.chunk(n), strict=True)):
+        with model.gradient_sync(i == n - 1):
+            with autocast():
+                sr = model(lr_part, idx_scale)
+            value = loss(sr.float(), hr_part)  # the loss in float32, whatever the forward ran in
+            scaler.scale(value / n if n > 1 else value).backward()
+        values.append(loss.last_values())
+    loss.set_last_values([sum(column) / n for column in zip(*values, strict=True)])
 
 
 def cycle_batches(loader: object, count: int) -> Iterator:
@@ -94,6 +120,7 @@ class Trainer:
             if not params:
                 raise UserError(f'--model {args.model} has no trainable parameters: use it with --test_only')
             self.optimizer = make_optimizer(args, params)
+        self.ema: WeightAverage | None = average_from_flags(args, model, experiment.write_log)
         # --amp: the training forward under autocast; fp16 also needs loss scaling (a disabled GradScaler is a
         # pass-through, so there is one code path).
         self.amp_dtype = AMP_DTYPES.get(args.amp)
@@ -131,19 +158,19 @@ class Trainer:
             self.watch.data_ready()
             lr_now = self._set_lr(first + batch)
             self.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
-                sr = self.model(lr_img, idx_scale)
-            loss = self.loss(sr.float(), hr)  # the loss in float32, whatever the forward ran in
+            accumulate_gradients(self.model, self.loss, self.scaler, self._autocast, lr_img, hr, idx_scale,
+                                 args.accumulate)
             value = self._synced_loss_value()
             # NaN/inf fail this comparison too, so a diverging batch never reaches the weights.
             kept = value < args.skip_threshold * self.error_last
             if kept:
-                self.scaler.scale(loss).backward()
                 if args.gclip > 0:
                     self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
                     torch.nn.utils.clip_grad_value_(self.model.parameters(), args.gclip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if self.ema is not None:
+                    self.ema.update(first + batch)
                 self.loss.record()
                 self.skips = 0
             else:
@@ -173,7 +200,8 @@ class Trainer:
 
     def test(self) -> None:
         """Evaluate; when training, checkpoint (model_best too when the first set's PSNR improved)."""
-        is_best = self.evaluator.run(self.epoch)
+        with weights_in_use(self.ema):
+            is_best = self.evaluator.run(self.epoch, 'EMA weights' if self.ema is not None else '')
         self.watch.evaluated(self.evaluator.history)
         if not self.args.test_only:
             self.save(is_best)
@@ -184,7 +212,8 @@ class Trainer:
         check_finite(self.model, self.epoch)
         if not exp.is_main:
             return
-        self.model.save(exp.dir, self.epoch, is_best)
+        with weights_in_use(self.ema):
+            self.model.save(exp.dir, self.epoch, is_best)
         self.loss.save(exp, self.watch.loss_points())
         exp.save_torch(self.evaluator.psnr_table(self.epoch), 'psnr_log.pt')
         self.watch.checkpoint(self.evaluator.history)
@@ -192,7 +221,8 @@ class Trainer:
         TrainingState(epoch=self.epoch, model=plain_state_dict(self.model), optimizer_name=self.args.optimizer,
                       optimizer=self.optimizer.state_dict(), loss=self.loss.state(), error_last=self.error_last,
                       scaler=self.scaler.state_dict(), history=list(self.evaluator.history),
-                      log_marks=list(self.log_marks)).save(exp.dir)
+                      log_marks=list(self.log_marks),
+                      ema=self.ema.state_dict() if self.ema is not None else {}).save(exp.dir)
 
     def resume(self) -> None:
         """--load NAME: rank 0 reads the experiment folder (the others may not see it) and loads the weights;
@@ -208,7 +238,9 @@ class Trainer:
             raise distributed.RankZeroError(problem)
         with torch.no_grad():
             distributed.broadcast_tensors(self.model.state_dict().values())
-        self._apply(distributed.broadcast_object(state))
+        state = distributed.broadcast_object(state)
+        share_average(self.ema, stored=bool(state.ema))  # rank 0's stored average, else the resumed weights
+        self._apply(state)
 
     def _read_resume_point(self) -> TrainingState:
         """Load the weights of the epoch to resume from into the model; the state of that epoch, without weights."""
@@ -218,14 +250,17 @@ class Trainer:
             self.model.load_state(self.model.checkpoint_path(exp.dir, f'model_{args.resume}'), flag='--resume')
             epoch = args.resume
         elif stored is not None:
-            self.model.load_weights(stored.model, f'{exp.dir} training state')
+            average = stored.ema.get('weights', {}) if args.test_only else {}  # evaluate what the run evaluated
+            self.model.load_weights({**stored.model, **average}, f'{exp.dir} training state')
             epoch = stored.epoch
         else:
             self.model.load_state(self.model.checkpoint_path(exp.dir, 'model_latest'), flag=f'--load {args.load}')
             epoch = 0
         if stored is None or stored.epoch < epoch:
             return TrainingState(epoch=epoch)
-        return stored.at_epoch(epoch)
+        state = stored.at_epoch(epoch)
+        state.ema = restore_average(self.ema, state.ema, f'{exp.dir} training state')
+        return state
 
     def _apply(self, state: TrainingState) -> None:
         """Continue from `state` (every process alike)."""

@@ -1,7 +1,8 @@
 """The training state: everything a resume needs, in one versioned file, experiment/<name>/training_state.pt.
 
-It holds the weights, the optimizer, the loss log (and the GAN discriminator), the evaluation history, the
---skip_threshold reference, the GradScaler and the log.txt positions of each checkpoint. It is written
+It holds the weights (and their --ema_decay average), the optimizer, the loss log (and the GAN
+discriminator), the evaluation history, the --skip_threshold reference, the GradScaler and the log.txt
+positions of each checkpoint. It is written
 last at every checkpoint, atomically, so a run killed at any moment resumes from one consistent epoch.
 An experiment folder without it is read from optimizer.pt (format 1: the same content plus a 'scheduler'
 entry, which the learning-rate schedule no longer needs).
@@ -39,6 +40,7 @@ class TrainingState:
     scaler: dict = field(default_factory=dict)
     history: list[HistoryEntry] = field(default_factory=list)
     log_marks: list[int] = field(default_factory=list)
+    ema: dict = field(default_factory=dict)  # ema.WeightAverage.state_dict(); {} without --ema_decay
 
     def to_dict(self) -> dict:
         """Plain containers only, so torch.load(weights_only=True) reads it back."""
@@ -55,7 +57,8 @@ class TrainingState:
                    for h in obj.get('history', [])]
         return cls(epoch=int(obj['epoch']), model=obj.get('model', {}), optimizer_name=obj.get('optimizer_name', ''),
                    optimizer=obj.get('optimizer'), loss=obj.get('loss'), error_last=obj.get('error_last', 1e8),
-                   scaler=obj.get('scaler') or {}, history=history, log_marks=list(obj.get('log_marks', [])))
+                   scaler=obj.get('scaler') or {}, history=history, log_marks=list(obj.get('log_marks', [])),
+                   ema=obj.get('ema') or {})
 
     def save(self, folder: str | Path) -> None:
         """Write folder/training_state.pt atomically."""
@@ -76,7 +79,7 @@ class TrainingState:
 
     def at_epoch(self, epoch: int) -> TrainingState:
         """This state cut back to `epoch` (<= self.epoch): history, loss log rows and log marks of the first
-        `epoch` epochs; the optimizer only when it belongs to that epoch."""
+        `epoch` epochs; the optimizer and the weight average only when they belong to that epoch."""
         loss = None
         if self.loss is not None:
             loss = dict(self.loss, log=self.loss['log'][:epoch])
@@ -85,7 +88,7 @@ class TrainingState:
                              optimizer=self.optimizer if same else None, loss=loss,
                              error_last=self.error_last if same else 1e8, scaler=self.scaler if same else {},
                              history=[h for h in self.history if h.epoch <= epoch],
-                             log_marks=list(self.log_marks[:epoch]))
+                             log_marks=list(self.log_marks[:epoch]), ema=self.ema if same else {})
 
 
 def _check_entries(obj: dict, source: str) -> None:
