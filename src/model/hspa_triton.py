@@ -61,9 +61,12 @@ class Tiles:
         return {'BLOCK_M': self.block_m, 'BLOCK_N': self.block_n, 'BLOCK_D': self.block_d,
                 'BLOCK_C': self.block_c, 'BLOCK_Q': self.block_q}
 
-    def options(self) -> dict[str, int]:
-        """Compile options of every launch (also what benchmarks/gpu_static.py compiles with)."""
-        return {'num_warps': self.num_warps, 'num_stages': self.num_stages, 'maxnreg': MAX_REGISTERS}
+    def options(self) -> dict[str, int | bool]:
+        """Compile options of every launch (also what benchmarks/gpu_static.py compiles with). No fusion of
+        a separate multiply and add: IEEE float32 rounding outside the dots' own FMA chains, whatever
+        Triton's default."""
+        return {'num_warps': self.num_warps, 'num_stages': self.num_stages, 'maxnreg': MAX_REGISTERS,
+                'enable_fp_fusion': False}
 
     def shared_bytes(self) -> int:
         """Estimated shared memory of the largest kernel: both fp32 operands of its widest product pass
