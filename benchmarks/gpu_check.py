@@ -5,7 +5,7 @@
 
 1. HSPA correctness on CUDA: dense, fast (torch back-end) and triton against a float64 sort-based sparsemax
    oracle (outputs and q/k/v gradients), on random and near-uniform scores, L not a power of two; and the
-   whole HSPA layer with impl='fast' (model/hspa_layer.py) against impl='dense' in float64.
+   whole HSPA layer with impl='fast' (model/hspa/layer.py) against impl='dense' in float64.
 2. One HSPA layer as published (channel 192, reduction 2): time and peak GPU memory of dense, triton and
    fast at a 16x48x48 training step (forward + backward) and at 128x128, 256x256 and 384x512 inference
    (dense skipped where its score matrix would not fit).
@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT / 'src'))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 from model import attention  # noqa: E402
-from model.hspa_blocked import hspa_attention  # noqa: E402
-from model.hspa_triton import available as triton_available  # noqa: E402
-from model.hspa_triton import hspa_triton  # noqa: E402
+from model.hspa import hspa_attention  # noqa: E402
+from model.hspa.triton import available as triton_available  # noqa: E402
+from model.hspa.triton import hspa_triton  # noqa: E402
 from model.hspan import HSPAN  # noqa: E402
 
 HSPAN_X2 = dict(scale=2, n_feats=192, n_resgroups=10, n_resblocks=4, reduction=2, topk=128, res_scale=0.1,
@@ -92,7 +92,7 @@ def check_correctness(device: str) -> None:
 
 
 def check_layer(device: str) -> None:
-    """The HSPA module with impl='fast' (on CUDA: model/hspa_layer.py with the torch back-end) against
+    """The HSPA module with impl='fast' (on CUDA: model/hspa/layer.py with the torch back-end) against
     impl='dense' in float64: output and the gradients of the input and of every parameter."""
     torch.manual_seed(0)
     layer = attention.HSPA(channel=32, reduction=2, res_scale=0.3, topk=16).double().to(device)

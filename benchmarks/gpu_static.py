@@ -3,8 +3,8 @@
     python benchmarks/gpu_static.py                 # sm_80, sm_86, sm_89, sm_90
     python benchmarks/gpu_static.py --arch 86       # one architecture
 
-For every kernel of model/_hspa_triton_kernels.py, at the widths the project launches (channel C = 192,
-64 and 48 with reduction 2) and every input dtype, it takes the tiles that model.hspa_triton.choose_tiles
+For every kernel of model/hspa/triton/kernels.py, at the widths the project launches (channel C = 192,
+64 and 48 with reduction 2) and every input dtype, it takes the tiles that model.hspa.triton.choose_tiles
 gives for the architecture, compiles the kernel exactly as the launcher does (same signature, block
 sizes and compile options; ``triton.compile`` for ``GPUTarget('cuda', cap, 32)``, no driver needed), and
 reads the shared memory from the compiled metadata and the registers and spill stack (STACK) from the
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / 'src') not in sys.path:
     sys.path.insert(0, str(ROOT / 'src'))
 
-from model.hspa_triton import MAX_REGISTERS, Tiles, choose_tiles, shared_limit  # noqa: E402
+from model.hspa.triton.launch import MAX_REGISTERS, Tiles, choose_tiles, shared_limit  # noqa: E402
 
 ARCHS = {80: 'sm_80', 86: 'sm_86', 89: 'sm_89', 90: 'sm_90'}
 # (query/key width, value width) of HSPA for the channel counts the project's models use, reduction 2.
@@ -63,7 +63,7 @@ class Row:
 def launch_spec(kernel: str, tiles: Tiles) -> tuple[dict[str, str], dict[str, int]]:
     """Signature and block sizes of one launch, as the launcher's call produces them: contiguous float32
     tensors, 32-bit sizes (not specialised: the kernels are plain_jit), the tiles' block sizes."""
-    from model import _hspa_triton_kernels as kern
+    from model.hspa.triton import kernels as kern
 
     names = getattr(kern, kernel).arg_names
     constexprs = {name: value for name, value in tiles.constexprs().items() if name in names}
@@ -78,7 +78,7 @@ def compile_resources(kernel: str, tiles: Tiles, arch: int) -> tuple[int, int, i
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from model import _hspa_triton_kernels as kern
+    from model.hspa.triton import kernels as kern
 
     signature, constexprs = launch_spec(kernel, tiles)
     compiled = triton.compile(ASTSource(getattr(kern, kernel), signature=signature, constexprs=constexprs),

@@ -20,7 +20,7 @@ if not (Path(triton.__file__).parent / 'backends' / 'nvidia' / 'bin' / 'cuobjdum
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import gpu_static  # noqa: E402
-from model.hspa_triton import Tiles  # noqa: E402
+from model.hspa.triton.launch import Tiles  # noqa: E402
 
 
 def test_every_launch_fits_every_architecture():

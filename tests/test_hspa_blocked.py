@@ -1,8 +1,8 @@
-"""Blocked exact HSPA (src/model/hspa_blocked.py, both back-ends) against dense oracles.
+"""Blocked exact HSPA (src/model/hspa/blocked.py, both back-ends) against dense oracles.
 
 Oracles: a plain sort-based sparsemax written here (autograd through it gives the exact sparsemax
 Jacobian), checked itself against the entmax package; entmax's sparsemax directly; and
-model.attention.soft_threshold (the dense operator of the published algorithm).
+model.hspa.soft_threshold (the dense operator of the published algorithm).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from model import attention, hspa_kernel, hspa_triton
-from model.hspa_blocked import choose_block_size, hspa_attention
+from model import attention
+from model.hspa import native, plan
+from model.hspa.blocked import choose_block_size, hspa_attention
 
 # Every back-end that impl 'fast' (and so 'auto' on the CPU) can run: the native kernels where a C compiler
 # exists (CI has one: test_native_kernel_builds), the torch back-end where none does.
@@ -48,6 +49,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
+    if request.param == 'native' and native.load() is None:
+        pytest.skip(f'native HSPA kernels unavailable here: {native.unavailable_reason()}')
     return request.param
 
 
@@ -239,8 +242,8 @@ def test_native_kernel_builds():
     # Where a C compiler exists (CI, Linux and macOS set-ups) the default CPU path is the native kernel.
     if shutil.which(os.environ.get('CC') or 'cc') is None:
         pytest.skip('no C compiler: the torch back-end is the CPU default here')
-    assert hspa_kernel.load() is not None, hspa_kernel.unavailable_reason()
-    assert 'native' in attention.describe_impl('auto', torch.device('cpu'))
+    assert native.load() is not None, native.unavailable_reason()
+    assert plan('auto', torch.device('cpu'), 1, 100, fusable=True).backend == 'native'
 
 
 def test_block_size_choice_and_errors():
@@ -255,22 +258,6 @@ def test_block_size_choice_and_errors():
         hspa_attention(q, k[:, :5], v, 4)
     with pytest.raises(ValueError, match='backend'):
         hspa_attention(q, k, v, 4, backend='sparse')
-
-
-def test_auto_policy(monkeypatch):
-    cpu = torch.device('cpu')
-    assert attention.choose_impl('auto', cpu, 16, 2304) == 'fast'
-    assert attention.choose_impl('dense', cpu, 1, 10**5) == 'dense'
-    # CUDA: dense while the scores take at most a quarter of the free memory, blocked beyond.
-    monkeypatch.setattr(torch.cuda, 'mem_get_info', lambda device=None: (4 * 2**30, 8 * 2**30))
-    gpu = torch.device('cuda')
-    assert attention.choose_impl('auto', gpu, 1, 16384) == 'dense'    # exactly 1 GiB: a quarter
-    assert attention.choose_impl('auto', gpu, 16, 2304) == 'dense'    # the published training batch: 340 MB
-    for has_triton, large in ((True, 'triton'), (False, 'fast')):    # above: the fused kernels, if installed
-        monkeypatch.setattr(hspa_triton, 'available', lambda has=has_triton: has)
-        assert attention.choose_impl('auto', gpu, 1, 16500) == large
-        assert attention.choose_impl('auto', gpu, 16, 8192) == large
-    assert 'dense while' in attention.describe_impl('auto', gpu)
 
 
 @pytest.mark.parametrize('impl', ['fast', 'auto'])

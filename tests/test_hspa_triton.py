@@ -1,4 +1,4 @@
-"""Fused Triton HSPA (src/model/hspa_triton.py) against the dense oracle.
+"""Fused Triton HSPA (src/model/hspa/triton/) against the dense oracle.
 
 Without a GPU the kernels run on the CPU in Triton's interpreter (TRITON_INTERPRET=1, set here before the
 kernels are imported), so the maps are small. Outputs and q/k/v gradients must agree with the sort-based
@@ -19,7 +19,7 @@ pytest.importorskip('triton')
 
 from conftest import ROOT  # noqa: E402
 from model import attention  # noqa: E402
-from model.hspa_triton import SHARED_PER_BLOCK, Tiles, choose_tiles, hspa_triton, prefer_triton  # noqa: E402
+from model.hspa.triton import SHARED_PER_BLOCK, Tiles, choose_tiles, hspa_triton, prefer_triton  # noqa: E402
 from test_hspa_blocked import TOL, features, hspa_ref, rel  # noqa: E402
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))

@@ -100,7 +100,7 @@ def _args(*argv: str):
 def test_registry_case_insensitive_alias_and_discovery() -> None:
     names = model.registered_models()
     assert {'hspan', 'msnlan', 'edsr'} <= set(names)
-    assert not {'common', 'attention', 'hspa_blocked', 'hspa_kernel', 'sparsemax'} & set(names)
+    assert not {'common', 'attention', 'hspa', 'cross_scale'} & set(names)
     for text in ('HSPAN', 'hspan', 'HsPaN'):
         assert model.resolve_model_name(text) == 'hspan'
     assert model.resolve_model_name('MSDSN') == 'msnlan'

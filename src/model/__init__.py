@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from errors import UserError
-from model import attention, tiling
+from model import tiling
 from model.checkpoint import (
     CHECKPOINT_SUFFIXES,
     WRAPPER_KEYS,
@@ -40,6 +40,7 @@ from model.checkpoint import (
     write_checkpoint,
 )
 from model.contract import MODEL_FLAGS, ChopRule, SRNetwork
+from model.hspa import HSPA, PlanLog
 from model.tiling import tile_starts, tile_weights
 
 ALIASES = {'msdsn': 'msnlan'}
@@ -168,6 +169,7 @@ class Model(nn.Module):
     def __init__(self, args: argparse.Namespace, log: Callable[[str], Any] = print) -> None:
         super().__init__()
         self.log = log
+        self.plan_log = PlanLog(log)
         adopted = configure(args)
         if adopted:
             log(configuration_note(adopted))
@@ -244,9 +246,9 @@ class Model(nn.Module):
         at += f' ({cfg})' if cfg else ''
         self.log(f'Model {type(net).__name__}{at}: {n_params:,} parameters '
                  f'({n_train:,} trainable), device {self.device}')
-        impls = sorted({m.impl for m in net.modules() if isinstance(m, attention.HSPA)})
-        for impl in impls:
-            self.log(attention.describe_impl(impl, self.device))
+        for m in net.modules():
+            if isinstance(m, HSPA):
+                m.plan_log = self.plan_log  # the network's HSPA plans, each said once in the run's log
 
     def _scaled_path(self, path: str, index: int) -> str:
         """Checkpoint path of network `index`: '{scale}' replaced; with several networks and no

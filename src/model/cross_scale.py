@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model.attention import soft_threshold
+from model.hspa import soft_threshold
 
 # With block_size 0, tiles hold at most this many (query, key) scores (256 MiB in float32); the four
 # buffers of a tile hold up to about 1.6 times this many entries each (halo and padding). Smaller tiles
@@ -163,7 +163,7 @@ def cross_scale_attention(
     -> (C, H, W), the transposed-convolution output before the residual.
 
     `normalizer` turns the scores of each query into weights over the keys: 'softmax' (published) or
-    'soft_threshold' (exact sparsemax, model.attention.soft_threshold with `topk`). `block_size` is the
+    'soft_threshold' (exact sparsemax, model.hspa.soft_threshold with `topk`). `block_size` is the
     number of query positions per tile (0: chosen from BLOCK_SCORES). `ksize` must be odd (the published
     padding keeps the size only then).
     """

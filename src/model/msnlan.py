@@ -22,7 +22,7 @@ from torch import nn
 from model import common
 from model.contract import ChopRule, SRNetwork
 from model.cross_scale import cross_scale_attention
-from model.sparsemax import soft_threshold
+from model.hspa import soft_threshold
 
 MSNLAN_MEAN = (0.4025, 0.4482, 0.4264)
 FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale', 'attention', 'topk')

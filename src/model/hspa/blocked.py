@@ -2,7 +2,7 @@
 
 ``hspa_attention(q, k, v, topk)`` has two back-ends:
 
-* ``native`` (CPU; the C kernels of model/hspa_kernel.c). Without gradients, one fused kernel call per
+* ``native`` (CPU; the C kernels of model/hspa/native/hspa_kernel.c). Without gradients, one fused kernel call per
   sample: each thread scores a few query rows with its own micro-kernel, finds each row's exact threshold
   by Michelot's iteration (a few vectorised masked sums, no sort) and adds up sum_j p_j v_j over the
   support, O(|support| * C) instead of O(L * C), while the rows are in its cache. With gradients, blocks of
@@ -10,7 +10,7 @@
   as CSR for backward while the supports fit in ``memory_budget`` (blocks beyond it are recomputed).
   Backward applies the sparsemax Jacobian on the support only (dS = dP - mean over the support of dP) and
   gets dK and dV through a transpose of each block's CSR.
-* ``torch`` (any device): the block's weights from ``model.sparsemax.soft_threshold`` and a dense
+* ``torch`` (any device): the block's weights from ``model.hspa.reference.soft_threshold`` and a dense
   weights @ V; backward recomputes each block and differentiates it with autograd. It is the fallback
   where the kernels cannot be compiled, and what CUDA uses without triton for score tensors too large to
   form whole.
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model import hspa_kernel
-from model.sparsemax import soft_threshold
+from model.hspa import native
+from model.hspa.reference import soft_threshold
 
-__all__ = ['DEFAULT_MEMORY_BUDGET', 'BLOCK_BYTES', 'choose_block_size', 'hspa_attention']
+__all__ = ['DEFAULT_MEMORY_BUDGET', 'BLOCK_BYTES', 'choose_block_size', 'hspa_attention', 'resolve_backend']
 
 # Score-block size when block_size is 0 (the blocks of the training path and of the torch back-end;
 # inference on the CPU runs the fused kernel, which blocks by itself): large blocks mean few synchronised
@@ -80,7 +80,7 @@ class _Native:
         self._sample: tuple = (-1,)  # (s, q, k, v[, grad]) of the last sample made contiguous
 
     def _fn(self, name: str):
-        return hspa_kernel.function(self.lib, name, self.x.q.dtype)
+        return native.function(self.lib, name, self.x.q.dtype)
 
     def _contiguous(self, s: int) -> tuple[Tensor, ...]:
         """Sample s's q, k, v (and the pass's grad), contiguous: one sample at a time, so the copies stay
@@ -92,7 +92,7 @@ class _Native:
 
     def support(self, s: int, r0: int, r1: int, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """CSR support of block (s, r0, r1); with ``out``, also writes the block's output rows."""
-        x, p = self.x, hspa_kernel.ptr
+        x, p = self.x, native.ptr
         rows = r1 - r0
         if self.scores is None:
             self.scores = torch.empty(x.block, x.length, dtype=x.q.dtype)
@@ -114,7 +114,7 @@ class _Native:
 
     def attend(self, out: Tensor) -> None:
         """The output of every sample, keeping no support: one fused kernel call per sample."""
-        x, p = self.x, hspa_kernel.ptr
+        x, p = self.x, native.ptr
         lanes = 2 * 64 // x.q.element_size()          # the kernel's column tile: two 64-byte vectors
         padded = -(-x.length // lanes) * lanes
         k_t = torch.zeros(x.kwidth, padded, dtype=x.q.dtype)
@@ -146,7 +146,7 @@ class _Native:
 
     def backward(self, supports: list, needs: tuple[bool, bool, bool]) -> tuple[Tensor, ...]:
         """Gradients of q, k and v (None where not needed) for the pass's ``grad``."""
-        x, p = self.x, hspa_kernel.ptr
+        x, p = self.x, native.ptr
         dq, dk, dv = (torch.zeros(x.n, x.length, width, dtype=x.q.dtype) if need else None
                       for width, need in zip((x.kwidth, x.kwidth, x.width), needs, strict=True))
         for (s, r0, r1), saved in zip(x.blocks(), supports, strict=True):
@@ -202,7 +202,7 @@ class _HSPAFunction(torch.autograd.Function):
         with torch.autocast(device_type=query.device.type, enabled=False):
             x = _Inputs(query, key, value, block_size)
             if backend == 'native':
-                out, ctx.supports = _Native(x, hspa_kernel.load()).forward(
+                out, ctx.supports = _Native(x, native.load()).forward(
                     memory_budget if any(ctx.needs_input_grad[:3]) else 0)
             else:
                 out = _torch_forward(x, topk)
@@ -218,7 +218,7 @@ class _HSPAFunction(torch.autograd.Function):
         with torch.autocast(device_type=grad.device.type, enabled=False):
             x = _Inputs(query, key, value, ctx.block)
             if ctx.backend == 'native':
-                grads = _Native(x, hspa_kernel.load(), grad).backward(ctx.supports, needs)
+                grads = _Native(x, native.load(), grad).backward(ctx.supports, needs)
             else:
                 grads = _torch_backward(x, ctx.topk, grad, needs)
         dtypes = (query.dtype, key.dtype, value.dtype)
@@ -240,11 +240,18 @@ def hspa_attention(query: Tensor, key: Tensor, value: Tensor, topk: int, block_s
                          f'{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}')
     if topk < 1 or block_size < 0:
         raise ValueError(f'hspa_attention needs topk >= 1 and block_size >= 0; got {topk}, {block_size}')
-    if backend is None:
-        backend = 'native' if query.device.type == 'cpu' and hspa_kernel.load() is not None else 'torch'
-    if backend == 'native' and (query.device.type != 'cpu' or hspa_kernel.load() is None):
-        raise ValueError(f'the native HSPA kernel needs CPU tensors and a C compiler '
-                         f'({hspa_kernel.unavailable_reason() or "tensors are on " + str(query.device)})')
-    if backend not in ('native', 'torch'):
-        raise ValueError(f"hspa_attention backend must be 'native' or 'torch', got {backend!r}")
+    backend = resolve_backend(backend, query.device)
     return _HSPAFunction.apply(query, key, value, topk, block_size, memory_budget, backend)
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """'native' or 'torch' for tensors on ``device``: None takes 'native' on the CPU where the kernels
+    compile; an explicit 'native' that cannot run raises ValueError (never another back-end in its name)."""
+    if backend is None:
+        return 'native' if device.type == 'cpu' and native.load() is not None else 'torch'
+    if backend not in ('native', 'torch'):
+        raise ValueError(f"HSPA backend must be 'native' or 'torch', got {backend!r}")
+    if backend == 'native' and (device.type != 'cpu' or native.load() is None):
+        raise ValueError(f'the native HSPA kernel needs CPU tensors and a C compiler '
+                         f'({native.unavailable_reason() or "tensors are on " + str(device)})')
+    return backend

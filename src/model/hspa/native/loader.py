@@ -1,4 +1,4 @@
-"""Build and load the native CPU kernels of the blocked HSPA (model/hspa_kernel.c) through ctypes.
+"""Build and load the native CPU kernels of the blocked HSPA (hspa_kernel.c beside this file) through ctypes.
 
 The C file is compiled once per machine with the system C compiler (``$CC`` or ``cc``) for the host CPU
 and cached as ``<cache>/hspan/hspa_kernel-<hash>.so``, where ``<cache>`` is ``$XDG_CACHE_HOME`` or

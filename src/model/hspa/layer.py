@@ -17,8 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model import common, hspa_kernel
-from model.hspa_blocked import DEFAULT_MEMORY_BUDGET, _Inputs, _Native, _torch_backward, _torch_forward, support_bytes
+from model import common
+from model.hspa import native as kernels
+from model.hspa.blocked import (
+    DEFAULT_MEMORY_BUDGET,
+    _Inputs,
+    _Native,
+    _torch_backward,
+    _torch_forward,
+    resolve_backend,
+    support_bytes,
+)
 
 __all__ = ['fusable', 'hspa_layer']
 
@@ -99,7 +108,7 @@ class _HSPALayer(torch.autograd.Function):
         out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         out_samples = out.view(n, c, -1)
         keep = memory_budget if any(ctx.needs_input_grad[:4]) else 0
-        lib = hspa_kernel.load() if backend == 'native' else None
+        lib = kernels.load() if backend == 'native' else None
         supports, scores = [], None
         for s in range(n):
             q, k, v = _embed(samples[s], weight, bias, slope, widths)[1]
@@ -158,11 +167,10 @@ def hspa_layer(x: Tensor, layer: nn.Module, topk: int, block_size: int = 0,
                memory_budget: int = DEFAULT_MEMORY_BUDGET, backend: str | None = None) -> Tensor:
     """``layer(x)`` for an HSPA ``layer`` that ``fusable`` accepts: x + res_scale * sparsemax(q k^T) v.
 
-    ``topk``, ``block_size`` and ``memory_budget`` as in ``model.hspa_blocked.hspa_attention``; ``backend``
-    'native' (the C kernels, CPU) or 'torch'; None takes 'native' on the CPU when the kernels compile.
+    ``topk``, ``block_size`` and ``memory_budget`` as in ``model.hspa.blocked.hspa_attention``; ``backend``
+    'native' (the C kernels, CPU) or 'torch' (see ``model.hspa.blocked.resolve_backend``).
     """
-    if backend is None:
-        backend = 'native' if x.device.type == 'cpu' and hspa_kernel.load() is not None else 'torch'
+    backend = resolve_backend(backend, x.device)
     weight, bias, slope = _stacked(layer)
     kwidth = layer.conv_match1[0].out_channels
     return _HSPALayer.apply(x, weight, bias, slope, float(layer.res_scale), kwidth, topk, block_size,

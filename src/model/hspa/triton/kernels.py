@@ -1,4 +1,4 @@
-"""Triton kernels of model/hspa_triton.py (imported only when the triton impl runs; see there).
+"""Triton kernels of model/hspa/triton/launch.py (imported only when the triton impl runs; see there).
 
 All inputs are contiguous float32 (the launcher casts). Every matrix product is a chain of IEEE float32
 fused multiply-adds over its reduction axis in a fixed order, reduced in chunks of BLOCK_D columns (of the

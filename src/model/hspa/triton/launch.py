@@ -1,7 +1,7 @@
 """Exact HSPA as fused Triton kernels, in the flash-attention layout (optional: needs the triton package).
 
 ``hspa_triton(q, k, v)`` returns ``sparsemax(q @ k^T) @ v`` without forming the (L x L) scores. The
-kernels (model/_hspa_triton_kernels.py) recompute the scores in tiles on every pass:
+kernels (kernels.py beside this file) recompute the scores in tiles on every pass:
 
 1. ``threshold``, per query tile: the row maximum m, then Michelot's iteration from tau = m - 1 (one pass
    sums the scores above tau and counts them, the new tau is m + (sum(s - m) - 1) / count) until no row's
@@ -137,9 +137,9 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def _kernels() -> ModuleType:
-    from model import _hspa_triton_kernels  # imports triton (a leading _ keeps the registry from importing it)
+    from model.hspa.triton import kernels  # imports triton, so only when a kernel runs
 
-    return _hspa_triton_kernels
+    return kernels
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -2,7 +2,7 @@
 
 Per row p = max(s - tau, 0) with tau such that p sums to 1 (sparsemax, Martins & Astudillo 2016).
 `sparsemax_threshold` is the project's one torch threshold routine (the native CPU kernels of
-model/hspa_kernel.c compute the same threshold by Michelot's iteration).
+model/hspa/native/hspa_kernel.c compute the same threshold by Michelot's iteration).
 """
 
 from __future__ import annotations
@@ -95,3 +95,13 @@ def soft_threshold(scores: torch.Tensor, dim: int = -1, topk: int | None = None)
     if topk is not None and int(topk) < 1:
         raise ValueError(f'topk must be a positive integer or None, got {topk}')
     return SoftThreshold.apply(scores, dim, topk)
+
+
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk: int | None) -> torch.Tensor:
+    """The published HSPA algorithm: the whole (N, L, L) scores query @ key^T in float32 (autocast off,
+    16-bit inputs promoted), soft thresholding, then @ value. query, key (N, L, Ck); value (N, L, C)."""
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        if query.dtype in _LOW_PRECISION:
+            query, key, value = query.float(), key.float(), value.float()
+        scores = torch.matmul(query, key.transpose(1, 2))
+        return torch.matmul(soft_threshold(scores, dim=-1, topk=topk), value)

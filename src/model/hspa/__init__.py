@@ -1,0 +1,18 @@
+"""HSPA, the operator of the HSPAN paper: non-local attention with exact sparsemax (soft thresholding).
+
+- module.py: the ``HSPA`` layer (published signature) and the non-local embeddings;
+- dispatch.py: ``plan()``, which algorithm and back-end run when (one table);
+- reference.py: the one sparsemax threshold routine, ``soft_threshold`` and the published dense algorithm;
+- blocked.py: exact blocked attention without the (L x L) scores (native or torch back-end);
+- layer.py: the whole layer as one autograd function (embeddings recomputed in backward);
+- native/: the C kernels and their loader; triton/: the fused Triton kernels and their launcher.
+"""
+
+from model.hspa.blocked import hspa_attention
+from model.hspa.dispatch import IMPLS, Plan, PlanLog, plan
+from model.hspa.layer import fusable, hspa_layer
+from model.hspa.module import HSPA, NonLocalEmbeddings
+from model.hspa.reference import SoftThreshold, dense_attention, soft_threshold, sparsemax_threshold
+
+__all__ = ['HSPA', 'IMPLS', 'NonLocalEmbeddings', 'Plan', 'PlanLog', 'SoftThreshold', 'dense_attention', 'fusable',
+           'hspa_attention', 'hspa_layer', 'plan', 'soft_threshold', 'sparsemax_threshold']

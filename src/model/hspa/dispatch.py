@@ -1,0 +1,140 @@
+"""Which HSPA algorithm runs when: the one dispatcher of the operator.
+
+Every HSPA forward asks ``plan(...)``; nothing else chooses an algorithm or a back-end.
+
+================  =======================  ==============================================================
+device            impl                     runs
+================  =======================  ==============================================================
+any               any, while exporting     ``export``: fixed-shape exact sparsemax (model/hspa/export.py)
+any               dense                    ``dense``: the published (L x L) scores, float32
+CPU               auto, fast               ``layer`` (whole layer, embeddings recomputed in backward) when
+                                           the layer is fusable (published 1x1 conv + PReLU embeddings,
+                                           no hooks, float32/64, autocast off), else ``blocked``; both on
+                                           the ``native`` C kernels, or on ``torch`` where no C compiler
+                                           works (auto says so once; see native.unavailable_reason)
+CUDA              auto                     ``dense`` while batch * L * L float32 scores take at most
+                                           DENSE_SHARE of the GPU memory free when first asked (read once
+                                           per device and run); above it ``triton`` with the triton
+                                           package, else ``blocked`` on ``torch`` (auto says so once)
+CUDA              fast                     ``layer`` / ``blocked`` on ``torch``
+CUDA              triton                   ``triton``; ValueError without the triton package
+CPU               triton                   ``triton`` under TRITON_INTERPRET=1 (tests); else ValueError
+================  =======================  ==============================================================
+
+An explicit impl that cannot run raises ValueError with one line; ``auto`` never raises, it falls back
+and the plan's ``note`` says why. ``PlanLog`` says each distinct plan once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from model.hspa import native
+from model.hspa import triton as fused
+
+IMPLS = ('auto', 'dense', 'fast', 'triton')
+PATHS = ('dense', 'layer', 'blocked', 'triton', 'export')
+# impl='auto' on CUDA forms the whole score tensor while it takes at most this share of free memory.
+DENSE_SHARE = 0.25
+
+_logger = logging.getLogger('hspa')
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One forward's algorithm: ``path`` (one of PATHS), the ``backend`` of layer/blocked ('native' or
+    'torch'; '' otherwise), the ``impl`` asked for, the ``device`` type, and a ``note`` on a fallback."""
+
+    path: str
+    backend: str
+    impl: str
+    device: str
+    note: str = ''
+
+    def describe(self) -> str:
+        """One line, e.g. 'HSPA: auto on cpu -> layer (native CPU kernels)'."""
+        what = {'dense': 'published dense (L x L) scores', 'triton': 'fused Triton kernels',
+                'export': 'fixed-shape exact sparsemax for export'}.get(self.path)
+        if what is None:
+            what = native.describe() if self.backend == 'native' else 'torch back-end'
+            what = f'exact blocked, {what}'
+        note = f'; {self.note}' if self.note else ''
+        return f'HSPA: {self.impl} on {self.device} -> {self.path} ({what}{note})'
+
+
+@functools.cache
+def cuda_free_bytes(index: int) -> int:
+    """Free memory of CUDA device ``index`` when first asked in this process (one device query per run)."""
+    return int(torch.cuda.mem_get_info(index)[0])
+
+
+def dense_fits(device: torch.device, batch: int, length: int) -> bool:
+    """Whether the (batch, L, L) float32 scores take at most DENSE_SHARE of the device's free memory."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return batch * length * length * 4 <= DENSE_SHARE * cuda_free_bytes(index)
+
+
+def _triton_runs_here(device: torch.device) -> bool:
+    return device.type == 'cuda' or os.environ.get('TRITON_INTERPRET') == '1'
+
+
+def plan(impl: str, device: torch.device, batch: int, length: int, *, fusable: bool = False,
+         exporting: bool = False) -> Plan:
+    """The algorithm of one HSPA forward over ``batch`` maps of ``length`` = H * W positions (see the
+    module's table). ``fusable``: the layer's embeddings are the published ones (model.hspa.layer.fusable).
+    ``exporting``: the forward is being traced for ONNX export."""
+    if impl not in IMPLS:
+        raise ValueError(f"HSPA impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    kind = device.type
+    if exporting:
+        return Plan('export', '', impl, kind)
+    if impl == 'dense':
+        return Plan('dense', '', impl, kind)
+    if impl == 'triton':
+        if not fused.available():
+            raise ValueError("HSPA impl 'triton' needs the triton package: pip install -r requirements-gpu.txt")
+        if not _triton_runs_here(device):
+            raise ValueError(f"HSPA impl 'triton' runs on CUDA devices (on the CPU only under TRITON_INTERPRET=1); "
+                             f'the input is on {device}')
+        return Plan('triton', '', impl, kind)
+    note = ''
+    if impl == 'auto' and kind == 'cuda':
+        if dense_fits(device, batch, length):
+            return Plan('dense', '', impl, kind)
+        if fused.available():
+            return Plan('triton', '', impl, kind)
+        note = 'no triton package: the scores exceed the dense share of GPU memory'
+    path = 'layer' if fusable else 'blocked'
+    if kind == 'cpu' and native.load() is not None:
+        return Plan(path, 'native', impl, kind)
+    if kind == 'cpu':
+        note = f'no native kernels: {native.unavailable_reason()}'
+    return Plan(path, 'torch', impl, kind, note)
+
+
+class PlanLog:
+    """Says each distinct plan once, through ``write`` (default: the 'hspa' logger at INFO, and a plan
+    with a fallback note at WARNING). Shared by every layer of a network; copies of a network (deepcopy)
+    share it too."""
+
+    def __init__(self, write: Callable[[str], None] | None = None) -> None:
+        self.write = write
+        self.seen: set[Plan] = set()
+
+    def __call__(self, p: Plan) -> None:
+        if p in self.seen:
+            return
+        self.seen.add(p)
+        if self.write is not None:
+            self.write(p.describe())
+        else:
+            _logger.log(logging.WARNING if p.note else logging.INFO, p.describe())
+
+    def __deepcopy__(self, memo: dict) -> PlanLog:
+        return self

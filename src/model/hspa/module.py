@@ -1,0 +1,84 @@
+"""The HSPA layer: x + res_scale * sparsemax(q k^T) v over all H*W positions, computed as `plan` says."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model import common
+from model.hspa.blocked import hspa_attention
+from model.hspa.dispatch import IMPLS, PlanLog, plan
+from model.hspa.layer import fusable, hspa_layer
+from model.hspa.reference import dense_attention
+from model.hspa.triton import hspa_triton
+
+
+class NonLocalEmbeddings(nn.Module):
+    """The three 1x1 embeddings of the published non-local attentions (names fixed by released weights)."""
+
+    def __init__(self, channel: int, reduction: int, res_scale: float, conv: common.ConvFactory) -> None:
+        super().__init__()
+        self.res_scale = res_scale
+        self.conv_match1 = common.BasicBlock(conv, channel, channel // reduction, 1, bn=False, act=nn.PReLU())
+        self.conv_match2 = common.BasicBlock(conv, channel, channel // reduction, 1, bn=False, act=nn.PReLU())
+        self.conv_assembly = common.BasicBlock(conv, channel, channel, 1, bn=False, act=nn.PReLU())
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """query (N, L, C/r), key (N, L, C/r), value (N, L, C) with L = H * W in row-major order."""
+        q = self.conv_match1(x).flatten(2).transpose(1, 2)
+        k = self.conv_match2(x).flatten(2).transpose(1, 2)
+        v = self.conv_assembly(x).flatten(2).transpose(1, 2)
+        return q, k, v
+
+    def combine(self, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """res_scale * attended (N, L, C) back in NCHW, plus the input."""
+        return self.res_scale * attended.transpose(1, 2).reshape(x.shape) + x
+
+
+class HSPA(NonLocalEmbeddings):
+    """High-Similarity-Pass Attention, the published block (channel, reduction=2, res_scale, topk=128).
+
+    impl: 'auto', 'dense', 'fast' or 'triton'; each forward runs what ``model.hspa.dispatch.plan`` returns for
+    it (the table there), and tells ``plan_log`` (shared by a network's layers; set by the Model wrapper)
+    so that each distinct plan is said once. Every path computes exact sparsemax: topk only sets where
+    the dense threshold search starts. block_size: query rows per block of the blocked paths (0: automatic).
+    """
+
+    def __init__(
+        self,
+        channel: int = 256,
+        reduction: int = 2,
+        res_scale: float = 1,
+        conv: common.ConvFactory = common.default_conv,
+        topk: int = 128,
+        impl: str = 'auto',
+        block_size: int = 0,
+    ) -> None:
+        super().__init__(channel, reduction, res_scale, conv)
+        if impl not in IMPLS:
+            raise ValueError(f"HSPA impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+        if topk < 1:
+            raise ValueError(f'HSPA topk must be a positive integer, got {topk}')
+        if block_size < 0:
+            raise ValueError(f'HSPA block_size must be >= 0, got {block_size}')
+        self.topk = topk
+        self.impl = impl
+        self.block_size = block_size
+        self.plan_log = PlanLog()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = plan(self.impl, x.device, x.shape[0], x.shape[2] * x.shape[3], fusable=fusable(self, x))
+        self.plan_log(p)
+        if p.path == 'layer':
+            return hspa_layer(x, self, self.topk, self.block_size, backend=p.backend)
+        q, k, v = self.embed(x)
+        if p.path == 'blocked':
+            attended = hspa_attention(q, k, v, self.topk, self.block_size, backend=p.backend)
+        elif p.path == 'triton':
+            attended = hspa_triton(q, k, v)
+        else:
+            attended = dense_attention(q, k, v, self.topk)
+        return self.combine(attended, x)
+
+    def extra_repr(self) -> str:
+        return f'topk={self.topk}, impl={self.impl}, block_size={self.block_size}'
