@@ -226,7 +226,7 @@ def static_table(capability: tuple[int, int]) -> str:
     rows = gpu_static.check([capability[0] * 10 + capability[1]])
     row(f'static check of the triton kernels for sm_{capability[0]}{capability[1]}',
         'pass' if all(r.ok for r in rows) else 'FAIL', gpu_static.summary(rows))
-    return gpu_static.markdown(rows)
+    return gpu_static.markdown(rows, merge_dtypes=True)
 
 
 def cpu_side_checks() -> None:
