@@ -13,6 +13,8 @@
    --amp bf16 and --amp fp16 (autocast, plus loss scaling for fp16).
 4. --precision half evaluation of one Set5 image through the Model wrapper.
 5. A 1-process nccl torchrun run of a tiny HSPAN for 2 epochs through src/main.py.
+6. The static table of benchmarks/gpu_static.py for this GPU's compute capability (compiled here: shared
+   memory, registers and spills of every fused Triton kernel launch).
 
 Without CUDA it checks what it can on the CPU (imports, the CLI commands it would run), then says plainly
 that there is no GPU and exits with status 2.
@@ -32,6 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'src'))
+sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 from model import attention  # noqa: E402
 from model.hspa import hspa_attention  # noqa: E402
@@ -216,6 +219,16 @@ def nccl_run() -> None:
             f'{time.perf_counter() - t0:.0f} s, {backend}' + ('' if ok else f': {log.strip()[-300:]}'))
 
 
+def static_table(capability: tuple[int, int]) -> str:
+    """benchmarks/gpu_static.py's table for one compute capability."""
+    import gpu_static
+
+    rows = gpu_static.check([capability[0] * 10 + capability[1]])
+    row(f'static check of the triton kernels for sm_{capability[0]}{capability[1]}',
+        'pass' if all(r.ok for r in rows) else 'FAIL', gpu_static.summary(rows))
+    return gpu_static.markdown(rows, merge_dtypes=True)
+
+
 def cpu_side_checks() -> None:
     """What needs no GPU: the CLI commands parse, and the triton package imports."""
     import option
@@ -241,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         sizes.append((1, 384, 512, False))
     start = time.perf_counter()
-    for step in (lambda: check_correctness(device), lambda: check_layer(device),
+    static: list[str] = []
+    steps = [lambda: static.append(static_table(torch.cuda.get_device_capability()))] if triton_available() else []
+    for step in (*steps, lambda: check_correctness(device), lambda: check_layer(device),
                  lambda: layer_timings(device, sizes, repeats),
                  lambda: training_steps(device, repeats), half_eval, nccl_run):
         try:
@@ -252,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     print('| check | result | notes |\n|---|---|---|')
     for what, result, note in rows:
         print(f'| {what} | {result} | {note} |')
+    for table in static:
+        print(f'\nStatic resources of the triton kernels on this GPU\'s architecture:\n\n{table}')
     return 0 if not any(r[1].startswith(('FAIL', 'check failed')) for r in rows) else 1
 
 

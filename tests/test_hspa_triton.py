@@ -8,6 +8,7 @@ sparsemax oracle to 1e-5 relative in float32.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -16,17 +17,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 pytest.importorskip('triton')
 
+from conftest import ROOT  # noqa: E402
 from model import attention  # noqa: E402
-from model.hspa.triton import hspa_triton  # noqa: E402
+from model.hspa.triton import SHARED_PER_BLOCK, Tiles, choose_tiles, hspa_triton, prefer_triton  # noqa: E402
 from test_hspa_blocked import TOL, features, hspa_ref, rel  # noqa: E402
 
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+import gpu_static  # noqa: E402
+
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+# Small forced tiles: value chunks of 16 over widths up to 40 (three chunks, the last one partly masked).
+SMALL = Tiles(block_m=16, block_n=16, block_d=16, block_c=16, block_q=16)
 
 
-def compare(q, k, v, block_m: int = 16, block_n: int = 32) -> None:
+def compare(q, k, v, tiles: Tiles | None = SMALL) -> None:
     leaves = [t.detach().clone().to(DEVICE).requires_grad_(True) for t in (q, k, v)]
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    out = hspa_triton(*leaves, block_m=block_m, block_n=block_n)
+    out = hspa_triton(*leaves, tiles=tiles)
     ref = hspa_ref(*ref_leaves)
     weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=ref.dtype)
     grads = torch.autograd.grad((out * weight.to(DEVICE)).sum(), leaves)
@@ -37,10 +44,55 @@ def compare(q, k, v, block_m: int = 16, block_n: int = 32) -> None:
         assert rel(g.cpu(), rg) <= TOL, f'grad {name} rel err {rel(g.cpu(), rg):.2e}'
 
 
-@pytest.mark.parametrize('block_m,block_n', [(16, 16), (16, 64), (32, 32)])
-def test_tile_sizes_and_odd_length(block_m, block_n):
-    # L = 77: no power of two, not a multiple of any tile; value width 12 != query width 6.
-    compare(*features(2, 77, 6, 12, scale=1.0, seed=0), block_m=block_m, block_n=block_n)
+def chosen_tiles() -> set[Tiles]:
+    """Every configuration the chooser returns for the project's widths on the listed GPUs, and for a
+    query width past 128 (its 16-row tiles)."""
+    widths = [*gpu_static.WIDTHS.values(), (200, 20)]
+    return {choose_tiles(cap, kw, width) for cap in SHARED_PER_BLOCK for kw, width in widths}
+
+
+@pytest.mark.parametrize('tiles', sorted(chosen_tiles(), key=str), ids=str)
+def test_every_chosen_configuration(tiles):
+    # L = 77: no power of two, not a multiple of any tile. Widths as wide as the tile's accumulators, so the
+    # value width spans two chunks (the second one partly masked) and the query width 3/4 of block_q.
+    kw, width = tiles.block_q * 3 // 4, tiles.block_c + tiles.block_c // 2
+    q, k, v = features(1, 77, kw, width, scale=1.0, seed=2)
+    compare(q / kw ** 0.5, k, v, tiles)
+
+
+def test_chooser_fits_every_listed_gpu():
+    for cap in SHARED_PER_BLOCK:
+        for kw, width in gpu_static.WIDTHS.values():
+            tiles = choose_tiles(cap, kw, width)
+            assert tiles.block_q >= kw and tiles.shared_bytes() <= SHARED_PER_BLOCK[cap]
+    with pytest.raises(ValueError, match='query/key width'):
+        choose_tiles((8, 0), 300, 64)
+
+
+def test_prefer_triton_is_a_memory_rule():
+    gib = 2**30
+    # The 16x48x48 training batch: 0.32 GiB of scores, dense while they take at most a quarter of the
+    # memory; a 384x512 whole image (144 GiB of scores) only fits the fused kernels.
+    assert not prefer_triton(48 * 48, 16, 80 * gib)
+    assert not prefer_triton(48 * 48, 16, 4 * 16 * 48**4 * 4) and prefer_triton(48 * 48, 16, 4 * 16 * 48**4 * 4 - 1)
+    assert prefer_triton(384 * 512, 1, 141 * gib)
+
+
+@pytest.mark.parametrize('tiles', [SMALL, Tiles(16, 32, 16, 32, 16), Tiles(32, 16, 16, 16, 16)], ids=str)
+def test_tile_sizes_and_odd_length(tiles):
+    # L = 77; value width 40 != query width 6: three value chunks of 16, a query chunk mostly masked.
+    compare(*features(2, 77, 6, 40, scale=1.0, seed=0), tiles)
+
+
+def test_default_tiles_and_low_precision_inputs():
+    q, k, v = features(1, 40, 6, 12, scale=1.0, seed=3)
+    compare(q, k, v, tiles=None)
+    halves = [t.to(torch.bfloat16).to(DEVICE).requires_grad_(True) for t in (q, k, v)]
+    out = hspa_triton(*halves)
+    out.float().sum().backward()
+    ref = hspa_ref(*(t.detach().float().cpu() for t in halves))
+    assert out.dtype == torch.bfloat16 and halves[0].grad.dtype == torch.bfloat16
+    assert rel(out.float().cpu(), ref) <= 1e-2  # the bfloat16 rounding of the output
 
 
 def test_ties():
@@ -76,8 +128,8 @@ def test_module_and_errors():
     with torch.no_grad():
         assert rel(fused(x.to(DEVICE)).cpu(), dense(x)) <= TOL
     q, k, v = features(1, 20, 4, 4, scale=1.0)
-    with pytest.raises(ValueError, match='block_m'):
-        hspa_triton(q, k, v, block_m=24)
+    with pytest.raises(ValueError, match='powers of two'):
+        hspa_triton(q, k, v, tiles=Tiles(24, 16, 16, 16, 16))
     with pytest.raises(ValueError, match='expects'):
         hspa_triton(q, k[:, :5], v)
 
@@ -85,9 +137,6 @@ def test_module_and_errors():
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the no-GPU path')
 def test_gpu_check_says_there_is_no_gpu():
     import subprocess
-    import sys
-
-    from conftest import ROOT
 
     done = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'gpu_check.py')], capture_output=True,
                           text=True, timeout=300)

@@ -1,34 +1,68 @@
-"""Triton kernels of model/hspa/triton/launch.py (imported only when the triton impl runs; see there)."""
+"""Triton kernels of model/hspa/triton/launch.py (imported only when the triton impl runs; see there).
+
+All inputs are contiguous float32 (the launcher casts). Every matrix product is a chain of IEEE float32
+fused multiply-adds over its reduction axis in a fixed order, reduced in chunks of BLOCK_D columns (of the
+query width for the scores, of the value width for dP), so the scores recomputed by different kernels are
+the same bits, the support (s > tau) is the same set in every pass, and no operand tile outgrows the
+registers. Outputs over the value width get a grid axis per BLOCK_C chunk; dq and dk are BLOCK_Q >= kw
+wide. Integer and pointer arguments are not specialised: one compiled variant per tile configuration and
+architecture, whatever the shape, which is exactly what benchmarks/gpu_static.py compiles.
+"""
+
+import inspect
 
 import triton
 import triton.language as tl
 
 
-@triton.jit
-def scores(q, k_ptr, off_n, length, d_idx, kw, BLOCK_N: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) float32 scores of the query tile q against keys [off_n, off_n + BLOCK_N)."""
-    n_idx = off_n + tl.arange(0, BLOCK_N)
-    k = tl.load(k_ptr + n_idx[:, None] * kw + d_idx[None, :],
-                mask=(n_idx[:, None] < length) & (d_idx[None, :] < kw), other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision='ieee')
-    return tl.where((n_idx < length)[None, :], s, float('-inf')), n_idx
+def plain_jit(fn):
+    """triton.jit without specialising the sizes or the pointers' alignment (one variant per tile set)."""
+    names = list(inspect.signature(fn).parameters)
+    return triton.jit(fn, do_not_specialize=[n for n in names if n in ('length', 'kw', 'width')],
+                      do_not_specialize_on_alignment=[n for n in names if n.endswith('_ptr')])
 
 
 @triton.jit
-def forward(q_ptr, k_ptr, v_ptr, out_ptr, tau_ptr, length, kw, width,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+def scores(q_ptr, k_ptr, m_idx, n_idx, length, kw, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_D: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 scores q[m_idx] . k[n_idx], -inf for keys past the end."""
+    s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for d0 in range(0, kw, BLOCK_D):
+        d_idx = d0 + tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + m_idx[:, None] * kw + d_idx[None, :],
+                    mask=(m_idx[:, None] < length) & (d_idx[None, :] < kw), other=0.0)
+        k = tl.load(k_ptr + n_idx[:, None] * kw + d_idx[None, :],
+                    mask=(n_idx[:, None] < length) & (d_idx[None, :] < kw), other=0.0)
+        s = tl.dot(q, tl.trans(k), s, input_precision='ieee')
+    return tl.where((n_idx < length)[None, :], s, float('-inf'))
+
+
+@triton.jit
+def grad_scores(g_ptr, v_ptr, m_idx, n_idx, length, width, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) dP = g[m_idx] . v[n_idx], the gradient of the attention weights."""
+    d_p = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for c0 in range(0, width, BLOCK_D):
+        c_idx = c0 + tl.arange(0, BLOCK_D)
+        g = tl.load(g_ptr + m_idx[:, None] * width + c_idx[None, :],
+                    mask=(m_idx[:, None] < length) & (c_idx[None, :] < width), other=0.0)
+        v = tl.load(v_ptr + n_idx[:, None] * width + c_idx[None, :],
+                    mask=(n_idx[:, None] < length) & (c_idx[None, :] < width), other=0.0)
+        d_p = tl.dot(g, tl.trans(v), d_p, input_precision='ieee')
+    return d_p
+
+
+@plain_jit
+def threshold(q_ptr, k_ptr, tau_ptr, length, kw,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """tau per query row: the row maximum, then Michelot's iteration until no row's support shrinks."""
     pid, b = tl.program_id(0), tl.program_id(1)
     q_ptr += b * length * kw
     k_ptr += b * length * kw
-    v_ptr += b * length * width
     m_idx = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    d_idx = tl.arange(0, BLOCK_D)
-    c_idx = tl.arange(0, BLOCK_C)
-    q = tl.load(q_ptr + m_idx[:, None] * kw + d_idx[None, :],
-                mask=(m_idx[:, None] < length) & (d_idx[None, :] < kw), other=0.0).to(tl.float32)
     row_max = tl.full((BLOCK_M,), float('-inf'), tl.float32)
     for off_n in range(0, length, BLOCK_N):
-        s, _ = scores(q, k_ptr, off_n, length, d_idx, kw, BLOCK_N)
+        s = scores(q_ptr, k_ptr, m_idx, off_n + tl.arange(0, BLOCK_N), length, kw, BLOCK_M, BLOCK_N, BLOCK_D)
         row_max = tl.maximum(row_max, tl.max(s, 1))
     tau = row_max - 1.0
     prev = tl.full((BLOCK_M,), length + 1, tl.int32)
@@ -37,98 +71,121 @@ def forward(q_ptr, k_ptr, v_ptr, out_ptr, tau_ptr, length, kw, width,
         total = tl.zeros((BLOCK_M,), tl.float32)
         count = tl.zeros((BLOCK_M,), tl.int32)
         for off_n in range(0, length, BLOCK_N):
-            s, _ = scores(q, k_ptr, off_n, length, d_idx, kw, BLOCK_N)
+            s = scores(q_ptr, k_ptr, m_idx, off_n + tl.arange(0, BLOCK_N), length, kw, BLOCK_M, BLOCK_N, BLOCK_D)
             on = s > tau[:, None]
             total += tl.sum(tl.where(on, s - row_max[:, None], 0.0), 1)
             count += tl.sum(on.to(tl.int32), 1)
         active = ((count < prev) & (count > 0)).to(tl.int32)
         tau = tl.where(active > 0, row_max + (total - 1.0) / tl.maximum(count, 1).to(tl.float32), tau)
         prev = tl.where(active > 0, count, prev)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
-    for off_n in range(0, length, BLOCK_N):
-        s, n_idx = scores(q, k_ptr, off_n, length, d_idx, kw, BLOCK_N)
-        p = tl.maximum(s - tau[:, None], 0.0)
-        v = tl.load(v_ptr + n_idx[:, None] * width + c_idx[None, :],
-                    mask=(n_idx[:, None] < length) & (c_idx[None, :] < width), other=0.0).to(tl.float32)
-        acc += tl.dot(p, v, input_precision='ieee')
-    tl.store(out_ptr + b * length * width + m_idx[:, None] * width + c_idx[None, :], acc,
-             mask=(m_idx[:, None] < length) & (c_idx[None, :] < width))
     tl.store(tau_ptr + b * length + m_idx, tau, mask=m_idx < length)
 
 
-@triton.jit
-def backward_rows(q_ptr, k_ptr, v_ptr, g_ptr, tau_ptr, dq_ptr, mean_ptr, length, kw, width,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid, b = tl.program_id(0), tl.program_id(1)
+@plain_jit
+def forward(q_ptr, k_ptr, v_ptr, tau_ptr, out_ptr, length, kw, width,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[:, chunk] = sum_j max(s_j - tau, 0) v_j[chunk] for one query tile and one value-column chunk."""
+    pid, chunk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_ptr += b * length * kw
     k_ptr += b * length * kw
     v_ptr += b * length * width
     m_idx = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    d_idx = tl.arange(0, BLOCK_D)
-    c_idx = tl.arange(0, BLOCK_C)
+    c_idx = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+    tau = tl.load(tau_ptr + b * length + m_idx, mask=m_idx < length, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)
+    for off_n in range(0, length, BLOCK_N):
+        n_idx = off_n + tl.arange(0, BLOCK_N)
+        s = scores(q_ptr, k_ptr, m_idx, n_idx, length, kw, BLOCK_M, BLOCK_N, BLOCK_D)
+        p = tl.maximum(s - tau[:, None], 0.0)
+        v = tl.load(v_ptr + n_idx[:, None] * width + c_idx[None, :],
+                    mask=(n_idx[:, None] < length) & (c_idx[None, :] < width), other=0.0)
+        acc = tl.dot(p, v, acc, input_precision='ieee')
+    tl.store(out_ptr + b * length * width + m_idx[:, None] * width + c_idx[None, :], acc,
+             mask=(m_idx[:, None] < length) & (c_idx[None, :] < width))
+
+
+@plain_jit
+def backward_rows(q_ptr, k_ptr, v_ptr, g_ptr, tau_ptr, dq_ptr, mean_ptr, length, kw, width,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """For one query tile: the mean of dP over each row's support, then dq = dS k (BLOCK_Q >= kw)."""
+    pid, b = tl.program_id(0), tl.program_id(1)
+    q_ptr += b * length * kw
+    k_ptr += b * length * kw
+    v_ptr += b * length * width
+    g_ptr += b * length * width
+    m_idx = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = m_idx < length
-    q = tl.load(q_ptr + m_idx[:, None] * kw + d_idx[None, :],
-                mask=row_ok[:, None] & (d_idx[None, :] < kw), other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + b * length * width + m_idx[:, None] * width + c_idx[None, :],
-                mask=row_ok[:, None] & (c_idx[None, :] < width), other=0.0).to(tl.float32)
     tau = tl.load(tau_ptr + b * length + m_idx, mask=row_ok, other=0.0)
     total = tl.zeros((BLOCK_M,), tl.float32)
     count = tl.zeros((BLOCK_M,), tl.float32)
     for off_n in range(0, length, BLOCK_N):
-        s, n_idx = scores(q, k_ptr, off_n, length, d_idx, kw, BLOCK_N)
-        v = tl.load(v_ptr + n_idx[:, None] * width + c_idx[None, :],
-                    mask=(n_idx[:, None] < length) & (c_idx[None, :] < width), other=0.0).to(tl.float32)
-        on = s > tau[:, None]
-        d_p = tl.dot(g, tl.trans(v), input_precision='ieee')
+        n_idx = off_n + tl.arange(0, BLOCK_N)
+        on = scores(q_ptr, k_ptr, m_idx, n_idx, length, kw, BLOCK_M, BLOCK_N, BLOCK_D) > tau[:, None]
+        d_p = grad_scores(g_ptr, v_ptr, m_idx, n_idx, length, width, BLOCK_M, BLOCK_N, BLOCK_D)
         total += tl.sum(tl.where(on, d_p, 0.0), 1)
         count += tl.sum(on.to(tl.float32), 1)
     mean = total / tl.maximum(count, 1.0)
-    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    q_idx = tl.arange(0, BLOCK_Q)
+    dq = tl.zeros((BLOCK_M, BLOCK_Q), tl.float32)
     for off_n in range(0, length, BLOCK_N):
-        s, n_idx = scores(q, k_ptr, off_n, length, d_idx, kw, BLOCK_N)
-        v = tl.load(v_ptr + n_idx[:, None] * width + c_idx[None, :],
-                    mask=(n_idx[:, None] < length) & (c_idx[None, :] < width), other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + n_idx[:, None] * kw + d_idx[None, :],
-                    mask=(n_idx[:, None] < length) & (d_idx[None, :] < kw), other=0.0).to(tl.float32)
-        d_s = tl.where(s > tau[:, None], tl.dot(g, tl.trans(v), input_precision='ieee') - mean[:, None], 0.0)
-        dq += tl.dot(d_s, k, input_precision='ieee')
-    tl.store(dq_ptr + b * length * kw + m_idx[:, None] * kw + d_idx[None, :], dq,
-             mask=row_ok[:, None] & (d_idx[None, :] < kw))
+        n_idx = off_n + tl.arange(0, BLOCK_N)
+        on = scores(q_ptr, k_ptr, m_idx, n_idx, length, kw, BLOCK_M, BLOCK_N, BLOCK_D) > tau[:, None]
+        d_p = grad_scores(g_ptr, v_ptr, m_idx, n_idx, length, width, BLOCK_M, BLOCK_N, BLOCK_D)
+        d_s = tl.where(on, d_p - mean[:, None], 0.0)
+        k = tl.load(k_ptr + n_idx[:, None] * kw + q_idx[None, :],
+                    mask=(n_idx[:, None] < length) & (q_idx[None, :] < kw), other=0.0)
+        dq = tl.dot(d_s, k, dq, input_precision='ieee')
+    tl.store(dq_ptr + b * length * kw + m_idx[:, None] * kw + q_idx[None, :], dq,
+             mask=row_ok[:, None] & (q_idx[None, :] < kw))
     tl.store(mean_ptr + b * length + m_idx, mean, mask=row_ok)
 
 
-@triton.jit
-def backward_keys(q_ptr, k_ptr, v_ptr, g_ptr, tau_ptr, mean_ptr, dk_ptr, dv_ptr, length, kw, width,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+@plain_jit
+def backward_keys(q_ptr, k_ptr, v_ptr, g_ptr, tau_ptr, mean_ptr, dk_ptr, length, kw, width,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """dk = dS^T q for one key tile (BLOCK_Q >= kw), streaming the query tiles."""
     pid, b = tl.program_id(0), tl.program_id(1)
     q_ptr += b * length * kw
+    k_ptr += b * length * kw
+    v_ptr += b * length * width
     g_ptr += b * length * width
     n_idx = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    d_idx = tl.arange(0, BLOCK_D)
-    c_idx = tl.arange(0, BLOCK_C)
-    col_ok = n_idx < length
-    k = tl.load(k_ptr + b * length * kw + n_idx[:, None] * kw + d_idx[None, :],
-                mask=col_ok[:, None] & (d_idx[None, :] < kw), other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + b * length * width + n_idx[:, None] * width + c_idx[None, :],
-                mask=col_ok[:, None] & (c_idx[None, :] < width), other=0.0).to(tl.float32)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    q_idx = tl.arange(0, BLOCK_Q)
+    dk = tl.zeros((BLOCK_N, BLOCK_Q), tl.float32)
+    for off_m in range(0, length, BLOCK_M):
+        m_idx = off_m + tl.arange(0, BLOCK_M)
+        row_ok = m_idx < length
+        tau = tl.load(tau_ptr + b * length + m_idx, mask=row_ok, other=float('inf'))
+        mean = tl.load(mean_ptr + b * length + m_idx, mask=row_ok, other=0.0)
+        on = scores(q_ptr, k_ptr, m_idx, n_idx, length, kw, BLOCK_M, BLOCK_N, BLOCK_D) > tau[:, None]
+        d_p = grad_scores(g_ptr, v_ptr, m_idx, n_idx, length, width, BLOCK_M, BLOCK_N, BLOCK_D)
+        d_s = tl.where(on, d_p - mean[:, None], 0.0)
+        q = tl.load(q_ptr + m_idx[:, None] * kw + q_idx[None, :],
+                    mask=row_ok[:, None] & (q_idx[None, :] < kw), other=0.0)
+        dk = tl.dot(tl.trans(d_s), q, dk, input_precision='ieee')
+    tl.store(dk_ptr + b * length * kw + n_idx[:, None] * kw + q_idx[None, :], dk,
+             mask=(n_idx[:, None] < length) & (q_idx[None, :] < kw))
+
+
+@plain_jit
+def backward_values(q_ptr, k_ptr, g_ptr, tau_ptr, dv_ptr, length, kw, width,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dv[:, chunk] = P^T g[:, chunk] for one key tile and one value-column chunk."""
+    pid, chunk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_ptr += b * length * kw
+    k_ptr += b * length * kw
+    g_ptr += b * length * width
+    n_idx = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_idx = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
     dv = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     for off_m in range(0, length, BLOCK_M):
         m_idx = off_m + tl.arange(0, BLOCK_M)
         row_ok = m_idx < length
-        q = tl.load(q_ptr + m_idx[:, None] * kw + d_idx[None, :],
-                    mask=row_ok[:, None] & (d_idx[None, :] < kw), other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + m_idx[:, None] * width + c_idx[None, :],
-                    mask=row_ok[:, None] & (c_idx[None, :] < width), other=0.0).to(tl.float32)
         tau = tl.load(tau_ptr + b * length + m_idx, mask=row_ok, other=float('inf'))
-        mean = tl.load(mean_ptr + b * length + m_idx, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision='ieee')                       # (BLOCK_M, BLOCK_N)
-        on = (s > tau[:, None]) & col_ok[None, :]
-        p = tl.where(on, s - tau[:, None], 0.0)
-        d_s = tl.where(on, tl.dot(g, tl.trans(v), input_precision='ieee') - mean[:, None], 0.0)
-        dk += tl.dot(tl.trans(d_s), q, input_precision='ieee')
-        dv += tl.dot(tl.trans(p), g, input_precision='ieee')
-    tl.store(dk_ptr + b * length * kw + n_idx[:, None] * kw + d_idx[None, :], dk,
-             mask=col_ok[:, None] & (d_idx[None, :] < kw))
+        s = scores(q_ptr, k_ptr, m_idx, n_idx, length, kw, BLOCK_M, BLOCK_N, BLOCK_D)
+        p = tl.where(s > tau[:, None], s - tau[:, None], 0.0)
+        g = tl.load(g_ptr + m_idx[:, None] * width + c_idx[None, :],
+                    mask=row_ok[:, None] & (c_idx[None, :] < width), other=0.0)
+        dv = tl.dot(tl.trans(p), g, dv, input_precision='ieee')
     tl.store(dv_ptr + b * length * width + n_idx[:, None] * width + c_idx[None, :], dv,
-             mask=col_ok[:, None] & (c_idx[None, :] < width))
+             mask=(n_idx[:, None] < length) & (c_idx[None, :] < width))

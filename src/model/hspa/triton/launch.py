@@ -1,25 +1,27 @@
 """Exact HSPA as fused Triton kernels, in the flash-attention layout (optional: needs the triton package).
 
-``hspa_triton(q, k, v)`` returns ``sparsemax(q @ k^T) @ v`` without forming the (L x L) scores. One
-program owns a tile of query rows and streams the keys in tiles, recomputing the scores each pass:
+``hspa_triton(q, k, v)`` returns ``sparsemax(q @ k^T) @ v`` without forming the (L x L) scores. The
+kernels (kernels.py beside this file) recompute the scores in tiles on every pass:
 
-1. the row maximum m;
-2. Michelot's iteration from tau = m - 1: one pass sums the scores above tau and counts them, the new
-   tau is m + (sum(s - m) - 1) / count, and a row stops when its support stops shrinking. The loop runs
-   until every row of the tile has stopped, so the threshold is exact, not a fixed number of steps;
-3. out = sum_j max(s_j - tau, 0) v_j.
+1. ``threshold``, per query tile: the row maximum m, then Michelot's iteration from tau = m - 1 (one pass
+   sums the scores above tau and counts them, the new tau is m + (sum(s - m) - 1) / count) until no row's
+   support shrinks, so the threshold is exact, not a fixed number of steps;
+2. ``forward``, per query tile and BLOCK_C chunk of value columns: out = sum_j max(s_j - tau, 0) v_j.
 
-Backward keeps tau per row and recomputes the scores: one kernel per query tile gets the mean of dP
-over each row's support and then dQ; one kernel per key tile gets dK and dV. dS = dP - mean on the
-support (the sparsemax Jacobian), 0 elsewhere.
+Backward keeps tau per row: ``backward_rows`` (per query tile) gets the mean of dP = g v^T over each row's
+support and dq; ``backward_keys`` (per key tile) dk; ``backward_values`` (per key tile and value chunk)
+dv. dS = dP - mean on the support (the sparsemax Jacobian), 0 elsewhere.
 
-Any L (masked tiles), query/key width Ck and value width C of any size (padded to powers of two inside),
-no 1/sqrt(d) scaling, and float32 scores and thresholds whatever the input dtype (products in IEEE
-float32, no TF32). Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (slowly; for tests).
+Tiles come from `choose_tiles`, derived from the GPU's shared memory per block (`SHARED_PER_BLOCK`) and
+the 255-register limit of a thread; benchmarks/gpu_static.py compiles every launch it can make for
+sm_80/86/89/90 and checks that each fits with no register spills. Inputs of any float dtype are cast to
+float32; scores, thresholds and products are IEEE float32 (no TF32). Any L and widths (masked tiles), no
+1/sqrt(d) scaling. Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (slowly; for tests).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from types import ModuleType
 from typing import Any
@@ -27,7 +29,89 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ['available', 'hspa_triton']
+__all__ = ['SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton', 'prefer_triton']
+
+# Opt-in shared memory per thread block (bytes), CUDA C Programming Guide, "Technical Specifications per
+# Compute Capability". A capability not listed gets the smallest entry of its major version, else 64 KiB.
+SHARED_PER_BLOCK = {(7, 0): 98_304, (7, 5): 65_536, (8, 0): 166_912, (8, 6): 101_376, (8, 7): 166_912,
+                    (8, 9): 101_376, (9, 0): 232_448, (10, 0): 232_448, (12, 0): 101_376}
+MAX_REGISTERS = 255      # per thread, every architecture since sm_35; passed to ptxas as maxnreg
+NUM_WARPS = 4
+REDUCTION_CHUNK = 16     # BLOCK_D: the K of every score/dP product; a thread holds (its rows + cols) x K operands
+# Shares of a thread's 256-register file (255 usable): the rest holds operands, addresses and loop state.
+ACCUMULATOR_REGS = (MAX_REGISTERS + 1) // 8   # the fp32 output accumulator (out, dq, dk or dv chunk)
+SCORE_REGS = (MAX_REGISTERS + 1) // 32        # one (BLOCK_M, BLOCK_N) score tile (s, dP and dS coexist)
+# The dense path's (batch, L, L) float32 score tensor may take at most this share of the GPU memory.
+DENSE_SHARE = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One launch configuration of the kernels (every block size a power of two >= 16)."""
+
+    block_m: int     # query rows per tile
+    block_n: int     # keys per tile
+    block_d: int     # reduction chunk of the query width (scores) and of the value width (dP)
+    block_c: int     # value columns per output chunk (forward, dv)
+    block_q: int     # padded query width of the dq / dk accumulators (>= kw)
+    num_warps: int = NUM_WARPS
+    num_stages: int = 1   # the inner loops run kw / 16 trips: pipelining them would cost registers, not time
+
+    def constexprs(self) -> dict[str, int]:
+        return {'BLOCK_M': self.block_m, 'BLOCK_N': self.block_n, 'BLOCK_D': self.block_d,
+                'BLOCK_C': self.block_c, 'BLOCK_Q': self.block_q}
+
+    def options(self) -> dict[str, int | bool]:
+        """Compile options of every launch (also what benchmarks/gpu_static.py compiles with). No fusion of
+        a separate multiply and add: IEEE float32 rounding outside the dots' own FMA chains, whatever
+        Triton's default."""
+        return {'num_warps': self.num_warps, 'num_stages': self.num_stages, 'maxnreg': MAX_REGISTERS,
+                'enable_fp_fusion': False}
+
+    def shared_bytes(self) -> int:
+        """Estimated shared memory of the largest kernel: both fp32 operands of its widest product pass
+        through shared memory on their way to the dot layout (matches the compiled kernels)."""
+        m, n, d, c, q = self.block_m, self.block_n, self.block_d, self.block_c, self.block_q
+        operands = max((m + n) * d, m * n + n * c, m * n + n * q, m * n + m * q, m * n + m * c)
+        return 4 * operands * max(1, self.num_stages)
+
+
+def shared_limit(capability: tuple[int, int]) -> int:
+    """Shared memory per block of a compute capability (see SHARED_PER_BLOCK)."""
+    if capability in SHARED_PER_BLOCK:
+        return SHARED_PER_BLOCK[capability]
+    same_major = [v for (major, _), v in SHARED_PER_BLOCK.items() if major == capability[0]]
+    return min(same_major) if same_major else 65_536
+
+
+def _pow2(x: int) -> int:
+    return max(16, 1 << (x - 1).bit_length())
+
+
+def choose_tiles(capability: tuple[int, int], kw: int, width: int) -> Tiles:
+    """The largest square query/key tile whose score tile, dq/dk accumulator and value chunk fit their
+    register shares (ACCUMULATOR_REGS, SCORE_REGS of MAX_REGISTERS) and whose shared memory fits the
+    capability's limit; the value chunk is as wide as the accumulator share allows, up to the value width.
+    Input dtypes do not enter: the kernels compute from float32 copies."""
+    threads = 32 * NUM_WARPS
+    block_q = _pow2(kw)
+    for block in (64, 32, 16):
+        if block * block > SCORE_REGS * threads or block * block_q > ACCUMULATOR_REGS * threads:
+            continue
+        block_c = min(_pow2(width), 1 << ((ACCUMULATOR_REGS * threads // block).bit_length() - 1))
+        tiles = Tiles(block, block, REDUCTION_CHUNK, block_c, block_q)
+        if tiles.shared_bytes() <= shared_limit(capability):
+            return tiles
+    raise ValueError(f'hspa_triton supports a query/key width up to {ACCUMULATOR_REGS * threads // 16}, got {kw}')
+
+
+def prefer_triton(length: int, batch: int, memory_bytes: int) -> bool:
+    """The ``auto`` rule on CUDA: True when the dense path's (batch, L, L) float32 scores would take more
+    than DENSE_SHARE of memory_bytes (read once per run). Where the dense path fits it is the faster one:
+    its two matmuls do 2 L^2 (Ck + C) FLOPs at cuBLAS rates, while the fused kernels recompute the scores on
+    every Michelot pass and every backward pass, about 3.5x the FLOPs in forward (benchmarks/README.md,
+    roofline estimate); both are compute bound, so the rule is memory, not speed."""
+    return batch * length * length * 4 > DENSE_SHARE * memory_bytes
 
 
 @functools.cache
@@ -40,6 +124,18 @@ def available() -> bool:
     return True
 
 
+# Under TRITON_INTERPRET=1 (CPU tensors) any tile runs; take the tightest listed shared-memory limit.
+INTERPRETER_CAPABILITY = (8, 6)
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The device's compute capability, read once per device."""
+    if device.type != 'cuda':
+        return INTERPRETER_CAPABILITY
+    return torch.cuda.get_device_capability(device)
+
+
 def _kernels() -> ModuleType:
     from model.hspa.triton import kernels  # imports triton, so only when a kernel runs
 
@@ -50,29 +146,23 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _pow2(x: int) -> int:
-    return max(16, 1 << (x - 1).bit_length())
-
-
-def _sizes(kw: int, width: int) -> dict[str, int]:
-    """Padded (power-of-two) widths of the query/key and value tiles."""
-    return {'BLOCK_D': _pow2(kw), 'BLOCK_C': _pow2(width)}
-
-
 class _HSPATriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, block_m: int, block_n: int) -> Tensor:
+    def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, tiles: Tiles) -> Tensor:
         kern = _kernels()
-        q, k, v = (t.contiguous() for t in (query, key, value))
+        q, k, v = (t.float().contiguous() for t in (query, key, value))
         n, length, kw = q.shape
         width = v.shape[2]
-        out = torch.empty(n, length, width, device=q.device, dtype=torch.float32)
+        const, opts = tiles.constexprs(), tiles.options()
         tau = torch.empty(n, length, device=q.device, dtype=torch.float32)
-        grid = (_cdiv(length, block_m), n)
-        kern.forward[grid](q, k, v, out, tau, length, kw, width, BLOCK_M=block_m, BLOCK_N=block_n,
-                              **_sizes(kw, width))
+        kern.threshold[(_cdiv(length, tiles.block_m), n)](
+            q, k, tau, length, kw, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, **opts)
+        out = torch.empty(n, length, width, device=q.device, dtype=torch.float32)
+        kern.forward[(_cdiv(length, tiles.block_m), _cdiv(width, tiles.block_c), n)](
+            q, k, v, tau, out, length, kw, width, **_pick(const, kern.forward), **opts)
         ctx.save_for_backward(q, k, v, tau)
-        ctx.blocks = (block_m, block_n)
+        ctx.tiles = tiles
+        ctx.dtypes = (query.dtype, key.dtype, value.dtype)
         return out.to(value.dtype)
 
     @staticmethod
@@ -80,33 +170,42 @@ class _HSPATriton(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor):
         kern = _kernels()
         q, k, v, tau = ctx.saved_tensors
-        block_m, block_n = ctx.blocks
+        tiles = ctx.tiles
+        const, opts = tiles.constexprs(), tiles.options()
         n, length, kw = q.shape
         width = v.shape[2]
-        g = grad.contiguous()
-        sizes = _sizes(kw, width)
+        g = grad.float().contiguous()
         dq = torch.empty(n, length, kw, device=q.device, dtype=torch.float32)
         mean = torch.empty(n, length, device=q.device, dtype=torch.float32)
-        kern.backward_rows[(_cdiv(length, block_m), n)](
-            q, k, v, g, tau, dq, mean, length, kw, width, BLOCK_M=block_m, BLOCK_N=block_n, **sizes)
+        kern.backward_rows[(_cdiv(length, tiles.block_m), n)](
+            q, k, v, g, tau, dq, mean, length, kw, width, **_pick(const, kern.backward_rows), **opts)
         dk = torch.empty_like(dq)
+        kern.backward_keys[(_cdiv(length, tiles.block_n), n)](
+            q, k, v, g, tau, mean, dk, length, kw, width, **_pick(const, kern.backward_keys), **opts)
         dv = torch.empty(n, length, width, device=q.device, dtype=torch.float32)
-        kern.backward_keys[(_cdiv(length, block_n), n)](
-            q, k, v, g, tau, mean, dk, dv, length, kw, width, BLOCK_M=block_m, BLOCK_N=block_n, **sizes)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        kern.backward_values[(_cdiv(length, tiles.block_n), _cdiv(width, tiles.block_c), n)](
+            q, k, g, tau, dv, length, kw, width, **_pick(const, kern.backward_values), **opts)
+        return (*(t.to(dtype) for t, dtype in zip((dq, dk, dv), ctx.dtypes, strict=True)), None)
 
 
-def hspa_triton(query: Tensor, key: Tensor, value: Tensor, block_m: int = 32, block_n: int = 64) -> Tensor:
+def _pick(constexprs: dict[str, int], kernel: Any) -> dict[str, int]:
+    """The block sizes a kernel takes."""
+    return {name: value for name, value in constexprs.items() if name in kernel.arg_names}
+
+
+def hspa_triton(query: Tensor, key: Tensor, value: Tensor, tiles: Tiles | None = None) -> Tensor:
     """Exact ``sparsemax(query @ key^T, dim=-1) @ value``; query, key (N, L, Ck), value (N, L, C).
 
-    block_m query rows and block_n keys per tile (powers of two, at least 16)."""
+    tiles: the launch configuration (default: `choose_tiles` for the device's capability and the widths)."""
     if not available():
         raise ValueError("HSPA impl 'triton' needs the triton package: pip install -r requirements-gpu.txt")
     if query.dim() != 3 or key.shape != query.shape or value.dim() != 3 or value.shape[:2] != query.shape[:2]:
         raise ValueError(f'hspa_triton expects query/key (N, L, Ck) and value (N, L, C); got '
                          f'{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}')
-    for name, b in (('block_m', block_m), ('block_n', block_n)):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f'hspa_triton {name} must be a power of two >= 16, got {b}')
+    if tiles is None:
+        tiles = choose_tiles(_capability(query.device), query.shape[2], value.shape[2])
+    elif any(b < 16 or b & (b - 1) for b in dataclasses.astuple(tiles)[:5]) or tiles.block_q < query.shape[2]:
+        raise ValueError(f'hspa_triton tiles must be powers of two >= 16 with block_q >= {query.shape[2]}, '
+                         f'got {tiles}')
     with torch.autocast(device_type=query.device.type, enabled=False):
-        return _HSPATriton.apply(query, key, value, block_m, block_n)
+        return _HSPATriton.apply(query, key, value, tiles)
