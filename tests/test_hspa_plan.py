@@ -77,6 +77,15 @@ def test_cuda_auto_is_dense_while_the_scores_fit_a_quarter_of_free_memory(free_m
     assert len(free_memory) == 1  # read once per run, whatever the number of plans
 
 
+def test_dense_fits_is_a_memory_rule():
+    # The 16x48x48 training batch: 0.32 GiB of scores, dense while they take at most a quarter of the
+    # memory; a 384x512 whole image (144 GiB of scores) only fits the fused kernels.
+    dense_fits = plan_module.dense_fits
+    assert dense_fits(16, 48 * 48, 80 * GIB)
+    assert dense_fits(16, 48 * 48, 4 * 16 * 48**4 * 4) and not dense_fits(16, 48 * 48, 4 * 16 * 48**4 * 4 - 1)
+    assert not dense_fits(1, 384 * 512, 141 * GIB)
+
+
 def test_explicit_impls_that_cannot_run_say_so_in_one_line(monkeypatch):
     with pytest.raises(ValueError, match="impl must be one of auto, dense, fast, triton; got 'sparse'"):
         plan('sparse', CPU, 1, 10)

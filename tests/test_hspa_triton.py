@@ -19,7 +19,7 @@ pytest.importorskip('triton')
 
 from conftest import ROOT  # noqa: E402
 from model import attention  # noqa: E402
-from model.hspa.triton import SHARED_PER_BLOCK, Tiles, choose_tiles, hspa_triton, prefer_triton  # noqa: E402
+from model.hspa.triton import SHARED_PER_BLOCK, Tiles, choose_tiles, hspa_triton  # noqa: E402
 from test_hspa_blocked import TOL, features, hspa_ref, rel  # noqa: E402
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
@@ -67,15 +67,6 @@ def test_chooser_fits_every_listed_gpu():
             assert tiles.block_q >= kw and tiles.shared_bytes() <= SHARED_PER_BLOCK[cap]
     with pytest.raises(ValueError, match='query/key width'):
         choose_tiles((8, 0), 300, 64)
-
-
-def test_prefer_triton_is_a_memory_rule():
-    gib = 2**30
-    # The 16x48x48 training batch: 0.32 GiB of scores, dense while they take at most a quarter of the
-    # memory; a 384x512 whole image (144 GiB of scores) only fits the fused kernels.
-    assert not prefer_triton(48 * 48, 16, 80 * gib)
-    assert not prefer_triton(48 * 48, 16, 4 * 16 * 48**4 * 4) and prefer_triton(48 * 48, 16, 4 * 16 * 48**4 * 4 - 1)
-    assert prefer_triton(384 * 512, 1, 141 * gib)
 
 
 @pytest.mark.parametrize('tiles', [SMALL, Tiles(16, 32, 16, 32, 16), Tiles(32, 16, 16, 16, 16)], ids=str)

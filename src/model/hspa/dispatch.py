@@ -74,10 +74,13 @@ def cuda_free_bytes(index: int) -> int:
     return int(torch.cuda.mem_get_info(index)[0])
 
 
-def dense_fits(device: torch.device, batch: int, length: int) -> bool:
-    """Whether the (batch, L, L) float32 scores take at most DENSE_SHARE of the device's free memory."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return batch * length * length * 4 <= DENSE_SHARE * cuda_free_bytes(index)
+def dense_fits(batch: int, length: int, free_bytes: int) -> bool:
+    """The ``auto`` rule on CUDA: whether the dense path's (batch, L, L) float32 scores take at most
+    DENSE_SHARE of ``free_bytes``. It is a memory rule, not a speed rule: where the dense path fits it is
+    the faster one (its two matmuls do 2 L^2 (Ck + C) FLOPs at cuBLAS rates, while the fused kernels
+    recompute the scores on every Michelot pass and every backward pass, about 3.5x the FLOPs in forward;
+    benchmarks/README.md, roofline estimate)."""
+    return batch * length * length * 4 <= DENSE_SHARE * free_bytes
 
 
 def _triton_runs_here(device: torch.device) -> bool:
@@ -105,7 +108,8 @@ def plan(impl: str, device: torch.device, batch: int, length: int, *, fusable: b
         return Plan('triton', '', impl, kind)
     note = ''
     if impl == 'auto' and kind == 'cuda':
-        if dense_fits(device, batch, length):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if dense_fits(batch, length, cuda_free_bytes(index)):
             return Plan('dense', '', impl, kind)
         if fused.available():
             return Plan('triton', '', impl, kind)

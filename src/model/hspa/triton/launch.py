@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ['SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton', 'prefer_triton']
+__all__ = ['SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton']
 
 # Opt-in shared memory per thread block (bytes), CUDA C Programming Guide, "Technical Specifications per
 # Compute Capability". A capability not listed gets the smallest entry of its major version, else 64 KiB.
@@ -41,8 +41,6 @@ REDUCTION_CHUNK = 16     # BLOCK_D: the K of every score/dP product; a thread ho
 # Shares of a thread's 256-register file (255 usable): the rest holds operands, addresses and loop state.
 ACCUMULATOR_REGS = (MAX_REGISTERS + 1) // 8   # the fp32 output accumulator (out, dq, dk or dv chunk)
 SCORE_REGS = (MAX_REGISTERS + 1) // 32        # one (BLOCK_M, BLOCK_N) score tile (s, dP and dS coexist)
-# The dense path's (batch, L, L) float32 score tensor may take at most this share of the GPU memory.
-DENSE_SHARE = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +101,6 @@ def choose_tiles(capability: tuple[int, int], kw: int, width: int) -> Tiles:
         if tiles.shared_bytes() <= shared_limit(capability):
             return tiles
     raise ValueError(f'hspa_triton supports a query/key width up to {ACCUMULATOR_REGS * threads // 16}, got {kw}')
-
-
-def prefer_triton(length: int, batch: int, memory_bytes: int) -> bool:
-    """The ``auto`` rule on CUDA: True when the dense path's (batch, L, L) float32 scores would take more
-    than DENSE_SHARE of memory_bytes (read once per run). Where the dense path fits it is the faster one:
-    its two matmuls do 2 L^2 (Ck + C) FLOPs at cuBLAS rates, while the fused kernels recompute the scores on
-    every Michelot pass and every backward pass, about 3.5x the FLOPs in forward (benchmarks/README.md,
-    roofline estimate); both are compute bound, so the rule is memory, not speed."""
-    return batch * length * length * 4 > DENSE_SHARE * memory_bytes
 
 
 @functools.cache
