@@ -119,10 +119,11 @@ def _trained_input(spec: dict):
 
     import model as model_pkg
     import option
+    from model.checkpoint import load_into
 
     args = option.parse(['--cpu', '--test_only', *QUICK_FLAGS])
     net = model_pkg.make_network(args)
-    model_pkg.load_into(net, spec['weights'])
+    load_into(net, spec['weights'])
     layer = next(m for m in net.modules() if type(m).__name__ == 'HSPA')
     captured = []
     layer.register_forward_pre_hook(lambda mod, inputs: captured.append(inputs[0].detach()))

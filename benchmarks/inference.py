@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                         results[variant]['max_diff'] = float((torch.load(save) - ref).abs().max())
                     print(f'# {case} {mode} {variant}: {results[variant]}', file=sys.stderr, flush=True)
                 rows.append((case, mode, image.name, results))
-    print(f'Machine: {_machine(torch.get_num_threads(), None)}\n')
+    print(f'Machine: {_machine(torch.get_num_threads(), None, None)}\n')
     print('| case | image | mode | variant | time | speed-up | extra peak memory | memory ratio | max abs diff |')
     print('|---|---|---|---|---|---|---|---|---|')
     for case, mode, image, results in rows:

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         results['onnxruntime'] = json.loads(proc.stdout.strip().splitlines()[-1])
         diff = float((torch.load(saves['onnxruntime']) - torch.load(saves['pytorch'])).abs().max())
-    print(f'Machine: {_machine(torch.get_num_threads(), None)}\n')
+    print(f'Machine: {_machine(torch.get_num_threads(), None, None)}\n')
     print('| variant | threads | time | time ratio | extra peak memory | memory ratio | max abs diff |')
     print('|---|---|---|---|---|---|---|')
     base = results['pytorch']
