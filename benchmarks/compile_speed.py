@@ -12,20 +12,17 @@ set-ups alternate `--repeats` times over the same batches (median per-step time 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import functools
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'src'))
-sys.path.insert(0, str(ROOT / 'benchmarks'))
+from harness import ROOT, alternate, machine_line, t91_batches
 
-from cpu_processes import _patches  # noqa: E402
+sys.path.insert(0, str(ROOT / 'src'))
+
 from model.compiled import compile_network  # noqa: E402
 from model.networks.hspan import HSPAN  # noqa: E402
 
@@ -54,21 +51,15 @@ def main() -> None:
                 rgb_range=1, hspa_impl='fast').train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     compiled = compile_network(net)
-    batches = _patches(20, args.steps, 16, seed=0)
+    batches = t91_batches(20, args.steps, 16, seed=0)
     start = time.perf_counter()
     warm = _steps(compiled, opt, batches[:2])
     compile_seconds = time.perf_counter() - start
     _steps(net, opt, batches[:2])
-    results: dict[str, list[float]] = {'eager': [], 'compiled': []}
-    for _ in range(args.repeats):
-        results['eager'] += _steps(net, opt, batches)
-        results['compiled'] += _steps(compiled, opt, batches)
+    results = alternate({'eager': functools.partial(_steps, net, opt, batches),
+                         'compiled': functools.partial(_steps, compiled, opt, batches)}, args.repeats)
     med = {k: statistics.median(v) for k, v in results.items()}
-    info = Path('/proc/cpuinfo')
-    lines = info.read_text().splitlines() if info.exists() else []
-    cpu = next((ln.split(':', 1)[1].strip() for ln in lines if ln.startswith('model name')), platform.machine())
-    print(f'CPU: {cpu}, {os.cpu_count()} CPUs, {args.threads} threads, Python {platform.python_version()}, '
-          f'torch {torch.__version__}')
+    print(f'Machine: {machine_line(f"{args.threads} torch threads")}')
     print(f'first 2 compiled steps (compilation): {compile_seconds:.1f} s (then {warm[-1]:.3f} s); '
           f'{args.steps} timed steps x {args.repeats} runs per set-up')
     print('| set-up | s per step of 16 patches (median) |')

@@ -18,47 +18,22 @@ changes on a shared machine hit both alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import platform
 import socket
 import statistics
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, alternate, machine_line, t91_batches
+
 sys.path.insert(0, str(ROOT / 'src'))
 
-from imageops.imresize import imresize  # noqa: E402
 from model.networks.hspan import HSPAN  # noqa: E402
-
-
-def _patches(n_images: int, steps: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`steps` batches of (LR 24x24, HR 48x48) crops from the first T91 images, LR made by imresize."""
-    import imageio.v3 as iio
-
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for path in sorted((ROOT / 'datasets' / 'T91').glob('*.png'))[:n_images]:
-        hr = iio.imread(path)[..., :3]
-        hr = hr[:hr.shape[0] // 2 * 2, :hr.shape[1] // 2 * 2]
-        pairs.append((imresize(hr, 0.5), hr))
-    out = []
-    for _ in range(steps):
-        lrs, hrs = [], []
-        for _ in range(batch):
-            lr, hr = pairs[rng.integers(len(pairs))]
-            y, x = rng.integers(lr.shape[0] - 23), rng.integers(lr.shape[1] - 23)
-            lrs.append(lr[y:y + 24, x:x + 24])
-            hrs.append(hr[2 * y:2 * y + 48, 2 * x:2 * x + 48])
-        as_tensor = lambda a: torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
-        out.append((as_tensor(lrs), as_tensor(hrs)))
-    return out
 
 
 def _worker(rank: int, world: int, threads: int, steps: int, weights: str, port: int, queue: mp.Queue) -> None:
@@ -72,7 +47,7 @@ def _worker(rank: int, world: int, threads: int, steps: int, weights: str, port:
         net.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True))
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    batches = _patches(20, steps + 2, 16 // world, seed=rank)
+    batches = t91_batches(20, steps + 2, 16 // world, seed=rank)
     times = []
     for i, (lr, hr) in enumerate(batches):
         if world > 1:
@@ -118,13 +93,10 @@ def main() -> None:
     p.add_argument('--weights', type=str, default='', help='HSPAN state dict of the quick config (default random)')
     args = p.parse_args()
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-    results: dict[str, list[float]] = {'threads': [], 'processes': []}
-    for _ in range(args.repeats):
-        results['threads'] += run(1, 2, args.steps, args.weights)
-        results['processes'] += run(2, 1, args.steps, args.weights)
+    results = alternate({'threads': functools.partial(run, 1, 2, args.steps, args.weights),
+                         'processes': functools.partial(run, 2, 1, args.steps, args.weights)}, args.repeats)
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, '
-          f'Python {platform.python_version()}, torch {torch.__version__}')
+    print(f'Machine: {machine_line()}')
     print(f'weights: {args.weights or "random"}; {args.steps} timed steps x {args.repeats} runs per set-up')
     print('| set-up | s per step of 16 patches (median) |')
     print('|---|---|')

@@ -5,37 +5,19 @@
 
 The cache goes to a temporary folder (`args.dir_cache`), never into the dataset folder. Cache building
 (LR made from HR, and for `sep` the decoded HR/LR) is timed separately; throughput is measured after the
-first batch, so worker start-up is not counted. Prints a Markdown table and the machine.
+first batch, so worker start-up is not counted. Prints a Markdown table and the machine line (harness).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown CPU'
-
-
-def _load() -> str:
-    try:
-        return ' '.join(f'{v:.2f}' for v in os.getloadavg())
-    except OSError:
-        return 'n/a'
+from harness import ROOT, machine_line
 
 
 def run(ext: str, dir_data: Path, cache_dir: Path, workers: int, batches: int, batch_size: int,
@@ -88,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print('|---|---|---|---|')
     for r in rows:
         print(f'| {r["ext"]} | {r["rate"]:.0f} | {r["patches"]} | {r["prep"]:.1f} |')
-    print(f'\nMachine: {_cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, '
-          f'load average after the run {_load()}')
+    print(f'\nMachine: {machine_line()} (after the run)')
     return 0
 
 

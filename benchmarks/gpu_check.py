@@ -6,9 +6,10 @@
 1. HSPA correctness on CUDA: dense, fast (torch back-end) and triton against a float64 sort-based sparsemax
    oracle (outputs and q/k/v gradients), on random and near-uniform scores, L not a power of two; and the
    whole HSPA layer with impl='fast' (model/hspa/layer.py) against impl='dense' in float64.
-2. One HSPA layer as published (channel 192, reduction 2): time and peak GPU memory of dense, triton and
-   fast at a 16x48x48 training step (forward + backward) and at 128x128, 256x256 and 384x512 inference
-   (dense skipped where its score matrix would not fit).
+2. One HSPA layer as published (channel 192, reduction 2): time and peak GPU memory of dense, triton,
+   fast and auto at a 16x48x48 training step (forward + backward) and at 128x128, 256x256 and 384x512
+   inference (dense skipped where its score matrix would not fit); the auto row names the path that
+   model.hspa.plan picks for it.
 3. A training step of the published HSPAN x2 configuration (batch 16, 48x48 LR patches) in float32,
    --amp bf16 and --amp fp16 (autocast, plus loss scaling for fp16).
 4. --precision half evaluation of one Set5 image through the Model wrapper.
@@ -28,16 +29,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, machine_line
+
 sys.path.insert(0, str(ROOT / 'src'))
-sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 from model import attention  # noqa: E402
-from model.hspa import hspa_attention  # noqa: E402
+from model.hspa import hspa_attention, plan  # noqa: E402
 from model.hspa.triton import available as triton_available  # noqa: E402
 from model.hspa.triton import hspa_triton  # noqa: E402
 from model.networks.hspan import HSPAN  # noqa: E402
@@ -151,8 +151,11 @@ def layer_timings(device: str, sizes: list[tuple[int, int, int, bool]], repeats:
         layer = attention.HSPA(channel=192, reduction=2, res_scale=0.1, topk=128).to(device)
         x = torch.randn(batch, 192, h, w, device=device, requires_grad=train)
         scores_bytes = batch * (h * w) ** 2 * 4
-        for impl in ('dense', 'triton', 'fast'):
+        for impl in ('dense', 'triton', 'fast', 'auto'):
             case = f'HSPA layer {"train step" if train else "inference"} {batch}x{h}x{w}, {impl}'
+            if impl == 'auto':
+                chosen = plan('auto', torch.device(device), batch, h * w, fusable=True)
+                case += f' -> {chosen.path}' + (f' ({chosen.backend})' if chosen.backend else '')
             if impl == 'dense' and 3 * scores_bytes > free:
                 row(case, 'skipped', f'{scores_bytes / 2**30:.1f} GiB score matrix')
                 continue
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             step()
         except Exception as e:  # one failing check must not hide the others
             row('check failed', type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
-    print(f'\nGPU: {name}; torch {torch.__version__}; total {time.perf_counter() - start:.0f} s\n')
+    print(f'\nMachine: {machine_line(f"GPU {name}")}; total {time.perf_counter() - start:.0f} s\n')
     print('| check | result | notes |\n|---|---|---|')
     for what, result, note in rows:
         print(f'| {what} | {result} | {note} |')

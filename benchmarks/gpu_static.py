@@ -9,7 +9,8 @@ gives for the architecture, compiles the kernel exactly as the launcher does (sa
 sizes and compile options; ``triton.compile`` for ``GPUTarget('cuda', cap, 32)``, no driver needed), and
 reads the shared memory from the compiled metadata and the registers and spill stack (STACK) from the
 cubin with the bundled ``cuobjdump --dump-resource-usage``. A row passes when the shared memory fits the
-architecture's per-block limit and STACK is 0. Prints a markdown table; exits 1 when any row fails.
+architecture's per-block limit and STACK is 0. Prints a markdown table, the summary and the machine line
+(the compiling CPU and the triton version: the compile times depend on them); exits 1 when any row fails.
 
 The launcher casts every input dtype to float32, so the three dtypes of a (kernel, width, arch) share one
 compile; identical compiles run once, two at a time, and Triton's on-disk cache (~/.triton/cache) makes a
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import importlib.metadata
 import multiprocessing
 import os
 import re
@@ -30,7 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, machine_line
+
 if str(ROOT / 'src') not in sys.path:
     sys.path.insert(0, str(ROOT / 'src'))
 
@@ -157,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = check(args.arch, args.workers)
     print(markdown(rows, args.merge_dtypes))
     print(f'\n{summary(rows)}; {time.perf_counter() - start:.0f} s')
+    # The version from the package metadata: importing triton here would fix its mode for the whole process.
+    triton_version = importlib.metadata.version('triton')
+    print(f'Machine: {machine_line(f"triton {triton_version}")}')
     return 0 if all(r.ok for r in rows) else 1
 
 

@@ -1,19 +1,18 @@
 """Benchmark: the published dense HSPA vs the project's HSPA layer (default impl) and the score-matmul floor.
 
 Not a test. Memory: every (case, implementation) runs once in a fresh subprocess; the worker builds
-its inputs, resets the kernel's peak-RSS counter (/proc/self/clear_refs, "5"), runs the case once and
-reads VmHWM: extra peak memory = VmHWM - RSS just before the run (torch's own allocations included,
-which tracemalloc would miss). Outputs (and gradients for the training step) are saved to a temporary
-folder and compared by the parent. Time: one more subprocess per case builds both implementations and
-runs them alternately ``--repeats`` times after a warm-up (median reported), so that load changes on a
-shared machine hit both alike.
+its inputs and runs the case once under harness.PeakMemory: extra peak memory = VmHWM after a reset minus
+the RSS just before the run (torch's own allocations included, which tracemalloc would miss). Outputs
+(and gradients for the training step) are saved to a temporary folder and compared by the parent. Time:
+one more subprocess per case builds both implementations and runs them alternately ``--repeats`` times
+after a warm-up (median reported), so that load changes on a shared machine hit both alike.
 
 The layer is ``model.attention.HSPA`` built with the published signature (channel 192, reduction 2,
 res_scale 0.1, topk 128; random weights) as the project runs it by default, or, with ``--features
 trained``, the HSPA layer of the quick demo's trained checkpoint (``--weights``) on the inputs it gets
 from 128x128 LR crops of Set5 and Set14. The baseline runs the same layer's embeddings through the
-published algorithm, reimplemented here: full (L x L) score matrix, top-k based threshold with the 2k
-retry, dense weights @ values, and its saved-output backward. The floor is the score matmul alone
+published algorithm (harness.published_attention): full (L x L) score matrix, top-k based threshold with
+the 2k retry, dense weights @ values, and its saved-output backward. The floor is the score matmul alone
 (q @ k^T for every query row, in blocks of 2048 rows into one buffer), timed in the same worker.
 
     python benchmarks/hspa.py                                   # random features, 48..256 and training
@@ -21,90 +20,27 @@ retry, dense weights @ values, and its saved-output backward. The floor is the s
         --weights experiment/quick/model/model_latest.pt
     python benchmarks/hspa.py --march x86-64-v3 --sizes 128 --no-train   # the AVX2 build of the kernel
 
-The header names the CPU, its vector extensions and caches, and the kernel's build; every time is given as a
-multiple of the floor measured in the same worker.
+The header is the harness's machine line (CPU, vector extensions, cores, torch, load average) with the
+caches and the kernel's build; every time is given as a multiple of the floor measured in the same worker.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from harness import ROOT, PeakMemory, alternate, fmt_mib, machine_line, published_attention, run_case, time_call
 
 # ----------------------------------------------------------------------------------------------------
 # Worker side (runs in its own process)
 # ----------------------------------------------------------------------------------------------------
-
-def _rss_kib(field: str) -> int:
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'{field} missing from /proc/self/status')
-
-
-def _reset_peak() -> bool:
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except OSError:
-        return False
-
-
-def _published_threshold(s, topk: int):
-    """tau and support size of sparsemax along the last dim of max-shifted rows, the published way:
-    top-k candidates, cumulative sums, and rows whose support reaches k redone with 2k."""
-    import torch
-
-    length = s.shape[-1]
-    partial = topk < length
-    top = torch.topk(s, k=topk, dim=-1).values if partial else torch.sort(s, dim=-1, descending=True).values
-    csum = top.cumsum(-1) - 1
-    ranks = torch.arange(1, top.shape[-1] + 1, device=s.device, dtype=s.dtype)
-    support = (ranks * top > csum).sum(-1, keepdim=True)
-    tau = csum.gather(-1, support - 1) / support.to(s.dtype)
-    if partial:
-        redo = (support == topk).squeeze(-1)
-        if torch.any(redo):
-            tau_redo, support_redo = _published_threshold(s[redo], 2 * topk)
-            tau[redo] = tau_redo
-            support[redo] = support_redo
-    return tau, support
-
-
-def _published_st_function():
-    import torch
-
-    class PublishedSoftThreshold(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, scores, topk):
-            shifted = scores - scores.max(dim=-1, keepdim=True).values
-            tau, support = _published_threshold(shifted, topk)
-            out = torch.clamp(shifted - tau, min=0)
-            ctx.save_for_backward(support, out)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            support, out = ctx.saved_tensors
-            grad = grad_out.clone()
-            grad[out == 0] = 0
-            mean = (grad.sum(-1) / support.to(out.dtype).squeeze(-1)).unsqueeze(-1)
-            return torch.where(out != 0, grad - mean, grad), None
-
-    return PublishedSoftThreshold
-
 
 QUICK_FLAGS = ['--model', 'HSPAN', '--scale', '2', '--rgb_range', '1', '--n_resgroups', '1', '--n_resblocks', '6',
                '--n_feats', '48', '--reduction', '2', '--topk', '128', '--res_scale', '1']
@@ -187,17 +123,16 @@ def _build(spec: dict):
             x = torch.randn(batch, c, size, size)
     if spec['block']:
         layer.block_size = spec['block']
-    st = _published_st_function()
 
     def forward(inp):
         q, k, v = layer.embed(inp)
         if spec['impl'] == 'dense-rows':
             # Published algorithm on a subset of query rows only (the full 256x256 case does not fit).
             rows = torch.arange(0, q.shape[1], spec['row_stride'])
-            attended = torch.bmm(st.apply(torch.bmm(q[:, rows], k.transpose(1, 2)), topk), v)
+            attended = published_attention(q[:, rows], k, v, topk)
             return layer.res_scale * attended.transpose(1, 2) + inp.flatten(2)[:, :, rows]
         if spec['impl'] == 'dense':
-            return layer.combine(torch.bmm(st.apply(torch.bmm(q, k.transpose(1, 2)), topk), v), inp)
+            return layer.combine(published_attention(q, k, v, topk), inp)
         return layer(inp)
 
     if spec['impl'] == 'floor':
@@ -241,46 +176,24 @@ def _worker(spec: dict) -> dict:
         torch.set_num_threads(spec['threads'])
     if spec['kind'] == 'time':
         runs = {impl: _build({**spec, 'impl': impl}) for impl in spec['impls']}
-        times: dict[str, list[float]] = {impl: [] for impl in runs}
         for run in runs.values():
             run()
-        for _ in range(spec['repeats']):
-            for impl, run in runs.items():
-                t0 = time.perf_counter()
-                run()
-                times[impl].append(time.perf_counter() - t0)
+        times = alternate({impl: functools.partial(time_call, run) for impl, run in runs.items()}, spec['repeats'])
         return {'times': times, 'median_s': {impl: statistics.median(t) for impl, t in times.items()},
                 'threads': torch.get_num_threads()}
     run = _build(spec)
-    rss_before = _rss_kib('VmRSS')
-    exact_peak = _reset_peak()
-    t0 = time.perf_counter()
-    result = run()
-    first = time.perf_counter() - t0
-    peak = _rss_kib('VmHWM') if exact_peak else _maxrss_kib()
+    with PeakMemory() as peak:
+        t0 = time.perf_counter()
+        result = run()
+        first = time.perf_counter() - t0
     torch.save(result, spec['save'])
-    return {'extra_mib': (peak - rss_before) / 1024, 'peak_method': 'VmHWM' if exact_peak else 'ru_maxrss',
-            'first_s': first, 'threads': torch.get_num_threads()}
-
-
-def _maxrss_kib() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {'extra_mib': peak.extra_mib, 'peak_method': peak.method, 'first_s': first,
+            'threads': torch.get_num_threads()}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Parent side
 # ----------------------------------------------------------------------------------------------------
-
-def _run_case(spec: dict, wait_policy: str | None) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), '--worker', json.dumps(spec)]
-    env = {**os.environ, 'OMP_WAIT_POLICY': wait_policy} if wait_policy else None
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if proc.returncode != 0:
-        return {'error': (proc.stderr.strip().splitlines() or [f'exit {proc.returncode}'])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 def _max_diff(path_a: str, path_b: str, row_stride: int = 0) -> dict:
     import torch
@@ -296,42 +209,17 @@ def _max_diff(path_a: str, path_b: str, row_stride: int = 0) -> dict:
     return {'out': out, 'grad_rel': grads.get('grad_x')}
 
 
-# Vector extensions named in the header, as /proc/cpuinfo spells them (x86 flags, aarch64 features).
-_VECTOR_FLAGS = ('sse4_2', 'avx', 'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512_vnni', 'avx512_bf16',
-                 'avx512_fp16', 'amx_tile', 'amx_bf16', 'asimd', 'sve', 'sve2')
-
-
-def _machine(threads: int, wait_policy: str | None, march: str | None) -> str:
-    import torch
-
+def _kernel_details(threads: int, wait_policy: str | None, march: str | None) -> list[str]:
+    """The machine line's HSPA details: caches, the native kernel's build, torch threads, OMP_WAIT_POLICY."""
     sys.path.insert(0, str(ROOT / 'src'))
     from model.hspa import native
 
-    model, flags = platform.processor() or 'unknown CPU', set()
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                key, _, value = line.partition(':')
-                if key.strip() in ('model name', 'Model') and model in ('unknown CPU', platform.processor()):
-                    model = value.strip()
-                elif key.strip() in ('flags', 'Features'):
-                    flags = set(value.split())
-    except OSError:
-        pass
-    vector = ' '.join(f for f in _VECTOR_FLAGS if f in flags) or 'unknown'
     l1d, l2 = native.cache_sizes()
     lib = native.load(march)
     build = (f'kernel built with -march={march or "native"}, {lib.hspa_vector_bytes() * 8}-bit vectors'
              if lib is not None else f'no native kernel ({native.unavailable_reason()})')
-    load = os.getloadavg() if hasattr(os, 'getloadavg') else (float('nan'),) * 3
-    return (f'{model} ({vector}; L1d {l1d // 1024} KiB, L2 {l2 // 1024} KiB per core), {os.cpu_count()} cores, '
-            f'{build}, torch {torch.__version__}, {threads} torch threads per run, '
-            f'OMP_WAIT_POLICY={wait_policy or os.environ.get("OMP_WAIT_POLICY", "(unset)")}, '
-            f'load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}')
-
-
-def _fmt_mib(x: float | None) -> str:
-    return '—' if x is None else (f'{x / 1024:.2f} GiB' if x >= 1024 else f'{x:.0f} MiB')
+    return [f'L1d {l1d // 1024} KiB, L2 {l2 // 1024} KiB per core', build, f'{threads} torch threads per run',
+            f'OMP_WAIT_POLICY={wait_policy or os.environ.get("OMP_WAIT_POLICY", "(unset)")}']
 
 
 def _images(features: str) -> list[str]:
@@ -398,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_train:
         cases.append(('train', args.train_size, args.train_batch))
     rows = []
+    env = {'OMP_WAIT_POLICY': args.omp_wait_policy} if args.omp_wait_policy else None
     with tempfile.TemporaryDirectory() as tmp:
         for mode, size, batch in cases:
             length = size * size
@@ -410,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
             impls = ['project'] if too_big else ['dense', 'project']
             mem = {}
             for impl in impls + (['dense-rows'] if too_big and mode == 'infer' else []):
-                mem[impl] = _run_case({**base, 'kind': 'memory', 'impl': impl,
-                                       'save': str(Path(tmp) / f'{mode}{size}_{impl}.pt')}, args.omp_wait_policy)
+                mem[impl] = run_case(__file__, {**base, 'kind': 'memory', 'impl': impl,
+                                                'save': str(Path(tmp) / f'{mode}{size}_{impl}.pt')}, env=env)
                 print(f'# {mode} {size}x{size} batch {batch} {impl} memory: {mem[impl]}', file=sys.stderr, flush=True)
-            timing = _run_case({**base, 'kind': 'time', 'impls': impls + ['floor']}, args.omp_wait_policy)
+            timing = run_case(__file__, {**base, 'kind': 'time', 'impls': impls + ['floor']}, env=env)
             print(f'# {mode} {size}x{size} batch {batch} timing: {timing}', file=sys.stderr, flush=True)
             medians = timing.get('median_s', {})
             diff = None
@@ -431,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                          'error': mem['project'].get('error') or timing.get('error'), 'diff': diff,
                          'threads': timing.get('threads')})
     threads = next((r['threads'] for r in rows if r['threads']), 0)
-    print(f'Machine: {_machine(threads, args.omp_wait_policy, args.march)}; layer input: {args.features}\n')
+    print(f'Machine: {machine_line(*_kernel_details(threads, args.omp_wait_policy, args.march))}; '
+          f'layer input: {args.features}\n')
     print('Times as a multiple of the score-matmul floor measured in the same worker (seconds in brackets).\n')
     print('| case | score-matmul floor | dense / floor | project / floor | speed-up | dense extra mem '
           '| project extra mem | mem ratio | max abs diff (out) | max rel diff (input grad) |')
@@ -444,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                  _cell_ratio(d_t, f_t, r['skipped']),
                  _cell_ratio(o_t, f_t, f'failed ({r["error"]})'),
                  f'{d_t / o_t:.1f}x' if d_t and o_t else '—',
-                 _fmt_mib(d_m), _fmt_mib(o_m), f'{d_m / o_m:.1f}x' if d_m and o_m else '—',
+                 fmt_mib(d_m), fmt_mib(o_m), f'{d_m / o_m:.1f}x' if d_m and o_m else '—',
                  (f'{diff["out"]:.1e}' + (f' ({diff["rows"]} rows)' if 'rows' in diff else '')) if diff else '—',
                  f'{diff["grad_rel"]:.1e}' if diff and diff['grad_rel'] is not None else '—']
         print('| ' + ' | '.join(cells) + ' |')

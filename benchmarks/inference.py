@@ -4,15 +4,15 @@ Not a test. For each case (network, image) and mode (``--chop`` as the published
 whole image in one forward) it runs, each in a fresh subprocess, with the same random weights:
 
 * ``published``: the published algorithm, reimplemented here: every HSPA layer forms the whole (L x L)
-  score matrix and thresholds it the published way (top-k, the 2k retry; benchmarks/hspa.py), MSNLAN's
+  score matrix and thresholds it the published way (top-k, the 2k retry; harness.published_attention), MSNLAN's
   attention forms its whole score matrices, NCHW float32; chop is the published forward_chop (the
   project's, which tests/test_model_test_time.py checks against the published outputs);
 * ``project``: the project's defaults (``--hspa_impl auto``, float32);
 * ``project bf16``: the same with ``--precision bf16`` (where the option exists).
 
-Each subprocess builds the model, loads the image, resets the peak-RSS counter
-(/proc/self/clear_refs "5"), runs the forward once (its extra peak memory: VmHWM - RSS before), then
-``--repeats`` more times (the median is the time). Outputs are compared with the published variant's.
+Each subprocess (harness.run_case) builds the model, loads the image and runs the forward once, then
+``--repeats`` more times (the median is the time), under harness.PeakMemory (extra peak memory: VmHWM
+after a reset minus the RSS before). Outputs are compared with the published variant's.
 
     python benchmarks/inference.py                      # the README table
     python benchmarks/inference.py --cases hspan_x4 --modes whole --repeats 1
@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, PeakMemory, fmt_mib, machine_line, published_attention, run_case
+
 SET5 = ROOT / 'datasets' / 'benchmark' / 'Set5' / 'LR_bicubic'
 HSPAN_FLAGS = ['--model', 'HSPAN', '--n_resgroups', '10', '--n_resblocks', '4', '--n_feats', '192',
                '--reduction', '2', '--topk', '128', '--res_scale', '0.1', '--rgb_range', '1']
@@ -41,13 +41,11 @@ CASES = {
 }
 
 
-def _published_hspa(layer, st) -> None:
+def _published_hspa(layer) -> None:
     """Make one HSPA layer run the published dense algorithm."""
-    import torch
 
     def forward(x):
-        q, k, v = layer.embed(x)
-        return layer.combine(torch.bmm(st.apply(torch.bmm(q, k.transpose(1, 2)), layer.topk), v), x)
+        return layer.combine(published_attention(*layer.embed(x), layer.topk), x)
 
     layer.forward = forward
 
@@ -57,10 +55,9 @@ def _worker(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    sys.path[:0] = [str(ROOT / 'src'), str(ROOT / 'benchmarks')]
+    sys.path.insert(0, str(ROOT / 'src'))
     import model as model_pkg
     import option
-    from hspa import _published_st_function, _reset_peak, _rss_kib
     from model.attention import HSPA
     from model.networks.msnlan import CrossScaleAttention
 
@@ -77,38 +74,27 @@ def _worker(spec: dict) -> dict:
     torch.manual_seed(0)
     wrapper = model_pkg.Model(args, log=lambda *_: None).eval()
     if spec['variant'] == 'published':
-        st = _published_st_function()
         for module in wrapper.modules():
             if isinstance(module, HSPA):
-                _published_hspa(module, st)
+                _published_hspa(module)
             if isinstance(module, CrossScaleAttention):
                 module.impl = 'dense'   # MSNLAN: the published whole score matrices
     img = imageio.imread(spec['image'])[..., :3]
     lr = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255
-    before = _rss_kib('VmRSS')
-    _reset_peak()
     times = []
-    with torch.no_grad():
+    with PeakMemory() as peak, torch.no_grad():
         for _ in range(1 + spec['repeats']):
             t0 = time.perf_counter()
             out = wrapper(lr)
             times.append(time.perf_counter() - t0)
-    peak = _rss_kib('VmHWM')
     torch.save(out, spec['save'])
     return {'time_s': statistics.median(times[1:] or times), 'first_s': times[0],
-            'extra_mib': (peak - before) / 1024, 'threads': torch.get_num_threads()}
+            'extra_mib': peak.extra_mib, 'threads': torch.get_num_threads()}
 
 
-def _run(spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), '--worker', json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        return {'error': (proc.stderr.strip().splitlines() or [f'exit {proc.returncode}'])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _mib(x: float | None) -> str:
-    return '—' if x is None else (f'{x / 1024:.2f} GiB' if x >= 1024 else f'{x:.0f} MiB')
+def run_pytorch(spec: dict) -> dict:
+    """One case (flags, image, mode, variant, repeats, save) in a fresh process: time, extra peak memory."""
+    return run_case(Path(__file__).resolve(), spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from hspa import _machine  # benchmarks/ is the script's folder, first on sys.path
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
@@ -134,15 +118,15 @@ def main(argv: list[str] | None = None) -> int:
                 results = {}
                 for variant in args.variants:
                     save = str(Path(tmp) / f'{case}-{mode}-{variant.replace(" ", "_")}.pt')
-                    results[variant] = _run({'flags': flags, 'image': str(image), 'mode': mode, 'variant': variant,
-                                             'repeats': args.repeats, 'save': save})
+                    results[variant] = run_pytorch({'flags': flags, 'image': str(image), 'mode': mode,
+                                                    'variant': variant, 'repeats': args.repeats, 'save': save})
                     if 'error' not in results[variant] and variant != 'published' and 'published' in results \
                             and 'error' not in results['published']:
                         ref = torch.load(str(Path(tmp) / f'{case}-{mode}-published.pt'))
                         results[variant]['max_diff'] = float((torch.load(save) - ref).abs().max())
                     print(f'# {case} {mode} {variant}: {results[variant]}', file=sys.stderr, flush=True)
                 rows.append((case, mode, image.name, results))
-    print(f'Machine: {_machine(torch.get_num_threads(), None, None)}\n')
+    print(f'Machine: {machine_line(f"{torch.get_num_threads()} torch threads per run")}\n')
     print('| case | image | mode | variant | time | speed-up | extra peak memory | memory ratio | max abs diff |')
     print('|---|---|---|---|---|---|---|---|---|')
     for case, mode, image, results in rows:
@@ -155,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             mem = f'{base["extra_mib"] / r["extra_mib"]:.1f}x' if 'extra_mib' in base and r['extra_mib'] > 0 else '—'
             diff = f'{r["max_diff"]:.1e}' if 'max_diff' in r else '—'
             print(f'| {case} | {image} | {mode} | {variant} | {r["time_s"]:.2f} s | {speed} | '
-                  f'{_mib(r["extra_mib"])} | {mem} | {diff} |')
+                  f'{fmt_mib(r["extra_mib"])} | {mem} | {diff} |')
     return 0
 
 

@@ -1,13 +1,13 @@
 """Benchmark: the published MSNLAN configuration on one whole LR image (x4, no chop), time and peak memory.
 
-Not a test. Each (size, implementation) runs in a fresh subprocess: it builds MSNLAN from the flags of
-`--template MSNLAN` (8 groups x 9 RMABs, 64 features) with random weights, makes a random LR image of
-rgb_range 255, runs a warm-up forward on a 24x24 crop, resets the kernel's peak-RSS counter
-(/proc/self/clear_refs, "5"), runs one forward under torch.no_grad() and reads VmHWM. Peak = VmHWM (the
-whole process: torch, weights, activations, attention); extra = VmHWM - VmRSS just before the forward.
-`--impl` picks the MSNLAB algorithm: auto (the default: blocked at these sizes), blocked, or dense (the
-published arithmetic: about 17 GiB at 192x192). The load average is printed before and after each case:
-the time depends on what else runs on the machine.
+Not a test. Each (size, implementation) runs in a fresh subprocess (harness.run_case): it builds MSNLAN
+from the flags of `--template MSNLAN` (8 groups x 9 RMABs, 64 features) with random weights, makes a random
+LR image of rgb_range 255, runs a warm-up forward on a 24x24 crop, then one forward under torch.no_grad()
+inside harness.PeakMemory (the peak-RSS counter reset first). Peak = VmHWM (the whole process: torch,
+weights, activations, attention); extra = VmHWM - VmRSS just before the forward. `--impl` picks the MSNLAB
+algorithm: auto (the default: blocked at these sizes), blocked, or dense (the published arithmetic: about
+17 GiB at 192x192). The machine line comes first; the load average after each case is a column: the time
+depends on what else runs on the machine.
 
     python benchmarks/msnlan_memory.py                       # 96, 144, 192 with the default MSNLAB
     python benchmarks/msnlan_memory.py --sizes 96 --impl auto dense
@@ -18,23 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-GIB = 1024**3
-
-
-def _status_bytes(field: str) -> int:
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith(field + ':'):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f'{field} missing from /proc/self/status')
+from harness import ROOT, PeakMemory, load_average, machine_line, run_case
 
 
 def worker(size: int, impl: str, seed: int) -> dict:
@@ -53,20 +40,12 @@ def worker(size: int, impl: str, seed: int) -> dict:
     x = torch.rand(1, 3, size, size) * args.rgb_range
     with torch.no_grad():  # warm-up on a small image: one-time kernel set-up is not timed
         net(x[:, :, :24, :24])
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
-    before = _status_bytes('VmRSS')
-    start = time.perf_counter()
-    with torch.no_grad():
+    with PeakMemory() as peak, torch.no_grad():
+        start = time.perf_counter()
         out = net(x)
-    seconds = time.perf_counter() - start
-    peak = _status_bytes('VmHWM')
-    return {'size': size, 'impl': impl, 'seconds': seconds, 'peak_gib': peak / GIB,
-            'extra_gib': (peak - before) / GIB, 'output': list(out.shape), 'threads': torch.get_num_threads()}
-
-
-def _load() -> str:
-    return ', '.join(f'{v:.2f}' for v in os.getloadavg())
+        seconds = time.perf_counter() - start
+    return {'size': size, 'impl': impl, 'seconds': seconds, 'peak_gib': peak.peak_mib / 1024,
+            'extra_gib': peak.extra_mib / 1024, 'output': list(out.shape), 'threads': torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,25 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--dense_sizes', type=int, nargs='*', default=[],
                    help='sizes also run with the published dense MSNLAB, as a same-run baseline')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--worker', nargs=2, metavar=('SIZE', 'IMPL'), help=argparse.SUPPRESS)
+    p.add_argument('--worker', help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(int(a.worker[0]), a.worker[1], a.seed)))
+        print(json.dumps(worker(**json.loads(a.worker))))
         return 0
-    print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load average before: {_load()}')
+    print(f'Machine: {machine_line()}\n')
     print('| LR size | MSNLAB impl | time (s) | peak RSS (GiB) | extra over the forward (GiB) | load after |')
     print('|---|---|---|---|---|---|')
     for size in a.sizes:
         for impl in a.impl + (['dense'] if size in a.dense_sizes and 'dense' not in a.impl else []):
-            cmd = [sys.executable, __file__, '--worker', str(size), impl, '--seed', str(a.seed)]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                last = (r.stderr.strip().splitlines() or ['(no output)'])[-1]
-                print(f'| {size}x{size} | {impl} | failed: {last} | | | {_load()} |')
+            m = run_case(__file__, {'size': size, 'impl': impl, 'seed': a.seed})
+            if 'error' in m:
+                print(f'| {size}x{size} | {impl} | failed: {m["error"]} | | | {load_average()} |')
                 continue
-            m = json.loads(r.stdout.strip().splitlines()[-1])
             print(f"| {size}x{size} | {impl} | {m['seconds']:.1f} | {m['peak_gib']:.2f} | {m['extra_gib']:.2f} "
-                  f'| {_load()} |', flush=True)
+                  f'| {load_average()} |', flush=True)
     return 0
 
 

@@ -7,8 +7,9 @@ random weights, seed 0) on Set5's baby at x4 (a 128 x 128 LR image), the whole i
 * ``onnxruntime``: the same weights exported by tools/export.py (opset 17), CPUExecutionProvider with its
   default threads.
 
-Each runs in a fresh subprocess: one forward, whose extra peak memory is VmHWM after a reset minus the RSS
-before it (the onnxruntime session is created before), then ``--repeats`` more (the median is the time).
+Each runs in a fresh subprocess (harness.run_case): one forward, whose extra peak memory is VmHWM after a
+reset minus the RSS before it (harness.PeakMemory; the onnxruntime session is created before), then
+``--repeats`` more (the median is the time).
 
     python benchmarks/onnx_inference.py --export_only --onnx /tmp/hspan_x4.onnx   # export (not timed)
     python benchmarks/onnx_inference.py --onnx /tmp/hspan_x4.onnx                 # the README table
@@ -19,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from inference import CASES, ROOT, _mib
-from inference import _run as run_pytorch
+from harness import ROOT, PeakMemory, fmt_mib, machine_line, run_case
+from inference import CASES, run_pytorch
 
 CASE = 'hspan_x4'
 
@@ -52,23 +52,19 @@ def _ort_worker(spec: dict) -> dict:
     import onnxruntime
     import torch
 
-    from hspa import _reset_peak, _rss_kib
-
     session = onnxruntime.InferenceSession(spec['onnx'], providers=['CPUExecutionProvider'])
     img = imageio.imread(spec['image'])[..., :3]
     lr = np.ascontiguousarray(img.transpose(2, 0, 1)[None]).astype(np.float32) / 255
-    before = _rss_kib('VmRSS')
-    _reset_peak()
     times = []
-    for _ in range(1 + spec['repeats']):
-        t0 = time.perf_counter()
-        out = session.run(None, {'lr': lr})[0]
-        times.append(time.perf_counter() - t0)
-    peak = _rss_kib('VmHWM')
+    with PeakMemory() as peak:
+        for _ in range(1 + spec['repeats']):
+            t0 = time.perf_counter()
+            out = session.run(None, {'lr': lr})[0]
+            times.append(time.perf_counter() - t0)
     torch.save(torch.from_numpy(out), spec['save'])
     threads = session.get_session_options().intra_op_num_threads
     return {'time_s': statistics.median(times[1:] or times), 'first_s': times[0],
-            'extra_mib': (peak - before) / 1024, 'threads': threads or 'default'}
+            'extra_mib': peak.extra_mib, 'threads': threads or 'default'}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,28 +82,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from hspa import _machine
-
     flags, image = CASES[CASE]
     with tempfile.TemporaryDirectory() as tmp:
         saves = {v: str(Path(tmp) / f'{v}.pt') for v in ('pytorch', 'onnxruntime')}
         results = {'pytorch': run_pytorch({'flags': flags, 'image': str(image), 'mode': 'whole', 'variant': 'project',
                                            'repeats': args.repeats, 'save': saves['pytorch']})}
         spec = {'onnx': args.onnx, 'image': str(image), 'repeats': args.repeats, 'save': saves['onnxruntime']}
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), '--onnx', args.onnx,
-                               '--worker', json.dumps(spec)], capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            print(proc.stderr, file=sys.stderr)
+        results['onnxruntime'] = run_case(Path(__file__).resolve(), spec, '--onnx', args.onnx)
+        if 'error' in results['onnxruntime']:
+            print(results['onnxruntime']['error'], file=sys.stderr)
             return 1
-        results['onnxruntime'] = json.loads(proc.stdout.strip().splitlines()[-1])
         diff = float((torch.load(saves['onnxruntime']) - torch.load(saves['pytorch'])).abs().max())
-    print(f'Machine: {_machine(torch.get_num_threads(), None, None)}\n')
+    print(f'Machine: {machine_line(f"{torch.get_num_threads()} torch threads")}\n')
     print('| variant | threads | time | time ratio | extra peak memory | memory ratio | max abs diff |')
     print('|---|---|---|---|---|---|---|')
     base = results['pytorch']
     for name, r in results.items():
         print(f'| {name} | {r["threads"]} | {r["time_s"]:.2f} s | {r["time_s"] / base["time_s"]:.2f}x | '
-              f'{_mib(r["extra_mib"])} | {r["extra_mib"] / base["extra_mib"]:.2f}x | '
+              f'{fmt_mib(r["extra_mib"])} | {r["extra_mib"] / base["extra_mib"]:.2f}x | '
               f'{"—" if name == "pytorch" else f"{diff:.1e}"} |')
     return 0
 

@@ -20,7 +20,7 @@ MAX_TOP_LEVEL_MODULES = 8
 MAX_MODEL_INIT_LINES = 120
 ROOT = SRC.parent
 # Files over the limit that other branches own today: each must shrink (strict xfail flips when it does).
-OVER_LIMIT_ELSEWHERE = {'tests/test_data.py', 'benchmarks/hspa.py'}
+OVER_LIMIT_ELSEWHERE = {'tests/test_data.py'}
 # Packages below the training loop and the experiment folder, and the base they may import.
 LOWER = ('data', 'model', 'loss')
 UPPER = ('training', 'runs')
