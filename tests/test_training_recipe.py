@@ -255,7 +255,7 @@ def test_charbonnier_against_hand_computation() -> None:
     loss = Loss(args)
     assert loss.describe() == '1 * Charbonnier' and loss.columns == ['Charbonnier']
     # eps 1e-3 on differences 0 and 0.002: (1e-3 + sqrt(5) * 1e-3) / 2
-    value = loss(torch.tensor([0.5, 0.3]), torch.tensor([0.5, 0.302])).item()
+    value = loss(torch.tensor([0.5, 0.3]), torch.tensor([0.5, 0.302])).total.item()
     assert value == pytest.approx((1e-3 + 5 ** 0.5 * 1e-3) / 2, rel=1e-5)
     with pytest.raises(Exception, match='--charbonnier_eps'):
         option.parse(['--charbonnier_eps', '0'])

@@ -1,8 +1,10 @@
-"""Training loss: a weighted sum of terms written like '1*L1+0.1*MSE', with a per-term log per epoch.
+"""Training loss: a weighted sum of terms written like '1*L1+0.1*MSE', as a pure criterion.
 
 Terms: L1, MSE, Charbonnier (a smooth L1, --charbonnier_eps), VGG22 / VGG54 (perceptual; need torchvision
 and its ImageNet weights) and GAN (adversarial, with its own discriminator and optimizer). A weight may be
-left out ('L1' = '1*L1').
+left out ('L1' = '1*L1'). forward() returns the total and the weighted terms and changes nothing; the GAN's
+discriminator is trained only by discriminator_step(), which the training loop calls. The epoch log of these
+values, its plots and its files belong to the training loop (runs/loss_log.py).
 """
 
 from __future__ import annotations
@@ -10,15 +12,11 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from errors import UserError
-
-if TYPE_CHECKING:  # for annotations only: the experiment folder is passed in, never imported
-    from runs.experiment import Experiment
 
 PIXEL_TERMS = ('L1', 'MSE', 'Charbonnier')
 VGG_TERMS = ('VGG22', 'VGG54')
@@ -70,12 +68,19 @@ def _make_function(term: Term, args: argparse.Namespace) -> nn.Module:
     return Adversarial(args)
 
 
-class Loss(nn.Module):
-    """Weighted sum of the --loss terms; keeps one row of per-term means per epoch in `log`.
+@dataclass(frozen=True)
+class LossTerms:
+    """One evaluation of the criterion: the total to back-propagate and each weighted term (detached)."""
 
-    Columns of `log` are `columns`: the terms, then 'DIS' (discriminator loss) with GAN, then 'Total'
-    when there is more than one column. Batches are recorded only when the trainer keeps them, so a
-    skipped (diverging) batch cannot poison the epoch mean that --skip_threshold compares against.
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+class Loss(nn.Module):
+    """Weighted sum of the --loss terms.
+
+    `columns` names the values one training step reports, in order: the terms, then 'DIS' (the
+    discriminator's loss) with GAN, then 'Total' when there is more than one column; step_values() lists them.
     """
 
     def __init__(self, args: argparse.Namespace, device: torch.device | str = 'cpu') -> None:
@@ -88,97 +93,46 @@ class Loss(nn.Module):
             self.columns.append('DIS')
         if len(self.columns) > 1:
             self.columns.append('Total')
-        self.log = torch.zeros(0, len(self.columns), dtype=torch.float64)
-        self._count = 0
-        self._last: list[float] = []
         self.to(device)
 
     def describe(self) -> str:
         return ' + '.join(f'{t.weight:g} * {t.name}' for t in self.terms)
 
-    def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    def forward(self, sr: torch.Tensor, hr: torch.Tensor) -> LossTerms:
+        """The total and the weighted terms of (sr, hr); no state changes (the GAN term's discriminator is
+        read, not trained: see discriminator_step)."""
         total = None
-        values: list[float] = []
+        terms: dict[str, torch.Tensor] = {}
         for term, fn in zip(self.terms, self.functions, strict=True):
             effective = term.weight * fn(sr, hr)
-            values.append(effective.item())
+            terms[term.name] = effective.detach()
             total = effective if total is None else total + effective
-        if any(t.name in GAN_TERMS for t in self.terms):
-            values.append(next(f.loss_d for f in self.functions if hasattr(f, 'loss_d')))
-        if len(self.columns) > 1:
-            values.append(total.item())
-        self._last = values
-        return total
+        return LossTerms(total, terms)
+
+    def discriminator_step(self, sr: torch.Tensor, hr: torch.Tensor) -> dict[str, float]:
+        """Train the terms that own a network (the GAN discriminator, --gan_k updates on detached `sr` against
+        `hr`) before forward() on the same batch; {'DIS': its mean loss}, or {} without such a term."""
+        gan = [fn for fn in self.functions if hasattr(fn, 'step_discriminator')]  # at most one (no repeats)
+        return {'DIS': gan[0].step_discriminator(sr, hr)} if gan else {}
+
+    def step_values(self, result: LossTerms, discriminator: dict[str, float]) -> list[float]:
+        """The values of one step in `columns` order, from forward() and discriminator_step()."""
+        named = {**{name: value.item() for name, value in result.terms.items()}, **discriminator,
+                 'Total': result.total.item()}
+        return [named[c] for c in self.columns]
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         """Optimizers of terms that train their own network (the GAN discriminator), for the LR schedule."""
         return [f.optimizer for f in self.functions if isinstance(getattr(f, 'optimizer', None), torch.optim.Optimizer)]
 
-    # ---------------------------------------------------------------- per-epoch log
-    def start_log(self) -> None:
-        self.log = torch.cat([self.log, torch.zeros(1, len(self.columns), dtype=torch.float64)])
-        self._count = 0
-
-    def record(self) -> None:
-        """Add the values of the latest forward() to this epoch's row."""
-        self.log[-1] += torch.tensor(self._last, dtype=torch.float64)
-        self._count += 1
-
-    def end_log(self) -> None:
-        if self._count:
-            self.log[-1] /= self._count
-        else:
-            self.log[-1] = float('nan')
-
-    def last_values(self) -> list[float]:
-        """The latest forward()'s per-column values (terms, then the total when there are several)."""
-        return list(self._last)
-
-    def set_last_values(self, values: list[float]) -> None:
-        """Replace them, e.g. by their average over processes, before record() and last_total()."""
-        if len(values) != len(self._last):
-            raise ValueError(f'expected {len(self._last)} loss values, got {len(values)}')
-        self._last = list(values)
-
-    def last_total(self) -> float:
-        """The latest forward()'s total (the value --skip_threshold is checked against)."""
-        return self._last[-1]
-
-    def epoch_mean(self) -> float:
-        """Mean total loss of the latest finished epoch."""
-        return float(self.log[-1, -1])
-
-    def display(self) -> str:
-        """Running means of this epoch, e.g. '[L1: 0.0312][MSE: 0.0011][Total: 0.0323]'."""
-        n = max(self._count, 1)
-        return ''.join(f'[{c}: {v / n:.4f}]' for c, v in zip(self.columns, self.log[-1].tolist(), strict=True))
-
-    # ---------------------------------------------------------------- persistence
     def state(self) -> dict:
-        """Everything resume needs: the spec, the log and the state of stateful terms (GAN)."""
-        # Stateful terms (the GAN's discriminator and its optimizer) ride in state_dict().
-        return {'spec': self.spec, 'columns': list(self.columns), 'log': self.log.clone(),
-                'modules': self.functions.state_dict()}
+        """What resume needs of the criterion: its spec and the state of stateful terms (the GAN's
+        discriminator and its optimizer ride in state_dict())."""
+        return {'spec': self.spec, 'columns': list(self.columns), 'modules': self.functions.state_dict()}
 
-    def load(self, state: dict, epochs: int) -> None:
-        """Restore from state(), keeping the log rows of the first `epochs` epochs."""
+    def load(self, state: dict) -> None:
+        """Restore from state(); UserError naming --loss when it was made with other terms."""
         if state['columns'] != self.columns:
             raise UserError(f"--loss {self.spec!r}: the experiment was trained with --loss {state['spec']!r}; "
                             'use the same --loss to continue it (or --pre_train with a new --save)')
         self.functions.load_state_dict(state['modules'])
-        self.log = state['log'][:epochs].clone()
-
-    def save(self, experiment: Experiment, by_batch: dict[str, list[tuple[int, float]]] | None = None) -> None:
-        """loss_log.pt and one loss_<term>.png per column, in the experiment folder: the loss against the batch
-        number when `by_batch` holds (batch, loss) points of the column (loss_curve.csv), else per epoch."""
-        from runs.curves import save_loss_plot
-
-        experiment.save_torch(self.log.clone(), 'loss_log.pt')
-        epochs = range(1, len(self.log) + 1)
-        for i, c in enumerate(self.columns):
-            if by_batch and by_batch.get(c):
-                if experiment.is_main:
-                    save_loss_plot(experiment.path(f'loss_{c}.png'), c, by_batch[c])
-                continue
-            pts = list(zip(epochs, self.log[:, i].tolist(), strict=True))
-            experiment.plot(f'loss_{c}', f'{c} loss', 'Loss', {c: pts})

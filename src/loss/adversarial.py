@@ -1,8 +1,10 @@
 """Adversarial loss term 'GAN' (SRGAN-style, non-saturating BCE) with its own discriminator.
 
-Each call updates the discriminator --gan_k times on (detached SR, HR), then returns the generator's
-loss. The discriminator and its optimizer are saved with the loss (get_extra_state), so a resumed run
-continues them too; its learning rate is set by the trainer from the run's one schedule (schedule.lr_at).
+The training loop calls step_discriminator(), which updates the discriminator --gan_k times on (detached
+SR, HR), before the forward, which returns the generator's loss and changes nothing (not even the
+discriminator's BatchNorm statistics). The discriminator and its optimizer are saved with the loss
+(get_extra_state), so a resumed run continues them too; its learning rate is set by the trainer from the
+run's one schedule (schedule.lr_at).
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ class Adversarial(nn.Module):
         self.dis = Discriminator(args.n_colors)
         self.optimizer = torch.optim.Adam(self.dis.parameters(), lr=args.lr, betas=tuple(args.betas),
                                           eps=args.epsilon, weight_decay=args.weight_decay)
-        self.loss_d = 0.0
 
-    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    def step_discriminator(self, fake: torch.Tensor, real: torch.Tensor) -> float:
+        """--gan_k optimizer steps of the discriminator on (detached fake, real); their mean loss."""
         fake_detached = fake.detach()
         total_d = 0.0
         with torch.enable_grad():
@@ -59,8 +61,13 @@ class Adversarial(nn.Module):
                 loss_d.backward()
                 self.optimizer.step()
                 total_d += loss_d.item()
-        self.loss_d = total_d / self.gan_k
-        d_fake = self.dis(fake)
+        return total_d / self.gan_k
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """The generator's loss: the discriminator's logits of `fake` against 'real'. Its BatchNorm layers
+        update copies of their running statistics, so the criterion has no side effect."""
+        state = {**dict(self.dis.named_parameters()), **{k: b.clone() for k, b in self.dis.named_buffers()}}
+        d_fake = torch.func.functional_call(self.dis, state, (fake,))
         return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
 
     def get_extra_state(self) -> dict:

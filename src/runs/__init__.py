@@ -1,2 +1,2 @@
-"""The experiment folder of a run: lock, log, config.txt, results.json, plots, live progress, TensorBoard,
-timers."""
+"""The experiment folder of a run: lock, log, config.txt, results.json and the evaluation records, the loss
+log and plots, live progress, TensorBoard, timers."""

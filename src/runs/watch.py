@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from runs.curves import CURVE_FILE, LossCurve, Points, save_psnr_plot
 from runs.experiment import Experiment
+from runs.loss_log import LossLog
+from runs.records import HistoryEntry
 from runs.timer import Timer
-from training.records import HistoryEntry
 
 # The status goes in as tqdm's description (its postfix would start with a comma).
 BAR_FORMAT = 'Epoch {epoch} batch {{n_fmt}}/{{total_fmt}} |{{bar:20}}| {{desc}}'
@@ -47,12 +48,12 @@ class Watch:
     epochs already done and opens TensorBoard's writer with purge_step at the first batch it will train.
     """
 
-    def __init__(self, args: argparse.Namespace, experiment: Experiment, loss: object | None, tty: bool,
+    def __init__(self, args: argparse.Namespace, experiment: Experiment, loss_log: LossLog | None, tty: bool,
                  epoch: int, history: Sequence[HistoryEntry]) -> None:
-        self.args, self.exp, self.loss, self.tty = args, experiment, loss, tty
+        self.args, self.exp, self.loss_log, self.tty = args, experiment, loss_log, tty
         self.main = experiment.is_main
-        self.training = not args.test_only and loss is not None
-        self.curve = LossCurve(experiment.path(CURVE_FILE), loss.columns) if self.training else None
+        self.training = not args.test_only and loss_log is not None
+        self.curve = LossCurve(experiment.path(CURVE_FILE), loss_log.columns) if self.training else None
         self.seen = len(history)  # evaluation entries already logged to TensorBoard by an earlier run
         self.tb = None
         if self.main and self.training:
@@ -68,7 +69,7 @@ class Watch:
         self.epoch, self.done, self.window = epoch, 0, 0
         self.started = self.window_started = time.perf_counter()
         self.timer_data, self.timer_model = Timer(), Timer()
-        self.window_sum: list[float] = [0.0] * len(self.loss.columns)
+        self.window_sum: list[float] = [0.0] * len(self.loss_log.columns)
         self.window_kept = self.epoch_kept = 0
         self.epoch_sum = 0.0
         self.bar = tqdm(total=self.args.test_every, ncols=110, leave=False, disable=not self.tty, file=sys.stdout,
@@ -79,13 +80,13 @@ class Watch:
         self.timer_data.hold()
         self.timer_model.tic()
 
-    def batch_done(self, lr: float, kept: bool) -> None:
-        """After the step of one batch with learning rate `lr` (kept: not skipped by --skip_threshold)."""
+    def batch_done(self, lr: float, kept: bool, values: list[float]) -> None:
+        """After the step of one batch with learning rate `lr` and loss `values` (the loss log's columns, averaged
+        over processes; kept: not skipped by --skip_threshold)."""
         self.timer_model.hold()
         self.done += 1
         self.window += 1
         if kept:
-            values = self.loss.last_values()
             self.window_sum = [a + v for a, v in zip(self.window_sum, values, strict=True)]
             self.window_kept += 1
             self.epoch_sum += values[-1]
@@ -108,7 +109,7 @@ class Watch:
         """The log.txt line (EDSR's: images so far, running means, model+data seconds), the plain progress
         line when stdout is not a terminal, a loss_curve.csv row and the TensorBoard scalars."""
         args, total = self.args, self.args.test_every
-        self.exp.write_log(f'[{self.done * args.batch_size}/{total * args.batch_size}]\t{self.loss.display()}'
+        self.exp.write_log(f'[{self.done * args.batch_size}/{total * args.batch_size}]\t{self.loss_log.display()}'
                            f'\t{self.timer_model.release():.1f}+{self.timer_data.release():.1f}s', echo=False)
         if not self.main:
             return
@@ -120,7 +121,7 @@ class Watch:
         step = (self.epoch - 1) * total + self.done
         self.curve.append(step, self.epoch, means, lr, per_batch)
         if self.tb is not None:
-            scalars = {f'loss/{c}': v for c, v in zip(self.loss.columns, means, strict=True)}
+            scalars = {f'loss/{c}': v for c, v in zip(self.loss_log.columns, means, strict=True)}
             self.tb.scalars(step, {**scalars, 'lr': lr, 'time/seconds_per_batch': per_batch})
         self.window, self.window_started = 0, now
         self.window_sum = [0.0] * len(self.window_sum)

@@ -1,2 +1,2 @@
-"""The training loop and what it owns: evaluation, the training-state file, the LR schedule, result records,
-seeding."""
+"""The training loop and what it owns: evaluation, the training-state file, the LR schedule, the weight
+average, seeding."""

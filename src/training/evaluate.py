@@ -19,8 +19,8 @@ from errors import UserError
 from imageops import metrics
 from imageops.color import rgb_to_gray
 from runs.experiment import Experiment
+from runs.records import HistoryEntry, ImageScore, SetResult
 from runs.timer import Timer
-from training.records import HistoryEntry, ImageScore, SetResult
 
 
 def summarise(name: str, scale: int, scores: list[ImageScore], seconds: float, epoch: int) -> SetResult:

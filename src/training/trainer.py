@@ -27,8 +27,10 @@ import torch
 
 import distributed
 from errors import UserError
+from loss import Loss
 from model.checkpoint import plain_state_dict
 from runs.experiment import Experiment
+from runs.loss_log import LossLog
 from runs.watch import Watch
 from training.ema import WeightAverage, average_from_flags, restore_average, share_average, weights_in_use
 from training.evaluate import Evaluator
@@ -52,21 +54,24 @@ def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -
     return torch.optim.Adam(params, betas=tuple(args.betas), eps=args.epsilon, **common)
 
 
-def accumulate_gradients(model: torch.nn.Module, loss: torch.nn.Module, scaler: torch.amp.GradScaler,
+def accumulate_gradients(model: torch.nn.Module, loss: Loss, scaler: torch.amp.GradScaler,
                          autocast: Callable[[], contextlib.AbstractContextManager], lr_img: torch.Tensor,
-                         hr: torch.Tensor, idx_scale: int, n: int) -> None:
+                         hr: torch.Tensor, idx_scale: int, n: int) -> list[float]:
     """Forward and backward of a batch in `n` (--accumulate) equal micro-batches, gradients summed (each loss
-    divided by n: the batch's mean loss); the loss values kept are the micro-batches' mean. Under DDP only
-    the last backward averages the gradients across processes."""
+    divided by n: the batch's mean loss); returns the batch's loss values (loss.columns), the micro-batches'
+    mean. The GAN discriminator steps on each micro-batch before its loss. Under DDP only the last backward
+    averages the gradients across processes."""
     values = []
     for i, (lr_part, hr_part) in enumerate(zip(lr_img.chunk(n), hr.chunk(n), strict=True)):
         with model.gradient_sync(i == n - 1):
             with autocast():
                 sr = model(lr_part, idx_scale)
-            value = loss(sr.float(), hr_part)  # the loss in float32, whatever the forward ran in
-            scaler.scale(value / n if n > 1 else value).backward()
-        values.append(loss.last_values())
-    loss.set_last_values([sum(column) / n for column in zip(*values, strict=True)])
+            sr = sr.float()  # the loss in float32, whatever the forward ran in
+            discriminator = loss.discriminator_step(sr, hr_part)
+            result = loss(sr, hr_part)
+            scaler.scale(result.total / n if n > 1 else result.total).backward()
+        values.append(loss.step_values(result, discriminator))
+    return [sum(column) / n for column in zip(*values, strict=True)]
 
 
 def cycle_batches(loader: object, count: int) -> Iterator:
@@ -102,8 +107,9 @@ class Trainer:
     and a checkpoint (model files, logs, plots, then the training state)."""
 
     def __init__(self, args: argparse.Namespace, loader: object, model: torch.nn.Module,
-                 loss: torch.nn.Module | None, experiment: Experiment) -> None:
+                 loss: Loss | None, experiment: Experiment) -> None:
         self.args, self.exp, self.model, self.loss = args, experiment, model, loss
+        self.loss_log = LossLog(loss.columns) if loss is not None else None  # the epoch means, saved and resumed
         self.loader_train = loader.loader_train
         self.device = model.device
         self.tty = sys.stdout.isatty() and experiment.is_main  # progress bars on the process that logs
@@ -130,7 +136,7 @@ class Trainer:
                                  + (' with a GradScaler' if self.scaler.is_enabled() else ''))
         if args.load:
             self.resume()
-        self.watch = Watch(args, experiment, loss, self.tty, self.epoch, self.evaluator.history)
+        self.watch = Watch(args, experiment, self.loss_log, self.tty, self.epoch, self.evaluator.history)
 
     def _set_lr(self, batch: int) -> float:
         """The schedule's LR of `batch` on every optimizer (the network's and the loss's own)."""
@@ -148,7 +154,7 @@ class Trainer:
             sampler.set_epoch(epoch - 1)
         first = (epoch - 1) * args.test_every
         self.exp.write_log(f'[Epoch {epoch}]\tLearning rate: {self._set_lr(first):.2e}')
-        self.loss.start_log()
+        self.loss_log.start_epoch()
         self.model.train()
         self.loss.train()
         self.watch.start_epoch(epoch)
@@ -158,9 +164,12 @@ class Trainer:
             self.watch.data_ready()
             lr_now = self._set_lr(first + batch)
             self.optimizer.zero_grad(set_to_none=True)
-            accumulate_gradients(self.model, self.loss, self.scaler, self._autocast, lr_img, hr, idx_scale,
-                                 args.accumulate)
-            value = self._synced_loss_value()
+            values = accumulate_gradients(self.model, self.loss, self.scaler, self._autocast, lr_img, hr, idx_scale,
+                                          args.accumulate)
+            # Averaged over processes (the global batch's): every process takes the same --skip_threshold
+            # decision (one skipping a backward would hang DDP).
+            values = distributed.all_reduce_mean(values, self.device)
+            value = values[-1]  # the total
             # NaN/inf fail this comparison too, so a diverging batch never reaches the weights.
             kept = value < args.skip_threshold * self.error_last
             if kept:
@@ -171,18 +180,18 @@ class Trainer:
                 self.scaler.update()
                 if self.ema is not None:
                     self.ema.update(first + batch)
-                self.loss.record()
+                self.loss_log.record(values)
                 self.skips = 0
             else:
                 self.exp.write_log(f'Skip batch {batch + 1}: loss {value:.4g} is over --skip_threshold '
                                    f'{args.skip_threshold:g} x last epoch mean {self.error_last:.4g}')
                 self.skips += 1
                 stop_if_skipping(self.skips, args.max_skips, self.epoch)
-            self.watch.batch_done(lr_now, kept)
+            self.watch.batch_done(lr_now, kept, values)
         self.watch.end_epoch()
-        self.loss.end_log()
-        if math.isfinite(self.loss.epoch_mean()):
-            self.error_last = self.loss.epoch_mean()
+        self.loss_log.end_epoch()
+        if math.isfinite(self.loss_log.epoch_mean()):
+            self.error_last = self.loss_log.epoch_mean()
         self.epoch = epoch
         self._set_lr(epoch * args.test_every)  # the optimizers hold the LR of the next batch
 
@@ -190,13 +199,6 @@ class Trainer:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _synced_loss_value(self) -> float:
-        """The batch's total loss, averaged over processes under torchrun: the global batch's loss, so every
-        process takes the same --skip_threshold decision (one skipping a backward would hang DDP)."""
-        if distributed.get_world_size() > 1:
-            self.loss.set_last_values(distributed.all_reduce_mean(self.loss.last_values(), self.device))
-        return self.loss.last_total()
 
     def test(self) -> None:
         """Evaluate; when training, checkpoint (model_best too when the first set's PSNR improved)."""
@@ -214,12 +216,13 @@ class Trainer:
             return
         with weights_in_use(self.ema):
             self.model.save(exp.dir, self.epoch, is_best)
-        self.loss.save(exp, self.watch.loss_points())
+        self.loss_log.save(exp, self.watch.loss_points())
         exp.save_torch(self.evaluator.psnr_table(self.epoch), 'psnr_log.pt')
         self.watch.checkpoint(self.evaluator.history)
         self.log_marks = self.log_marks[:self.epoch - 1] + [exp.log_size()]
         TrainingState(epoch=self.epoch, model=plain_state_dict(self.model), optimizer_name=self.args.optimizer,
-                      optimizer=self.optimizer.state_dict(), loss=self.loss.state(), error_last=self.error_last,
+                      optimizer=self.optimizer.state_dict(), loss={**self.loss.state(), **self.loss_log.state()},
+                      error_last=self.error_last,
                       scaler=self.scaler.state_dict(), history=list(self.evaluator.history),
                       log_marks=list(self.log_marks),
                       ema=self.ema.state_dict() if self.ema is not None else {}).save(exp.dir)
@@ -282,7 +285,8 @@ class Trainer:
             note = (f'Resumed at epoch {state.epoch} from {source} with fresh {args.optimizer} moments '
                     f'(learning rate {self._set_lr(state.epoch * args.test_every):.2e})')
         if state.loss is not None:
-            self.loss.load(state.loss, epochs=state.epoch)
+            self.loss.load(state.loss)
+            self.loss_log.load(state.loss, epochs=state.epoch)
         self.log_marks = list(state.log_marks)
         if self.log_marks and len(self.log_marks) == state.epoch:
             self.exp.rewind_log(self.log_marks[-1], note)

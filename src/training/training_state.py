@@ -20,7 +20,7 @@ import torch
 
 from errors import UserError
 from fileio import atomic_torch_save
-from training.records import HistoryEntry
+from runs.records import HistoryEntry
 
 FORMAT = 2
 STATE_FILE = 'training_state.pt'

@@ -1,7 +1,7 @@
-"""The records of an evaluation: per-image scores, per-epoch history entries, results.json rows.
+"""The records a run keeps of its evaluations: per-image scores, per-epoch history entries, results.json rows.
 
-Plain frozen dataclasses, shared by evaluate.py (which makes them) and training_state.py (which stores the
-history), so that neither imports the other.
+Plain frozen dataclasses: training/evaluate.py makes them, training/training_state.py stores the history,
+watch.py plots it.
 """
 
 from __future__ import annotations
