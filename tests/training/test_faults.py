@@ -2,8 +2,9 @@
 experiment folder, a kill between the model files and the training state, a peer that stops answering,
 write errors (ENOSPC, EIO, a read-only folder) during a checkpoint, and a diverging run (--max_skips).
 
-Runs are driven through benchmarks/faults.py (subprocesses of a tiny HSPAN, 3 epochs of 3 batches), or
-in-process through main.main where no process has to die; benchmarks/faults.py kills at random moments.
+Runs are driven through tests/training/faults_harness.py (subprocesses of a tiny HSPAN, 3 epochs of 3
+batches), or in-process through main.main where no process has to die; benchmarks/faults.py kills at random
+moments.
 """
 
 from __future__ import annotations
@@ -12,19 +13,16 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import faults_harness as faults
 import fileio
 import main
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-import faults  # noqa: E402
 
 
 @pytest.fixture(scope='module')

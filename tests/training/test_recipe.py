@@ -1,6 +1,6 @@
 """The training recipe: --ema_decay/--ema_start, --accumulate, --optimizer ADAMW, the Charbonnier loss and
 --compile, on a tiny HSPAN (in this process through main.main, or as subprocesses, torchrun included,
-through benchmarks/faults.py's helpers)."""
+through tests/training/faults_harness.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+import faults_harness as faults
 import main
 import option
 from conftest import ROOT
@@ -26,9 +26,6 @@ from loss.charbonnier import Charbonnier
 from model.checkpoint import read_state_dict
 from training.ema import WeightAverage
 from training.trainer import make_optimizer
-
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-import faults  # noqa: E402
 
 
 @pytest.fixture(scope='module')
