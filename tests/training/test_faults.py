@@ -60,6 +60,7 @@ def _wait_for(predicate: object, proc: subprocess.Popen, what: str, limit: float
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_finishes(world: dict) -> None:
     """--max-restarts 2: one worker SIGKILLed in epoch 2 of 3; the job completes by itself, epoch 3 is
     evaluated and the weights are the uninterrupted run's (within 1e-6)."""
@@ -82,6 +83,7 @@ def test_torchrun_restarts_a_killed_worker_and_finishes(world: dict) -> None:
     assert not (world['exp'] / f'.{name}.lock').exists()
 
 
+@pytest.mark.slow
 def test_second_run_on_a_live_folder_is_refused(world: dict, reference: Path) -> None:
     """A run paused inside its epoch-2 training-state write (after its model files) holds the folder: a
     second run, --reset included, is refused in one line naming it and changes nothing. After a SIGKILL at
@@ -114,6 +116,7 @@ def test_second_run_on_a_live_folder_is_refused(world: dict, reference: Path) ->
     assert faults.check(folder, reference, ddp=False) == []
 
 
+@pytest.mark.slow
 def test_killed_before_first_state_is_not_resumed_from_its_model_files(world: dict) -> None:
     name = 'early'
     rc, out, _, _ = faults.run(world, ['--save', name, '--epochs', '3'], ddp=False, fault='training_state.pt:open:kill')
@@ -122,6 +125,7 @@ def test_killed_before_first_state_is_not_resumed_from_its_model_files(world: di
     assert rc == 1 and 'stopped before its first complete checkpoint' in out and '--reset' in out, out
 
 
+@pytest.mark.slow
 def test_peer_that_stops_answering_ends_the_job_in_bounded_time(world: dict) -> None:
     """Rank 0 hangs inside a checkpoint write: rank 1 gives up after --dist_timeout with one line, and
     torchrun ends the job (no --max-restarts here)."""
@@ -136,6 +140,7 @@ def test_peer_that_stops_answering_ends_the_job_in_bounded_time(world: dict) -> 
 
 
 @pytest.mark.parametrize('fault', ['model_latest.pt:written:enospc', 'training_state.pt:written:eio'])
+@pytest.mark.slow
 def test_write_error_stops_with_one_line_and_keeps_the_checkpoint(fault: str, world: dict, reference: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture) -> None:
