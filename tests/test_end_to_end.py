@@ -204,6 +204,7 @@ def test_batch_lr_cosine_and_warmup() -> None:
         [2e-4, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
 
 
+@pytest.mark.slow
 def test_cosine_warmup_resume_matches_uninterrupted(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-batch LRs depend on the batch number only: a 3-epoch run killed after epoch 2 and resumed ends
     where the uninterrupted one does (the curve spans the planned --epochs, so the kill is simulated)."""
