@@ -80,6 +80,7 @@ def trained(world: dict) -> dict:
     return {'single': world['exp'] / 'single', 'ddp': world['exp'] / 'ddp'}
 
 
+@pytest.mark.slow
 def test_ddp_training_equals_single_process(trained: dict, world: dict) -> None:
     single, ddp = trained['single'], trained['ddp']
     diff = _max_diff(_weights(ddp / 'model' / 'model_latest.pt'), _weights(single / 'model' / 'model_latest.pt'))
@@ -107,6 +108,7 @@ def test_ddp_training_equals_single_process(trained: dict, world: dict) -> None:
         assert np.array_equal(iio.imread(evaluated / 'results-Set5' / name), iio.imread(single / 'results-Set5' / name))
 
 
+@pytest.mark.slow
 def test_torchrun_logs_each_evaluation_once(trained: dict) -> None:
     ddp = trained['ddp']
     assert len(_lines(ddp, '[Set5 x2]')) == 2  # one per epoch
@@ -124,6 +126,7 @@ def test_torchrun_logs_each_evaluation_once(trained: dict) -> None:
     assert state['epoch'] == 2 and not [k for k in state['model'] if k.startswith('module.')]
 
 
+@pytest.mark.slow
 def test_killed_ddp_run_resumes_at_same_epoch_and_lr(trained: dict, world: dict) -> None:
     _run(world, '--save', 'part', '--epochs', '1', ddp=True)
     part = world['exp'] / 'part'
@@ -144,6 +147,7 @@ def test_killed_ddp_run_resumes_at_same_epoch_and_lr(trained: dict, world: dict)
     assert state['optimizer']['param_groups'][0]['lr'] == pytest.approx(2.5e-4)  # milestone 2 passed
 
 
+@pytest.mark.slow
 def test_ddp_checkpoint_loads_in_single_process(trained: dict, world: dict) -> None:
     ddp = trained['ddp']
     _run(world, '--save', 'from_ddp', '--test_only', '--pre_train', str(ddp / 'model' / 'model_latest.pt'),

@@ -65,6 +65,7 @@ def runs(world: dict) -> dict:
     return {'full': world['exp'] / 'full', 'part': world['exp'] / 'part'}
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(runs: dict) -> None:
     full, part = runs['full'], runs['part']
     part_lines = _content(part / 'log.txt')
@@ -90,6 +91,7 @@ def test_resume_continues_exactly(runs: dict) -> None:
     assert torch.allclose(torch.load(part / 'psnr_log.pt'), torch.load(full / 'psnr_log.pt'), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_experiment_folder_and_results_json(runs: dict) -> None:
     full = runs['full']
     for rel in ('config.txt', 'log.txt', 'training_state.pt', 'psnr_log.pt', 'loss_log.pt', 'loss_L1.png',
@@ -110,6 +112,7 @@ def test_experiment_folder_and_results_json(runs: dict) -> None:
     assert f"PSNR: {r['psnr']:.3f}  SSIM: {r['ssim']:.4f}" in last
 
 
+@pytest.mark.slow
 def test_resume_from_numbered_checkpoint(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     part = runs['part']
     _main(world, monkeypatch, '--load', 'part', '--resume', '2', '--epochs', '3')
@@ -121,6 +124,7 @@ def test_resume_from_numbered_checkpoint(runs: dict, world: dict, monkeypatch: p
     assert len(torch.load(part / 'psnr_log.pt')) == 3
 
 
+@pytest.mark.slow
 def test_resume_reads_an_older_optimizer_pt(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """A folder whose training state is the older optimizer.pt (format 1, with a MultiStepLR state)."""
     import shutil
@@ -138,6 +142,7 @@ def test_resume_reads_an_older_optimizer_pt(runs: dict, world: dict, monkeypatch
     assert torch.load(old / 'training_state.pt', weights_only=True)['epoch'] == 4
 
 
+@pytest.mark.slow
 def test_test_only_with_pre_train(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     full = runs['full']
     _main(world, monkeypatch, '--save', 'eval', '--test_only', '--save_results', '--save_gt',
@@ -154,6 +159,7 @@ def test_test_only_with_pre_train(runs: dict, world: dict, monkeypatch: pytest.M
     assert not (ev / 'training_state.pt').exists() and not (ev / 'model').exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_rebuilds_its_network_without_architecture_flags(
         runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """The model files carry the network's configuration: --test_only --model HSPAN --pre_train <it> scores
@@ -174,6 +180,7 @@ def test_checkpoint_rebuilds_its_network_without_architecture_flags(
     assert len(err) == 1 and err[0].startswith('error: --n_feats 32 contradicts') and '--n_feats 8' in err[0]
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(world['exp']))
@@ -197,6 +204,7 @@ def test_batch_lr_cosine_and_warmup() -> None:
         [2e-4, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
 
 
+@pytest.mark.slow
 def test_cosine_warmup_resume_matches_uninterrupted(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-batch LRs depend on the batch number only: a 3-epoch run killed after epoch 2 and resumed ends
     where the uninterrupted one does (the curve spans the planned --epochs, so the kill is simulated)."""

@@ -1,6 +1,6 @@
 """The training recipe: --ema_decay/--ema_start, --accumulate, --optimizer ADAMW, the Charbonnier loss and
 --compile, on a tiny HSPAN (in this process through main.main, or as subprocesses, torchrun included,
-through benchmarks/faults.py's helpers)."""
+through tests/training/faults_harness.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+import faults_harness as faults
 import main
 import option
 from conftest import ROOT
@@ -26,9 +26,6 @@ from loss.charbonnier import Charbonnier
 from model.checkpoint import read_state_dict
 from training.ema import WeightAverage
 from training.trainer import make_optimizer
-
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-import faults  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -111,6 +108,7 @@ def ema_runs(world: dict) -> dict:
     return runs
 
 
+@pytest.mark.slow
 def test_ema_is_evaluated_and_saved(ema_runs: dict, world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = ema_runs['ema']
     log = (folder / 'log.txt').read_text()
@@ -140,6 +138,7 @@ def test_ema_is_evaluated_and_saved(ema_runs: dict, world: dict, monkeypatch: py
     assert [(r['psnr'], r['ssim']) for r in again] == [(r['psnr'], r['ssim']) for r in want]
 
 
+@pytest.mark.slow
 def test_ema_resume_after_kill_mid_epoch_is_bit_identical(ema_runs: dict, world: dict) -> None:
     """SIGKILL after the first batch of epoch 2, then --load --resume -1: raw weights, EMA, model files and
     logs equal the uninterrupted run's bit for bit."""
@@ -166,6 +165,7 @@ def test_ema_resume_after_kill_mid_epoch_is_bit_identical(ema_runs: dict, world:
     assert _max_diff(got['ema']['weights'], want['ema']['weights']) == 0
 
 
+@pytest.mark.slow
 def test_ema_under_torchrun_equals_one_process(ema_runs: dict, world: dict) -> None:
     rc, out, _, _ = faults.run(world, ['--save', 'ema_ddp', '--reset', '--epochs', '3', '--ema_decay', '0.5'],
                                ddp=True)
@@ -183,6 +183,7 @@ def test_ema_under_torchrun_equals_one_process(ema_runs: dict, world: dict) -> N
 ACCUMULATE = ['--batch_size', '16', '--epochs', '1', '--optimizer', 'ADAM']
 
 
+@pytest.mark.slow
 def test_accumulate_equals_one_batch(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """One epoch of batch 16 with --accumulate 2 and 4 (in one process and in two) against plain batch 16."""
     runs = {}
@@ -272,6 +273,7 @@ def test_adamw_charbonnier_training_run(world: dict, monkeypatch: pytest.MonkeyP
 
 # ---------------------------------------------------------------- --compile
 
+@pytest.mark.slow
 def test_compile_trains_and_evaluates_as_uncompiled(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """One epoch of 3 steps and an evaluation with --compile against the same run without it: weights and
     scores within float rounding, model files and training state with the plain network's keys; the compiled

@@ -20,7 +20,7 @@ pytest.importorskip('triton')
 from conftest import ROOT  # noqa: E402
 from model import attention  # noqa: E402
 from model.hspa.triton import SHARED_PER_BLOCK, Tiles, choose_tiles, hspa_triton  # noqa: E402
-from test_hspa_blocked import TOL, features, hspa_ref, rel  # noqa: E402
+from oracles import TOL, features, hspa_ref, rel  # noqa: E402
 
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import gpu_static  # noqa: E402

@@ -1,5 +1,5 @@
 """The native kernel's tile configurations, its AVX2 build and its thread pool (src/model/hspa/native/) against
-the sort-based oracle of test_hspa_blocked."""
+the sort-based oracle of tests/oracles.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from model.hspa import native
 from model.hspa.blocked import _Inputs, _Native
-from test_hspa_blocked import TOL, _inference_inputs, features, hspa_ref, rel
+from oracles import TOL, features, hspa_ref, inference_inputs, rel
 
 
 def _inference_with(lib, q, k, v, tiles):
@@ -40,7 +40,7 @@ def test_every_tile_configuration_is_exact(case, dtype):
     lib = native.load()
     if lib is None:
         pytest.skip(native.unavailable_reason())
-    q, k, v = _inference_inputs(case, dtype)
+    q, k, v = inference_inputs(case, dtype)
     ref = hspa_ref(q, k, v)
     tol = TOL if dtype == torch.float32 else 1e-12
     for tiles in _forced_tiles(lib, dtype, q.shape[1]):
@@ -71,7 +71,7 @@ def test_chosen_tiles_for_other_caches_are_exact():
     lib = native.load()
     if lib is None:
         pytest.skip(native.unavailable_reason())
-    q, k, v = _inference_inputs('mixed', torch.float32)
+    q, k, v = inference_inputs('mixed', torch.float32)
     ref = hspa_ref(q, k, v)
     for l1d, l2 in ((16 * 2**10, 256 * 2**10), (48 * 2**10, 2 * 2**20), (64 * 2**10, 32 * 2**20)):
         tiles = native.choose_tiles(q.shape[1], q.shape[2], 4, lib.hspa_vector_bytes(), l1d, l2)
@@ -98,7 +98,7 @@ def test_x86_64_v3_build_is_exact():
         pytest.skip(native.unavailable_reason())
     assert lib.hspa_vector_bytes() == 32
     for dtype in (torch.float32, torch.float64):
-        q, k, v = _inference_inputs('mixed', dtype)
+        q, k, v = inference_inputs('mixed', dtype)
         ref = hspa_ref(q, k, v)
         tol = TOL if dtype == torch.float32 else 1e-12
         tiles = native.tiles_for(lib, q.shape[1], q.shape[2], dtype)

@@ -12,12 +12,7 @@ from torch import nn
 from model import attention
 from model.hspa import layer as hspa_layer
 from model.hspa import native
-
-TOL = 1e-5  # max |fused - dense| / max |dense|, float32
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+from oracles import TOL, rel
 
 
 @pytest.fixture(params=['native', 'torch'])

@@ -2,8 +2,9 @@
 experiment folder, a kill between the model files and the training state, a peer that stops answering,
 write errors (ENOSPC, EIO, a read-only folder) during a checkpoint, and a diverging run (--max_skips).
 
-Runs are driven through benchmarks/faults.py (subprocesses of a tiny HSPAN, 3 epochs of 3 batches), or
-in-process through main.main where no process has to die; benchmarks/faults.py kills at random moments.
+Runs are driven through tests/training/faults_harness.py (subprocesses of a tiny HSPAN, 3 epochs of 3
+batches), or in-process through main.main where no process has to die; benchmarks/faults.py kills at random
+moments.
 """
 
 from __future__ import annotations
@@ -12,19 +13,16 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import faults_harness as faults
 import fileio
 import main
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-import faults  # noqa: E402
 
 
 @pytest.fixture(scope='module')
@@ -62,6 +60,7 @@ def _wait_for(predicate: object, proc: subprocess.Popen, what: str, limit: float
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_finishes(world: dict) -> None:
     """--max-restarts 2: one worker SIGKILLed in epoch 2 of 3; the job completes by itself, epoch 3 is
     evaluated and the weights are the uninterrupted run's (within 1e-6)."""
@@ -84,6 +83,7 @@ def test_torchrun_restarts_a_killed_worker_and_finishes(world: dict) -> None:
     assert not (world['exp'] / f'.{name}.lock').exists()
 
 
+@pytest.mark.slow
 def test_second_run_on_a_live_folder_is_refused(world: dict, reference: Path) -> None:
     """A run paused inside its epoch-2 training-state write (after its model files) holds the folder: a
     second run, --reset included, is refused in one line naming it and changes nothing. After a SIGKILL at
@@ -116,6 +116,7 @@ def test_second_run_on_a_live_folder_is_refused(world: dict, reference: Path) ->
     assert faults.check(folder, reference, ddp=False) == []
 
 
+@pytest.mark.slow
 def test_killed_before_first_state_is_not_resumed_from_its_model_files(world: dict) -> None:
     name = 'early'
     rc, out, _, _ = faults.run(world, ['--save', name, '--epochs', '3'], ddp=False, fault='training_state.pt:open:kill')
@@ -124,6 +125,7 @@ def test_killed_before_first_state_is_not_resumed_from_its_model_files(world: di
     assert rc == 1 and 'stopped before its first complete checkpoint' in out and '--reset' in out, out
 
 
+@pytest.mark.slow
 def test_peer_that_stops_answering_ends_the_job_in_bounded_time(world: dict) -> None:
     """Rank 0 hangs inside a checkpoint write: rank 1 gives up after --dist_timeout with one line, and
     torchrun ends the job (no --max-restarts here)."""
@@ -138,6 +140,7 @@ def test_peer_that_stops_answering_ends_the_job_in_bounded_time(world: dict) -> 
 
 
 @pytest.mark.parametrize('fault', ['model_latest.pt:written:enospc', 'training_state.pt:written:eio'])
+@pytest.mark.slow
 def test_write_error_stops_with_one_line_and_keeps_the_checkpoint(fault: str, world: dict, reference: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture) -> None:

@@ -29,6 +29,7 @@ def _bicubic_run(monkeypatch, tmp_path, dir_data, sets, name='Bicubic'):
     return tmp_path / 'experiment' / name
 
 
+@pytest.mark.slow
 def test_bicubic_rows_match_published_table(monkeypatch, tmp_path, capsys):
     bench = shared_path('data', 'benchmark')
     run = _bicubic_run(monkeypatch, tmp_path, bench.parent, ['Set5', 'Set14', 'B100'])

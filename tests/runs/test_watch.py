@@ -75,6 +75,7 @@ def runs(world: dict) -> dict:
     return {'full': world['exp'] / 'full', 'part': part, 'two': two}
 
 
+@pytest.mark.slow
 def test_two_epochs_log_every_printed_batch(runs: dict) -> None:
     rows, tb = runs['two']['csv'], runs['two']['tb']
     assert [int(r['batch']) for r in rows] == [2, 4, 6, 8]
@@ -96,6 +97,7 @@ def test_two_epochs_log_every_printed_batch(runs: dict) -> None:
     assert [s for s, _ in tb['ssim/Mini_x2']] == [4, 8]
 
 
+@pytest.mark.slow
 def test_resume_appends_without_repeating_a_batch(runs: dict) -> None:
     full, part = runs['full'], runs['part']
     rows = _csv(part)
@@ -113,6 +115,7 @@ def test_resume_appends_without_repeating_a_batch(runs: dict) -> None:
                                                                abs=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_from_an_earlier_epoch_cuts_the_curve_back(runs: dict, world: dict,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
@@ -126,6 +129,7 @@ def test_resume_from_an_earlier_epoch_cuts_the_curve_back(runs: dict, world: dic
     assert [s for s, _ in tb['psnr/Mini_x2']] == [4, 8]
 
 
+@pytest.mark.slow
 def test_plots_by_batch(runs: dict) -> None:
     from runs.curves import LossCurve, loss_figure
 

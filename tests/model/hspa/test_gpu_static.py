@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT
 
-# Located, not imported: triton imported here, before tests/test_hspa_triton.py sets TRITON_INTERPRET=1,
+# Located, not imported: triton imported here, before tests/model/hspa/test_triton.py sets TRITON_INTERPRET=1,
 # would leave its library functions compiled-mode under that file's interpreter. The compiles run in
 # gpu_static's worker processes.
 TRITON = importlib.util.find_spec('triton')

@@ -1,6 +1,6 @@
 """Blocked exact HSPA (src/model/hspa/blocked.py, both back-ends) against dense oracles.
 
-Oracles: a plain sort-based sparsemax written here (autograd through it gives the exact sparsemax
+Oracles (tests/oracles.py): a plain sort-based sparsemax (autograd through it gives the exact sparsemax
 Jacobian), checked itself against the entmax package; entmax's sparsemax directly; and
 model.hspa.soft_threshold (the dense operator of the published algorithm).
 """
@@ -18,34 +18,11 @@ from conftest import ROOT
 from model import attention
 from model.hspa import native, plan
 from model.hspa.blocked import choose_block_size, hspa_attention
+from oracles import TOL, entmax_sparsemax, features, hspa_ref, inference_inputs, rel, sparsemax_ref
 
 # Every back-end that impl 'fast' (and so 'auto' on the CPU) can run: the native kernels where a C compiler
 # exists (CI has one: test_native_kernel_builds), the torch back-end where none does.
 BACKENDS = ['native', 'torch']
-
-TOL = 1e-5  # max |fast - oracle| / max |oracle|, float32
-
-
-def sparsemax_ref(scores: torch.Tensor) -> torch.Tensor:
-    """Sparsemax over the last dim, by a full sort (Martins & Astudillo 2016)."""
-    z = scores - scores.amax(-1, keepdim=True)
-    zs = z.sort(-1, descending=True).values
-    csum = zs.cumsum(-1) - 1
-    ks = torch.arange(1, z.shape[-1] + 1, dtype=z.dtype)
-    k_sup = (ks * zs > csum).sum(-1, keepdim=True)
-    tau = csum.gather(-1, k_sup - 1) / k_sup.to(z.dtype)
-    # relu, not clamp: an entry exactly at tau (a tie) gets no gradient, as in the published backward.
-    return torch.relu(z - tau)
-
-
-def hspa_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return sparsemax_ref(q @ k.transpose(1, 2)) @ v
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
-
 
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
@@ -69,18 +46,9 @@ def compare(q, k, v, topk: int, block: int, backend: str, oracle=hspa_ref, tol: 
         assert rel(g, rg) <= tol, f'grad {name} rel err {rel(g, rg):.2e}'
 
 
-def features(n: int, length: int, ck: int, c: int, scale: float, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(n, length, ck, generator=gen) * scale
-    k = torch.randn(n, length, ck, generator=gen)
-    v = torch.randn(n, length, c, generator=gen)
-    return q, k, v
-
-
 def test_oracle_matches_entmax():
-    entmax = pytest.importorskip('entmax')
     s = torch.randn(64, 300, dtype=torch.float64) * torch.logspace(-1, 1, 64, dtype=torch.float64)[:, None]
-    assert torch.allclose(sparsemax_ref(s), entmax.sparsemax(s, dim=-1), atol=1e-12)
+    assert torch.allclose(sparsemax_ref(s), entmax_sparsemax(s, dim=-1), atol=1e-12)
 
 
 @pytest.mark.parametrize('length,block', [(300, 0), (300, 7), (300, 64), (300, 300), (300, 10_000), (50, 1)])
@@ -90,10 +58,9 @@ def test_random_features_block_sizes(length, block, backend):
 
 
 def test_against_entmax_directly(backend):
-    entmax = pytest.importorskip('entmax')
     q, k, v = features(2, 500, 8, 6, scale=0.3, seed=3)
     compare(q, k, v, topk=8, block=37, backend=backend,
-            oracle=lambda a, b, c: entmax.sparsemax(a @ b.transpose(1, 2), dim=-1) @ c)
+            oracle=lambda a, b, c: entmax_sparsemax(a @ b.transpose(1, 2), dim=-1) @ c)
 
 
 def test_ties(backend):
@@ -169,29 +136,11 @@ def test_no_grad_path_and_dtype(backend):
     assert rel(out, hspa_ref(q, k, v)) <= TOL
 
 
-def _inference_inputs(case: str, dtype: torch.dtype):
-    if case == 'ties':
-        gen = torch.Generator().manual_seed(4)
-        q = torch.randint(-1, 2, (2, 700, 4), generator=gen).float()
-        k = torch.randint(-1, 2, (2, 700, 4), generator=gen).float() * 0.5
-        v = torch.randn(2, 700, 5, generator=gen)
-    elif case == 'all_equal':
-        q, k, v = features(2, 600, 6, 7, scale=1.0, seed=6)
-        q[0, ::3] = 0
-        k[1] = k[1, :1]
-    elif case == 'compressed':
-        q, k, v = features(1, 1500, 16, 24, scale=0.01, seed=12)
-    else:  # supports from one entry to thousands
-        q, k, v = features(1, 2304, 8, 6, scale=1.0, seed=5)
-        q = q * torch.logspace(-4, 1, 2304)[torch.randperm(2304, generator=torch.Generator().manual_seed(0))][:, None]
-    return tuple(t.to(dtype) for t in (q, k, v))
-
-
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('case', ['ties', 'all_equal', 'compressed', 'mixed'])
 def test_inference_path(backend, case, dtype):
     # Without gradients the native back-end runs its fused kernel (own score micro-kernel, padded key tiles).
-    q, k, v = _inference_inputs(case, dtype)
+    q, k, v = inference_inputs(case, dtype)
     with torch.no_grad():
         out = hspa_attention(q, k, v, 8, backend=backend)
     assert out.dtype == dtype and rel(out, hspa_ref(q, k, v)) <= (TOL if dtype == torch.float32 else 1e-12)

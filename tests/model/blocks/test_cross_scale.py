@@ -17,13 +17,9 @@ import model.networks.msnlan as msnlan
 from conftest import shared_path
 from model.blocks.cross_scale import cross_scale_attention, tile_shape
 from model.networks.msnlan import MSNLAB, MSNLAN, CrossScaleAttention
+from oracles import entmax_sparsemax
 
 BLOCKS = [3, 17, 0]
-
-
-def _sparsemax(scores: torch.Tensor, dim: int) -> torch.Tensor:
-    entmax = pytest.importorskip('entmax')
-    return entmax.sparsemax(scores, dim=dim)
 
 
 def _unfold_oracle(module: CrossScaleAttention, x_l: torch.Tensor, x_s: torch.Tensor, normalize) -> torch.Tensor:
@@ -51,7 +47,7 @@ def _pair(ksize: int, normalizer: str, seed: int = 0) -> tuple[CrossScaleAttenti
 @pytest.mark.parametrize('normalizer', ['softmax', 'soft_threshold'])
 def test_blocked_equals_dense_and_unfold_oracle(ksize: int, normalizer: str) -> None:
     module, x_l, x_s = _pair(ksize, normalizer)
-    normalize = (lambda s, d: F.softmax(s, dim=d)) if normalizer == 'softmax' else _sparsemax
+    normalize = (lambda s, d: F.softmax(s, dim=d)) if normalizer == 'softmax' else entmax_sparsemax
     with torch.no_grad():
         oracle = _unfold_oracle(module, x_l, x_s, normalize)
         module.impl = 'dense'
@@ -65,7 +61,7 @@ def test_blocked_equals_dense_and_unfold_oracle(ksize: int, normalizer: str) -> 
         key = F.unfold(module.conv_match_2(x_s), ksize, padding=ksize // 2)
         scores = module.softmax_scale * F.unfold(module.conv_match_1(x_l), ksize, padding=ksize // 2).transpose(1, 2) \
             @ (key / key.norm(dim=1, keepdim=True))
-        zeros = (_sparsemax(scores, -1) == 0).double().mean().item()
+        zeros = (entmax_sparsemax(scores, -1) == 0).double().mean().item()
         assert 0.5 < zeros < 1
 
 
