@@ -2,14 +2,14 @@
 
 ``hspa_attention(q, k, v, topk)`` has two back-ends:
 
-* ``native`` (CPU; the C kernels of model/hspa/native/native.c). Without gradients, one fused kernel call per
-  sample: each thread scores a few query rows with its own micro-kernel, finds each row's exact threshold
-  by Michelot's iteration (a few vectorised masked sums, no sort) and adds up sum_j p_j v_j over the
-  support, O(|support| * C) instead of O(L * C), while the rows are in its cache. With gradients, blocks of
-  query rows get their scores from one BLAS matmul into a reused buffer, and each row's support is kept
-  as CSR for backward while the supports fit in ``memory_budget`` (blocks beyond it are recomputed).
-  Backward applies the sparsemax Jacobian on the support only (dS = dP - mean over the support of dP) and
-  gets dK and dV through a transpose of each block's CSR.
+* ``native`` (CPU; the C kernels of model/hspa/native/hspa_kernel.c): one fused kernel call per sample (per
+  block of query rows with gradients): each thread scores a few query rows with its own micro-kernel, finds
+  each row's exact threshold by Michelot's iteration on the few scores above a lower bound (no sort) and
+  adds up sum_j p_j v_j over the support, O(|support| * C) instead of O(L * C), while the rows are in its
+  cache. With gradients the kernel also writes each row's support, kept for backward while the supports
+  fit in ``memory_budget`` (blocks beyond it are recomputed). Backward applies the sparsemax Jacobian on
+  the support only (dS = dP - mean over the support of dP) and gets dK and dV through a transpose of the
+  block's supports.
 * ``torch`` (any device): the block's weights from ``model.hspa.reference.soft_threshold`` and a dense
   weights @ V; backward recomputes each block and differentiates it with autograd. It is the fallback
   where the kernels cannot be compiled, and what CUDA uses without triton for score tensors too large to
@@ -31,9 +31,9 @@ from model.hspa.reference import soft_threshold
 
 __all__ = ['DEFAULT_MEMORY_BUDGET', 'BLOCK_BYTES', 'choose_block_size', 'hspa_attention', 'resolve_backend']
 
-# Score-block size when block_size is 0 (the blocks of the training path and of the torch back-end;
-# inference on the CPU runs the fused kernel, which blocks by itself): large blocks mean few synchronised
-# calls, which matters more than cache reuse here (a 16x48x48 training batch: one block per sample).
+# Block size when block_size is 0: query rows whose scores take about this much (the torch back-end forms
+# them; the native kernel blocks by itself, and its blocks are the units of supports kept for backward).
+# Large blocks mean few calls (a 16x48x48 training batch: one block per sample).
 BLOCK_BYTES = 32 * 2**20
 # Bytes of CSR supports (column + weight per entry) kept from forward for backward.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
@@ -46,7 +46,7 @@ def choose_block_size(length: int, element_size: int = 4, block_bytes: int = BLO
 
 
 def support_bytes(support: tuple[Tensor, ...] | None) -> int:
-    """Bytes held by one block's kept support (crow, cols, p); 0 for None (a block recomputed in backward)."""
+    """Bytes held by one block's kept support (start, nnz, cols, p); 0 for None (a block recomputed in backward)."""
     return 0 if support is None else sum(t.numel() * t.element_size() for t in support)
 
 
@@ -70,83 +70,80 @@ class _Inputs:
 
 class _Native:
     """The C kernels over one pass (forward, or backward with ``grad``) of one call's blocks;
-    ``supports[i]`` is block i's (crow, cols, p) or None."""
+    ``supports[i]`` is block i's (start, nnz, cols, p) or None (see ``run``)."""
 
-    def __init__(self, x: _Inputs, lib: Any, grad: Tensor | None = None, scores: Tensor | None = None,
+    def __init__(self, x: _Inputs, lib: Any, grad: Tensor | None = None, entries: tuple | None = None,
                  tiles: native.Tiles | None = None) -> None:
-        self.x, self.lib, self.grad, self.tiles = x, lib, grad, tiles
+        self.x, self.lib, self.grad = x, lib, grad
+        self.tiles = tiles or native.tiles_for(lib, x.length, x.kwidth, x.q.dtype)
         self.threads = max(1, torch.get_num_threads())
-        # The (block x L) score buffer: the one given (a caller's, reused across calls) or made on first use.
-        self.scores = scores
-        self._sample: tuple = (-1,)  # (s, q, k, v[, grad]) of the last sample made contiguous
+        # (columns, weights) room for one block's support entries: the one given (a caller's, reused across
+        # calls) or made on first use; it grows when a block needs more.
+        self.entries = entries
+        self._sample: tuple = (-1,)  # (s, q, packed k, v[, grad]) of the last sample made contiguous
 
     def _fn(self, name: str):
         return native.function(self.lib, name, self.x.q.dtype)
 
     def _contiguous(self, s: int) -> tuple[Tensor, ...]:
-        """Sample s's q, k, v (and the pass's grad), contiguous: one sample at a time, so the copies stay
-        small."""
+        """Sample s's q, keys packed for the kernel, v (and the pass's grad), contiguous: one sample at a
+        time, so the copies stay small."""
         if self._sample[0] != s:
-            parts = (self.x.q[s], self.x.k[s], self.x.v[s]) + (() if self.grad is None else (self.grad[s],))
-            self._sample = (s, *(t.to(self.x.q.dtype).contiguous() for t in parts))
+            x = self.x
+            q, k, v = (t[s].to(x.q.dtype).contiguous() for t in (x.q, x.k, x.v))
+            lanes = native.column_tile(self.lib, x.q.dtype)
+            packed = torch.empty(-(-x.length // lanes) * lanes * x.kwidth, dtype=x.q.dtype)
+            self._fn('hspa_pack_keys')(native.ptr(k), x.length, x.kwidth, native.ptr(packed))
+            grad = () if self.grad is None else (self.grad[s].to(x.q.dtype).contiguous(),)
+            self._sample = (s, q, k, packed, v, *grad)
         return self._sample[1:]
 
-    def support(self, s: int, r0: int, r1: int, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """CSR support of block (s, r0, r1); with ``out``, also writes the block's output rows."""
+    def run(self, s: int, r0: int, r1: int, out: Tensor | None, support: bool) -> tuple[Tensor, ...] | None:
+        """Rows [r0, r1) of sample s through the fused kernel: their output into ``out`` (None: not wanted)
+        and, with ``support``, their supports (start, nnz, cols, p): row i's columns and weights are
+        entries start[i] .. start[i] + nnz[i] of cols and p."""
         x, p = self.x, native.ptr
-        rows = r1 - r0
-        if self.scores is None:
-            self.scores = torch.empty(x.block, x.length, dtype=x.q.dtype)
-        scores = self.scores[:rows]
-        q, k, v = self._contiguous(s)[:3]
-        torch.mm(q[r0:r1], k.t(), out=scores)
-        tau = torch.empty(rows, dtype=x.q.dtype)
-        nnz = torch.empty(rows, dtype=torch.int64)
-        self._fn('hspa_threshold')(p(scores), rows, x.length, p(tau), p(nnz), self.threads)
-        crow = torch.zeros(rows + 1, dtype=torch.int64)
-        torch.cumsum(nnz, 0, out=crow[1:])
-        total = int(crow[-1])
-        cols = torch.empty(total, dtype=torch.int32)
-        vals = torch.empty(total, dtype=x.q.dtype)
-        target = out if out is not None else torch.empty(rows, x.width, dtype=x.q.dtype)
-        self._fn('hspa_gather')(p(scores), rows, x.length, p(tau), p(crow), p(cols), p(vals), p(v),
-                                x.width, p(target), self.threads)
-        return crow, cols, vals
-
-    def attend(self, out: Tensor) -> None:
-        """The output of every sample, keeping no support: one fused kernel call per sample."""
-        x, p = self.x, native.ptr
-        lanes = native.column_tile(self.lib, x.q.dtype)
-        tiles = self.tiles or native.tiles_for(self.lib, x.length, x.kwidth, x.q.dtype)
-        padded = -(-x.length // lanes) * lanes
-        # Keys packed in tiles of `lanes` keys, channel-major inside a tile (what the micro-kernel reads).
-        k_pad = torch.zeros(padded, x.kwidth, dtype=x.q.dtype)
-        k_packed = torch.empty(padded // lanes, x.kwidth, lanes, dtype=x.q.dtype)
-        for s in range(x.n):
-            q, k, v = self._contiguous(s)
-            k_pad[:x.length] = k
-            k_packed.copy_(k_pad.view(-1, lanes, x.kwidth).transpose(1, 2))
-            status = self._fn('hspa_attend')(p(q), p(k_packed), x.length, padded, x.kwidth, p(v), x.width,
-                                             p(out[s]), tiles.block_rows, tiles.tile_rows, tiles.key_tile,
-                                             self.threads)
+        q, _, packed, v = self._contiguous(s)[:4]
+        rows, t = r1 - r0, self.tiles
+        start = nnz = None
+        total = torch.zeros(1, dtype=torch.int64)
+        if support:
+            start, nnz = (torch.empty(rows, dtype=torch.int64) for _ in range(2))
+            if self.entries is None or self.entries[0].numel() < rows:
+                size = rows * min(x.length, 128)
+                self.entries = (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=x.q.dtype))
+        while True:
+            cols, vals = self.entries if support else (None, None)
+            status = self._fn('hspa_attend')(
+                p(q[r0:r1]), p(packed), rows, x.length, x.kwidth, p(v), x.width, p(out), t.block_rows,
+                t.tile_rows, t.key_tile, p(cols), p(vals), 0 if cols is None else cols.numel(), p(start), p(nnz),
+                p(total), self.threads)
             if status == -2:
-                raise ValueError(f'HSPA kernel: no tile configuration {tiles}')
+                raise ValueError(f'HSPA kernel: no tile configuration {t}')
             if status != 0:
                 raise MemoryError('HSPA: out of memory for the kernel work space')
+            needed = int(total)
+            if not support:
+                return None
+            if needed <= cols.numel():
+                return start, nnz, cols[:needed].clone(), vals[:needed].clone()
+            size = needed + needed // 4  # the block again, with room for all its entries
+            self.entries = (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=x.q.dtype))
 
     def forward(self, keep_bytes: int) -> tuple[Tensor, list]:
         x = self.x
         out = torch.empty(x.n, x.length, x.width, dtype=x.q.dtype)
         if keep_bytes <= 0:
-            self.attend(out)
+            for s in range(x.n):
+                self.run(s, 0, x.length, out[s], support=False)
             return out, [None] * len(x.blocks())
         supports: list = []
         kept = 0
         for s, r0, r1 in x.blocks():
-            crow, cols, vals = self.support(s, r0, r1, out[s, r0:r1])
-            size = support_bytes((crow, cols, vals))
+            part = self.run(s, r0, r1, out[s, r0:r1], support=True)
+            size = support_bytes(part)
             if kept + size <= keep_bytes:
-                supports.append((crow, cols, vals))
+                supports.append(part)
                 kept += size
             else:
                 supports.append(None)  # recomputed in backward
@@ -158,16 +155,16 @@ class _Native:
         dq, dk, dv = (torch.zeros(x.n, x.length, width, dtype=x.q.dtype) if need else None
                       for width, need in zip((x.kwidth, x.kwidth, x.width), needs, strict=True))
         for (s, r0, r1), saved in zip(x.blocks(), supports, strict=True):
-            q, k, v, g = self._contiguous(s)
-            crow, cols, vals = saved if saved is not None else self.support(s, r0, r1)
+            q, k, _, v, g = self._contiguous(s)
+            start, nnz, cols, vals = saved if saved is not None else self.run(s, r0, r1, None, support=True)
             ds = torch.empty_like(vals)
             rows = r1 - r0
-            self._fn('hspa_grad_rows')(p(crow), p(cols), rows, p(g[r0:r1]), p(v), x.width, p(k),
+            self._fn('hspa_grad_rows')(p(start), p(nnz), p(cols), rows, p(g[r0:r1]), p(v), x.width, p(k),
                                        x.kwidth, p(ds), p(dq[s, r0:r1]) if dq is not None else None,
                                        self.threads)
             if dk is not None or dv is not None:
                 status = self._fn('hspa_grad_keys')(
-                    p(crow), p(cols), p(vals), p(ds), rows, x.length, p(q[r0:r1]), x.kwidth,
+                    p(start), p(nnz), p(cols), p(vals), p(ds), rows, x.length, p(q[r0:r1]), x.kwidth,
                     p(g[r0:r1]), x.width, p(dk[s]) if dk is not None else None,
                     p(dv[s]) if dv is not None else None, self.threads)
                 if status != 0:

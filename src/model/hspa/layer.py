@@ -122,14 +122,14 @@ class _HSPALayer(torch.autograd.Function):
         out_samples = out.view(n, c, -1)
         keep = memory_budget if any(ctx.needs_input_grad[:4]) else 0
         lib = kernels.load() if backend == 'native' else None
-        supports, scores = [], None
+        supports, entries = [], None
         for s in range(n):
             q, k, v = _embed(samples[s], weight, bias, slope, widths)[1]
             inp = _Inputs(q[None], k[None], v[None], block_size)
             if lib is not None:
-                native = _Native(inp, lib, scores=scores)
+                native = _Native(inp, lib, entries=entries)
                 attended, kept = native.forward(keep)
-                scores = native.scores  # one score buffer for all samples: no heap churn
+                entries = native.entries  # one support buffer for all samples: no heap churn
                 keep -= sum(support_bytes(part) for part in kept)
                 supports.append(kept)
             else:
@@ -151,16 +151,16 @@ class _HSPALayer(torch.autograd.Function):
         dx = torch.empty_like(samples) if ctx.needs_input_grad[0] else None
         dw, db, dslope = torch.zeros_like(weight), torch.zeros_like(bias), torch.zeros_like(slope)
         parts = [t.split(ctx.widths) for t in (weight, slope, dw, db, dslope)]
-        scores = None
+        entries = None
         for s in range(n):
             pres, posts = _embed(samples[s], weight, bias, slope, ctx.widths, keep_pre=True)
             inp = _Inputs(*(t[None] for t in posts), ctx.block)
             # res_scale * grad, transposed to the (L, C) rows the kernels read, in one pass.
             g = torch.mul(grads[s].t(), ctx.res_scale, out=torch.empty(grads.shape[2], c, dtype=grads.dtype))[None]
             if ctx.lib is not None:
-                native = _Native(inp, ctx.lib, g, scores)
+                native = _Native(inp, ctx.lib, g, entries)
                 d_posts = native.backward(ctx.supports[s], (True, True, True))
-                scores = native.scores
+                entries = native.entries
             else:
                 d_posts = _torch_backward(inp, ctx.topk, g, (True, True, True))
             del posts, inp

@@ -18,9 +18,21 @@ from oracles import TOL, features, hspa_ref, inference_inputs, rel
 
 def _inference_with(lib, q, k, v, tiles):
     """The native inference kernel of ``lib`` with the blocking ``tiles`` forced."""
-    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype)
-    _Native(_Inputs(q, k, v, 0), lib, tiles=tiles).attend(out)
-    return out
+    return _Native(_Inputs(q, k, v, 0), lib, tiles=tiles).forward(0)[0]
+
+
+def _training_with(lib, q, k, v, grad, tiles, entries=None):
+    """Output and (dq, dk, dv) of the native training path (supports kept from forward) with ``tiles``."""
+    kernels = _Native(_Inputs(q, k, v, 0), lib, entries=entries, tiles=tiles)
+    out, supports = kernels.forward(2**30)
+    assert all(part is not None for part in supports)
+    return out, _Native(_Inputs(q, k, v, 0), lib, grad, tiles=tiles).backward(supports, (True, True, True))
+
+
+def _oracle_with_grads(q, k, v, grad):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = hspa_ref(*leaves)
+    return out.detach(), torch.autograd.grad(out, leaves, grad)
 
 
 def _forced_tiles(lib, dtype: torch.dtype, length: int) -> list:
@@ -47,6 +59,42 @@ def test_every_tile_configuration_is_exact(case, dtype):
         assert rel(_inference_with(lib, q, k, v, tiles), ref) <= tol, tiles
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_every_tile_configuration_is_exact_with_supports(dtype):
+    # The training path (the fused kernel writing every row's support, then backward on those supports)
+    # with each tile configuration forced, against the oracle's output and gradients.
+    lib = native.load()
+    if lib is None:
+        pytest.skip(native.unavailable_reason())
+    q, k, v = features(1, 300, 6, 5, scale=1.0, seed=9)
+    q = q * torch.logspace(-3, 1, 300)[:, None]  # supports from one entry to most of the row
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    grad = torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    ref, ref_grads = _oracle_with_grads(q, k, v, grad)
+    tol = TOL if dtype == torch.float32 else 1e-12
+    for tiles in _forced_tiles(lib, dtype, q.shape[1]):
+        out, grads = _training_with(lib, q, k, v, grad, tiles)
+        assert rel(out, ref) <= tol, tiles
+        for mine, theirs in zip(grads, ref_grads, strict=True):
+            assert rel(mine, theirs) <= tol, tiles
+
+
+def test_support_buffer_grows_to_what_a_block_needs():
+    # A support buffer far too small for the block: the kernel reports what it needs, the block runs again
+    # in a larger buffer, and the result is exact.
+    lib = native.load()
+    if lib is None:
+        pytest.skip(native.unavailable_reason())
+    q, k, v = inference_inputs('compressed', torch.float32)   # supports of most of the row
+    grad = torch.randn(v.shape, generator=torch.Generator().manual_seed(2))
+    ref, ref_grads = _oracle_with_grads(q, k, v, grad)
+    small = (torch.empty(10, dtype=torch.int32), torch.empty(10))
+    out, grads = _training_with(lib, q, k, v, grad, native.tiles_for(lib, q.shape[1], q.shape[2], q.dtype), small)
+    assert rel(out, ref) <= TOL
+    for mine, theirs in zip(grads, ref_grads, strict=True):
+        assert rel(mine, theirs) <= TOL
+
+
 def test_chosen_tiles_are_configurations_the_kernel_has():
     # Over a range of caches, vector widths and shapes, choose_tiles only picks what the kernel implements,
     # and sizes the blocks to the caches it is given.
@@ -57,9 +105,9 @@ def test_chosen_tiles_are_configurations_the_kernel_has():
                     t = native.choose_tiles(length, kwidth, elem, vector_bytes, l1d, l2)
                     lanes = 2 * vector_bytes // elem
                     assert t.tile_rows in native.TILE_ROWS and t.key_tile % lanes == 0 and t.key_tile >= lanes
-                    assert t.block_rows % t.tile_rows == 0 and t.block_rows >= 2 * t.tile_rows
+                    assert t.block_rows % t.tile_rows == 0 and t.block_rows >= t.tile_rows
                     padded = -(-length // lanes) * lanes
-                    if t.block_rows > 2 * t.tile_rows:
+                    if t.block_rows > t.tile_rows:
                         assert t.block_rows * padded * elem <= l2 // 2 and t.block_rows * kwidth * elem <= l1d // 2
     assert native.choose_tiles(16384, 96, 4, 32, 32 * 2**10, 2**20).tile_rows == 6    # 16 registers
     l1d, l2 = native.cache_sizes()
@@ -122,9 +170,7 @@ def test_kernel_threads_survive_fork():
     def two_threads() -> float:
         kernels = _Native(_Inputs(q, k, v, 0), lib)
         kernels.threads = 2
-        out = torch.empty_like(ref)
-        kernels.attend(out)
-        return rel(out, ref)
+        return rel(kernels.forward(0)[0], ref)
 
     assert two_threads() <= TOL                          # the pool exists in the parent now
     pid = os.fork()

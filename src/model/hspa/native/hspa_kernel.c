@@ -1,171 +1,22 @@
 /* Exact sparsemax attention kernels for the CPU (HSPA), called through ctypes by model/hspa/blocked.py.
  *
- * The caller computes a block of scores S (rows x L) with a BLAS matmul; these kernels do the rest:
- *   threshold   tau of each row by Michelot's iteration: Newton's method on
- *               f(tau) = sum_j max(s_j - tau, 0) - 1, which rises monotonically to the exact threshold
- *               and stops when the support stops shrinking. It starts from the threshold of a subset of
- *               the row (a lower bound: any subset's threshold is), the lane-wise maxima of 16-vector
- *               groups gathered during the max pass, so a full row usually takes two or three passes.
- *               Each pass is one vectorised masked sum: no sort, no gather.
- *   gather      the support of each row as CSR (column, p = s - tau) and the row's output sum_j p_j v_j.
+ *   attend      scores, threshold, support and output fused, per block of query rows: each thread scores a
+ *               few rows with its register micro-kernel over packed key panels (the blocking given by the
+ *               caller, loader.choose_tiles) and thresholds them while they are in its cache; optionally it
+ *               writes every row's support (column, p = s - tau) for backward.
+ *   threshold   of each row: a lower bound first, the threshold of the lane-wise maxima of 16-vector groups
+ *               (any subset's threshold bounds the row's from below), taken in the max pass; then one pass
+ *               collects the entries above the bound (a few per cent of the row, found by vector compares)
+ *               and Michelot's iteration (Newton's method on sum_j max(s_j - tau, 0) = 1, which rises
+ *               monotonically to the exact threshold) runs on those alone. No sort.
  *   grad_rows   dP on the support, the sparsemax Jacobian (dS = dP - mean over the support) and dQ.
- *   grad_keys   dK and dV, by key, through a counting-sort transpose of the block's CSR.
- *   attend      inference: scores, threshold and output fused, per block of rows, with the blocking
- *               (block rows, micro-kernel rows, key panel) given by the caller (loader.choose_tiles).
+ *   grad_keys   dK and dV, by key, through a counting-sort transpose of the supports.
  * Rows are shared among threads in small chunks from a common counter (rows differ in cost); the threads
- * are a pool kept for the life of the process, each with work space kept between calls.
+ * are a pool kept for the life of the process, each with work space kept between calls (hspa_pool.h).
  * This file includes itself twice to define every kernel for float (suffix f32) and double (f64).
  */
 #ifndef HSPA_T
-#include <math.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
-
-/* Vector width of the target: the kernels use as many vector registers as the ISA has, no more. */
-#if defined(__AVX512F__)
-#define VBYTES 64
-#elif defined(__AVX__)
-#define VBYTES 32
-#else
-#define VBYTES 16 /* SSE2, NEON and the rest */
-#endif
-#define MAX_THREADS 64
-
-typedef void (*thread_fn)(void *ctx);
-
-/* One process-wide pool of worker threads, started on first use and kept: a call wakes them (a condition
- * variable, no spinning, so cores shared with other work are not burnt) instead of creating threads. */
-typedef struct {
-    pthread_mutex_t lock; /* guards every field below */
-    pthread_cond_t start, finish;
-    pthread_mutex_t busy; /* held by the caller whose job the pool runs; other callers run alone */
-    thread_fn fn;
-    void *ctx;
-    int started, wanted, running;
-    uint64_t job;
-    uint64_t first_job[MAX_THREADS]; /* per worker: the job counter when it was created (it waits for the next) */
-} worker_pool;
-
-static worker_pool pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-                           PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0, 0, 0, {0}};
-static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
-
-/* A forked child (DataLoader workers) has none of the parent's threads: it starts an empty pool. */
-static void pool_after_fork(void) {
-    worker_pool fresh = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-                         PTHREAD_MUTEX_INITIALIZER, NULL, NULL, 0, 0, 0, 0, {0}};
-    pool = fresh;
-}
-
-static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
-
-static void *worker_main(void *p) {
-    const int index = (int)(intptr_t)p; /* 1, 2, ...: worker i takes part in jobs of more than i threads */
-    pthread_mutex_lock(&pool.lock);
-    uint64_t seen = pool.first_job[index];
-    for (;;) {
-        while (pool.job == seen) pthread_cond_wait(&pool.start, &pool.lock);
-        seen = pool.job;
-        if (index > pool.wanted) continue;
-        thread_fn fn = pool.fn;
-        void *ctx = pool.ctx;
-        pthread_mutex_unlock(&pool.lock);
-        fn(ctx);
-        pthread_mutex_lock(&pool.lock);
-        if (--pool.running == 0) pthread_cond_signal(&pool.finish);
-    }
-    return NULL;
-}
-
-/* Runs fn(ctx) on n_threads threads (the calling thread is one of them); fn shares the work itself. */
-static void run_threads(int n_threads, thread_fn fn, void *ctx) {
-    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
-    pthread_once(&pool_once, pool_init);
-    if (n_threads <= 1 || pthread_mutex_trylock(&pool.busy) != 0) {
-        fn(ctx);
-        return;
-    }
-    pthread_mutex_lock(&pool.lock);
-    while (pool.started < n_threads - 1) {
-        pthread_t t;
-        pool.first_job[pool.started + 1] = pool.job;
-        if (pthread_create(&t, NULL, worker_main, (void *)(intptr_t)(pool.started + 1)) != 0) break;
-        pthread_detach(t);
-        pool.started++;
-    }
-    pool.wanted = pool.running = n_threads - 1 < pool.started ? n_threads - 1 : pool.started;
-    pool.fn = fn;
-    pool.ctx = ctx;
-    pool.job++;
-    pthread_cond_broadcast(&pool.start);
-    pthread_mutex_unlock(&pool.lock);
-    fn(ctx);
-    pthread_mutex_lock(&pool.lock);
-    while (pool.running > 0) pthread_cond_wait(&pool.finish, &pool.lock);
-    pthread_mutex_unlock(&pool.lock);
-    pthread_mutex_unlock(&pool.busy);
-}
-
-/* Per-thread work space, kept between calls (no page faults of fresh allocations in every call). */
-enum { WS_SCORES, WS_QUERIES, WS_SUBSET, WS_COLS, WS_VALS, WS_SLOTS };
-static __thread void *ws_ptr[WS_SLOTS];
-static __thread size_t ws_cap[WS_SLOTS];
-
-static void *workspace(int slot, size_t bytes) {
-    if (ws_cap[slot] < bytes) {
-        void *p = NULL;
-        free(ws_ptr[slot]);
-        ws_ptr[slot] = NULL;
-        ws_cap[slot] = 0;
-        if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
-        ws_ptr[slot] = p;
-        ws_cap[slot] = bytes;
-    }
-    return ws_ptr[slot];
-}
-
-/* Bytes of one vector register of the build; the column tile of the score micro-kernel is two of them. */
-int hspa_vector_bytes(void) { return VBYTES; }
-
-/* L1 data and L2 cache sizes from the C library (0 where it does not say). */
-void hspa_cache_sizes(int64_t *l1d, int64_t *l2) {
-    long a = -1, b = -1;
-#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
-    a = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    b = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    *l1d = a > 0 ? a : 0;
-    *l2 = b > 0 ? b : 0;
-}
-
-typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
-
-typedef struct {
-    range_fn fn;
-    void *ctx;
-    int64_t n, chunk, next;
-} chunks_arg;
-
-/* One thread's share of parallel_for: chunks taken from the shared counter until none is left. */
-static void take_chunks(void *p) {
-    chunks_arg *a = (chunks_arg *)p;
-    for (;;) {
-        int64_t b = __atomic_fetch_add(&a->next, a->chunk, __ATOMIC_RELAXED);
-        if (b >= a->n) break;
-        a->fn(a->ctx, b, b + a->chunk < a->n ? b + a->chunk : a->n);
-    }
-}
-
-/* Runs fn over [0, n) in chunks on up to n_threads threads (rows differ in cost, so chunks are small). */
-static void parallel_for(int64_t n, int64_t chunk, int n_threads, range_fn fn, void *ctx) {
-    if (n <= 0) return;
-    const int64_t n_chunks = (n + chunk - 1) / chunk;
-    chunks_arg arg = {fn, ctx, n, chunk, 0};
-    run_threads(n_threads < n_chunks ? n_threads : (int)n_chunks, take_chunks, &arg);
-}
+#include "hspa_pool.h"
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
@@ -242,8 +93,9 @@ static T CAT(michelot, SFX)(const T *s, int64_t n, T m, T t, int64_t *support) {
     return t;
 }
 
-/* Exact threshold of row s[0..n); *support = #{s > tau}. subset: work space of n / GROUP entries. */
-static T CAT(row_threshold, SFX)(const T *s, int64_t n, T *subset, int64_t *support) {
+/* The row's maximum (*max) and a lower bound of its threshold: the threshold of the lane-wise maxima of its
+ * GROUP-vector groups, left in subset (n / GROUP entries; NULL: m - 1 only). */
+static T CAT(row_bound, SFX)(const T *s, int64_t n, T *subset, T *max) {
     const int64_t groups = n / (W * GROUP);
     VEC best = CAT(splat, SFX)(-INFINITY);
     int64_t j = 0;
@@ -258,99 +110,93 @@ static T CAT(row_threshold, SFX)(const T *s, int64_t n, T *subset, int64_t *supp
     for (; j < n; j++) m = s[j] > m ? s[j] : m;
     T t = m - (T)1;
     if (groups > 1 && subset) {
-        /* The subset's threshold bounds the row's from below; the margin covers its rounding. */
         int64_t unused;
         T bound = CAT(michelot, SFX)(subset, groups * W, m, t, &unused);
-        bound -= (T)1e-5 * ((T)1 + fabs((double)m));
+        bound -= (T)1e-5 * ((T)1 + fabs((double)m)); /* covers the subset threshold's rounding */
         t = bound > t ? bound : t;
     }
-    return CAT(michelot, SFX)(s, n, m, t, support);
+    *max = m;
+    return t;
 }
 
-/* The calling thread's work space for row_threshold's subset (NULL: none needed, or no memory). */
+/* The calling thread's work space for row_bound's subset (NULL: none needed, or no memory). */
 static T *CAT(subset_buffer, SFX)(int64_t n) {
     const int64_t groups = n / (W * GROUP);
     return groups > 1 ? workspace(WS_SUBSET, (size_t)groups * W * sizeof(T)) : NULL;
 }
 
-/* Appends the support of row s (entries > t) to cols/vals from index e; returns the new end. */
-static int64_t CAT(row_support, SFX)(const T *s, int64_t n, T t, int32_t *cols, T *vals, int64_t e) {
-    const VEC tv = CAT(splat, SFX)(t);
-    int64_t j = 0;
-    for (; j + W <= n; j += W) {
-        if (!CAT(any, SFX)(CAT(load, SFX)(s + j) > tv)) continue;
-        for (int64_t l = j; l < j + W; l++)
-            if (s[l] > t) { cols[e] = (int32_t)l; vals[e] = s[l] - t; e++; }
+/* The entries of s[0..n) above t: columns to cols, values to vals (room for n + 1); returns their count.
+ * A group whose lane-wise maxima (subset, from row_bound; NULL: none) are all at most t is skipped. */
+static int64_t CAT(collect, SFX)(const T *s, int64_t n, T t, const T *subset, int32_t *cols, T *vals) {
+    const int64_t groups = subset && n / (W * GROUP) > 1 ? n / (W * GROUP) : 0;
+    int64_t e = 0, j = 0;
+    for (int64_t g = 0; g < groups; g++, j += W * GROUP) {
+        if (!CAT(above, SFX)(subset + g * W, t)) continue;
+        for (int64_t h = j; h < j + W * GROUP; h += W)
+            for (uint32_t bits = CAT(above, SFX)(s + h, t); bits; bits &= bits - 1) {
+                const int64_t l = h + __builtin_ctz(bits);
+                cols[e] = (int32_t)l;
+                vals[e++] = s[l];
+            }
     }
-    for (; j < n; j++)
-        if (s[j] > t) { cols[e] = (int32_t)j; vals[e] = s[j] - t; e++; }
+    for (; j + W <= n; j += W)
+        for (uint32_t bits = CAT(above, SFX)(s + j, t); bits; bits &= bits - 1) {
+            const int64_t l = j + __builtin_ctz(bits);
+            cols[e] = (int32_t)l;
+            vals[e++] = s[l];
+        }
+    for (; j < n; j++) { cols[e] = (int32_t)j; vals[e] = s[j]; e += s[j] > t; }
     return e;
 }
 
-/* o[0..w) = sum over entries [e0, e1) of vals[e] * v[cols[e]] (a NaN threshold gives NaNs). */
-static void CAT(row_output, SFX)(const int32_t *cols, const T *vals, int64_t e0, int64_t e1, T t, const T *v,
-                                 int64_t w, T *o) {
-    for (int64_t d = 0; d < w; d++) o[d] = t == t ? (T)0 : (T)NAN;
-    for (int64_t k = e0; k < e1; k++) {
-        const T pk = vals[k], *vr = v + (int64_t)cols[k] * w;
-        for (int64_t d = 0; d < w; d++) o[d] += pk * vr[d];
+/* Exact sparsemax of score row s[0..n): sets *tau (NaN for a row with no number above the bound) and leaves
+ * the support in cols/vals (work space of n + 1 entries) as columns and weights s - tau; returns its size.
+ * Michelot's passes run over the entries above the lower bound only. */
+static int64_t CAT(row_sparsemax, SFX)(const T *s, int64_t n, T *subset, int32_t *cols, T *vals, T *tau) {
+    T m;
+    const T bound = CAT(row_bound, SFX)(s, n, subset, &m);
+    const int64_t e = CAT(collect, SFX)(s, n, bound, subset, cols, vals);
+    int64_t unused;
+    const T t = CAT(michelot, SFX)(vals, e, m, bound, &unused);
+    *tau = t;
+    if (t != t) return 0;
+    int64_t k = 0;
+    for (int64_t i = 0; i < e; i++) { /* keeps the entries above tau, in place */
+        const T x = vals[i];
+        cols[k] = cols[i];
+        vals[k] = x - t;
+        k += x > t;
+    }
+    return k;
+}
+
+/* o[0..w) = sum over the k entries of vals[e] * v[cols[e]] (NaN for a NaN threshold t). The sums of four
+ * vectors of columns stay in registers over all entries. */
+static void CAT(row_output, SFX)(const int32_t *cols, const T *vals, int64_t k, T t, const T *v, int64_t w,
+                                 T *o) {
+    const T zero = t == t ? (T)0 : (T)NAN;
+    int64_t d0 = 0;
+    for (; d0 + 4 * W <= w; d0 += 4 * W) {
+        VEC acc[4];
+        for (int i = 0; i < 4; i++) acc[i] = CAT(splat, SFX)(zero);
+        for (int64_t e = 0; e < k; e++) {
+            const VEC p = CAT(splat, SFX)(vals[e]);
+            const T *vr = v + (int64_t)cols[e] * w + d0;
+            for (int i = 0; i < 4; i++) acc[i] += p * CAT(load, SFX)(vr + i * W);
+        }
+        memcpy(o + d0, acc, sizeof acc);
+    }
+    for (; d0 + W <= w; d0 += W) {
+        VEC acc = CAT(splat, SFX)(zero);
+        for (int64_t e = 0; e < k; e++) acc += CAT(splat, SFX)(vals[e]) * CAT(load, SFX)(v + (int64_t)cols[e] * w + d0);
+        memcpy(o + d0, &acc, sizeof acc);
+    }
+    for (; d0 < w; d0++) {
+        T acc = zero;
+        for (int64_t e = 0; e < k; e++) acc += vals[e] * v[(int64_t)cols[e] * w + d0];
+        o[d0] = acc;
     }
 }
-
-typedef struct {
-    const T *s;
-    int64_t length;
-    T *tau;
-    int64_t *nnz;
-} CAT(threshold_ctx, SFX);
-
-static void CAT(threshold_range, SFX)(void *p, int64_t begin, int64_t end) {
-    CAT(threshold_ctx, SFX) *c = p;
-    T *subset = CAT(subset_buffer, SFX)(c->length);
-    for (int64_t i = begin; i < end; i++)
-        c->tau[i] = CAT(row_threshold, SFX)(c->s + i * c->length, c->length, subset, &c->nnz[i]);
-}
-
-void CAT(hspa_threshold, SFX)(const T *s, int64_t rows, int64_t length, T *tau, int64_t *nnz, int n_threads) {
-    CAT(threshold_ctx, SFX) c = {s, length, tau, nnz};
-    parallel_for(rows, 4, n_threads, CAT(threshold_range, SFX), &c);
-}
-
-typedef struct {
-    const T *s;
-    int64_t length;
-    const T *tau;
-    const int64_t *crow;
-    int32_t *cols;
-    T *vals;
-    const T *v;
-    int64_t width;
-    T *out;
-} CAT(gather_ctx, SFX);
-
-static void CAT(gather_range, SFX)(void *p, int64_t begin, int64_t end) {
-    CAT(gather_ctx, SFX) *c = p;
-    for (int64_t i = begin; i < end; i++) {
-        const T t = c->tau[i];
-        int64_t e = t == t ? CAT(row_support, SFX)(c->s + i * c->length, c->length, t, c->cols, c->vals, c->crow[i])
-                           : c->crow[i];
-        CAT(row_output, SFX)(c->cols, c->vals, c->crow[i], e, t, c->v, c->width, c->out + i * c->width);
-    }
-}
-
-void CAT(hspa_gather, SFX)(const T *s, int64_t rows, int64_t length, const T *tau, const int64_t *crow,
-                           int32_t *cols, T *vals, const T *v, int64_t width, T *out, int n_threads) {
-    CAT(gather_ctx, SFX) c = {s, length, tau, crow, cols, vals, v, width, out};
-    parallel_for(rows, 4, n_threads, CAT(gather_range, SFX), &c);
-}
-
-typedef struct {
-    const T *q, *kp, *v;
-    int64_t length, padded, kwidth, width, block_rows, tile_rows, key_tile;
-    T *out;
-    int64_t next; /* first query row of the next block */
-    int failed;
-} CAT(attend_ctx, SFX);
 
 /* scores[r][j] = q[r] . k[j] for MR query rows and the 2W keys of one packed tile: kp holds k[j0 + l][c]
  * at kp[c * 2W + l], qt holds q[r][c] at qt[c * MR + r]; the MR x 2 accumulators stay in registers. */
@@ -390,6 +236,17 @@ static CAT(score_fn, SFX) CAT(score_kernel, SFX)(int64_t tile_rows) {
     }
 }
 
+typedef struct {
+    const T *q, *kp, *v;
+    int64_t rows, length, padded, kwidth, width, block_rows, tile_rows, key_tile;
+    T *out;                                  /* rows x width, or NULL */
+    int32_t *sup_cols;                       /* supports: NULL, or room for `capacity` entries */
+    T *sup_vals;
+    int64_t capacity, *start, *nnz;
+    int64_t next, entries; /* first query row of the next block; support entries taken */
+    int failed;
+} CAT(attend_ctx, SFX);
+
 static void CAT(attend_thread, SFX)(void *p) {
     CAT(attend_ctx, SFX) *c = p;
     const int64_t n = c->length, np = c->padded, kw = c->kwidth, mr = c->tile_rows;
@@ -400,16 +257,16 @@ static void CAT(attend_thread, SFX)(void *p) {
     T *scores = workspace(WS_SCORES, (size_t)(groups * mr) * stride * sizeof(T));
     T *qt = workspace(WS_QUERIES, (size_t)(groups * mr) * kw * sizeof(T));
     T *subset = CAT(subset_buffer, SFX)(n);
-    int32_t *cols = workspace(WS_COLS, (size_t)n * sizeof(int32_t));
-    T *vals = workspace(WS_VALS, (size_t)n * sizeof(T));
+    int32_t *cols = workspace(WS_COLS, (size_t)(n + 1) * sizeof(int32_t));
+    T *vals = workspace(WS_VALS, (size_t)(n + 1) * sizeof(T));
     if (!scores || !qt || !cols || !vals || (n / (W * GROUP) > 1 && !subset)) {
         __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
         return;
     }
     for (;;) {
         const int64_t r0 = __atomic_fetch_add(&c->next, c->block_rows, __ATOMIC_RELAXED);
-        if (r0 >= n) break;
-        const int64_t rows = r0 + c->block_rows <= n ? c->block_rows : n - r0;
+        if (r0 >= c->rows) break;
+        const int64_t rows = r0 + c->block_rows <= c->rows ? c->block_rows : c->rows - r0;
         const int64_t used = (rows + mr - 1) / mr;
         /* The block's queries, packed per group of mr rows as the micro-kernel reads them (zero rows pad). */
         for (int64_t g = 0; g < used; g++)
@@ -418,7 +275,7 @@ static void CAT(attend_thread, SFX)(void *p) {
                 for (int64_t d = 0; d < kw; d++) qt[g * mr * kw + d * mr + r] = row < rows ? c->q[(r0 + row) * kw + d] : 0;
             }
         /* Key panels of key_tile columns outside, row groups inside: each panel is read from memory once
-         * per block and then from the L1 cache. */
+         * per block and then from the cache. */
         for (int64_t j0 = 0; j0 < np; j0 += c->key_tile) {
             const int64_t j1 = j0 + c->key_tile < np ? j0 + c->key_tile : np;
             for (int64_t g = 0; g < used; g++)
@@ -426,35 +283,57 @@ static void CAT(attend_thread, SFX)(void *p) {
                     score(qt + g * mr * kw, c->kp + j * kw, kw, scores + g * mr * stride + j, stride);
         }
         for (int64_t i = 0; i < rows; i++) {
-            const T *s = scores + i * stride;
-            int64_t nnz;
-            const T t = CAT(row_threshold, SFX)(s, n, subset, &nnz);
-            const int64_t e = t == t ? CAT(row_support, SFX)(s, n, t, cols, vals, 0) : 0;
-            CAT(row_output, SFX)(cols, vals, 0, e, t, c->v, c->width, c->out + (r0 + i) * c->width);
+            T t;
+            const int64_t k = CAT(row_sparsemax, SFX)(scores + i * stride, n, subset, cols, vals, &t);
+            if (c->out) CAT(row_output, SFX)(cols, vals, k, t, c->v, c->width, c->out + (r0 + i) * c->width);
+            if (c->start) {
+                const int64_t at = __atomic_fetch_add(&c->entries, k, __ATOMIC_RELAXED);
+                c->nnz[r0 + i] = k;
+                c->start[r0 + i] = at + k <= c->capacity ? at : -1;
+                if (at + k <= c->capacity) {
+                    memcpy(c->sup_cols + at, cols, (size_t)k * sizeof(int32_t));
+                    memcpy(c->sup_vals + at, vals, (size_t)k * sizeof(T));
+                }
+            }
         }
     }
 }
 
-/* out = sparsemax(q k^T) v for one sample, keeping nothing (inference). q: (length x kwidth); kp: the keys
- * packed in tiles of 2W (two vectors) keys, tile t holding k[2W t + l][c] at kp[(2W t) kwidth + 2W c + l],
- * padded with zero keys to `padded` (a multiple of 2W) keys; v: (length x width). Each thread takes
- * block_rows query rows at a time, scores them with its micro-kernel of tile_rows rows (4, 6, 8 or 12)
- * over key panels of key_tile keys (a multiple of 2W), and thresholds them while they are in its cache.
+/* kp = the keys k (length x kwidth) packed as the micro-kernel reads them: in tiles of two vectors of keys,
+ * channel-major inside a tile (tile t holds k[2W t + l][c] at kp[2W t kwidth + 2W c + l]), zero keys up to
+ * the next multiple of 2W. */
+void CAT(hspa_pack_keys, SFX)(const T *k, int64_t length, int64_t kwidth, T *kp) {
+    const int64_t lanes = 2 * W;
+    for (int64_t j0 = 0; j0 < length; j0 += lanes)
+        for (int64_t c = 0; c < kwidth; c++)
+            for (int64_t l = 0; l < lanes; l++)
+                kp[j0 * kwidth + c * lanes + l] = j0 + l < length ? k[(j0 + l) * kwidth + c] : 0;
+}
+
+/* sparsemax(q k^T) v for `rows` query rows q (rows x kwidth) over `length` keys, packed in kp by
+ * hspa_pack_keys, and their values v (length x width), into out (rows x width; NULL: not wanted). Each
+ * thread takes block_rows query rows at a time, scores them with its micro-kernel of tile_rows rows (4, 6, 8
+ * or 12) over panels of key_tile keys (a multiple of 2W) and thresholds them while they are in its cache.
+ * With start (not NULL), row i's support goes to sup_cols/sup_vals (room for `capacity` entries) from entry
+ * start[i] on, nnz[i] entries (columns and weights s - tau), rows in no particular order; *total is the
+ * number of entries all rows need, and where that exceeds capacity the rows that did not fit have start -1.
  * Returns 0; -1 without work space; -2 for a tile configuration the kernel does not have. */
-int CAT(hspa_attend, SFX)(const T *q, const T *kp, int64_t length, int64_t padded, int64_t kwidth, const T *v,
+int CAT(hspa_attend, SFX)(const T *q, const T *kp, int64_t rows, int64_t length, int64_t kwidth, const T *v,
                           int64_t width, T *out, int64_t block_rows, int64_t tile_rows, int64_t key_tile,
-                          int n_threads) {
-    if (padded % (2 * W) || padded < length || block_rows < 1 || key_tile < 1 || key_tile % (2 * W) ||
-        !CAT(score_kernel, SFX)(tile_rows))
-        return -2;
-    CAT(attend_ctx, SFX) c = {q, kp, v, length, padded, kwidth, width, block_rows, tile_rows, key_tile, out, 0, 0};
-    const int64_t blocks = (length + block_rows - 1) / block_rows;
+                          int32_t *sup_cols, T *sup_vals, int64_t capacity, int64_t *start, int64_t *nnz,
+                          int64_t *total, int n_threads) {
+    const int64_t lanes = 2 * W, padded = (length + lanes - 1) / lanes * lanes;
+    if (block_rows < 1 || key_tile < 1 || key_tile % lanes || !CAT(score_kernel, SFX)(tile_rows)) return -2;
+    CAT(attend_ctx, SFX) c = {q, kp, v, rows, length, padded, kwidth, width, block_rows, tile_rows, key_tile,
+                              out, sup_cols, sup_vals, capacity, start, nnz, 0, 0, 0};
+    const int64_t blocks = (rows + block_rows - 1) / block_rows;
     run_threads(n_threads < blocks ? n_threads : (int)blocks, CAT(attend_thread, SFX), &c);
-    return c.failed || c.next < length ? -1 : 0;
+    if (total) *total = c.entries;
+    return c.failed || c.next < rows ? -1 : 0;
 }
 
 typedef struct {
-    const int64_t *crow;
+    const int64_t *start, *nnz;
     const int32_t *cols;
     const T *g, *v, *k;
     int64_t width, kwidth;
@@ -465,7 +344,7 @@ static void CAT(grad_rows_range, SFX)(void *p, int64_t begin, int64_t end) {
     CAT(rows_ctx, SFX) *c = p;
     const int64_t w = c->width, kw = c->kwidth;
     for (int64_t i = begin; i < end; i++) {
-        const int64_t e0 = c->crow[i], e1 = c->crow[i + 1];
+        const int64_t e0 = c->start[i], e1 = e0 + c->nnz[i];
         if (e1 == e0) continue;
         const T *g = c->g + i * w;
         T total = 0;
@@ -489,9 +368,11 @@ static void CAT(grad_rows_range, SFX)(void *p, int64_t begin, int64_t end) {
     }
 }
 
-void CAT(hspa_grad_rows, SFX)(const int64_t *crow, const int32_t *cols, int64_t rows, const T *g, const T *v,
-                              int64_t width, const T *k, int64_t kwidth, T *ds, T *dq, int n_threads) {
-    CAT(rows_ctx, SFX) c = {crow, cols, g, v, k, width, kwidth, ds, dq};
+/* Row i's support: entries start[i] .. start[i] + nnz[i] of cols (and of ds, which gets dS there). */
+void CAT(hspa_grad_rows, SFX)(const int64_t *start, const int64_t *nnz, const int32_t *cols, int64_t rows,
+                              const T *g, const T *v, int64_t width, const T *k, int64_t kwidth, T *ds, T *dq,
+                              int n_threads) {
+    CAT(rows_ctx, SFX) c = {start, nnz, cols, g, v, k, width, kwidth, ds, dq};
     parallel_for(rows, 8, n_threads, CAT(grad_rows_range, SFX), &c);
 }
 
@@ -523,23 +404,24 @@ static void CAT(grad_keys_range, SFX)(void *p, int64_t begin, int64_t end) {
     }
 }
 
-/* Returns 0, or -1 when the transpose's work space cannot be allocated. */
-int CAT(hspa_grad_keys, SFX)(const int64_t *crow, const int32_t *cols, const T *vals, const T *ds, int64_t rows,
-                             int64_t length, const T *q, int64_t kwidth, const T *g, int64_t width, T *dk,
-                             T *dv, int n_threads) {
-    const int64_t nnz = crow[rows];
-    const size_t entries = (size_t)(nnz ? nnz : 1);
+/* The supports as in grad_rows (all entries start[i] + [0, nnz[i]) together fill [0, sum of nnz)).
+ * Returns 0, or -1 when the transpose's work space cannot be allocated. */
+int CAT(hspa_grad_keys, SFX)(const int64_t *start, const int64_t *nnz, const int32_t *cols, const T *vals,
+                             const T *ds, int64_t rows, int64_t length, const T *q, int64_t kwidth, const T *g,
+                             int64_t width, T *dk, T *dv, int n_threads) {
+    int64_t entries = 0;
+    for (int64_t i = 0; i < rows; i++) entries += nnz[i];
     int64_t *kptr = calloc((size_t)length + 1, sizeof(int64_t));
     int64_t *fill = malloc(((size_t)length + 1) * sizeof(int64_t));
-    int32_t *krow = malloc(entries * sizeof(int32_t));
-    T *kds = malloc(entries * sizeof(T)), *kp = malloc(entries * sizeof(T));
+    int32_t *krow = malloc((size_t)(entries ? entries : 1) * sizeof(int32_t));
+    T *kds = malloc((size_t)(entries ? entries : 1) * sizeof(T)), *kp = malloc((size_t)(entries ? entries : 1) * sizeof(T));
     int status = -1;
     if (kptr && fill && krow && kds && kp) {
-        for (int64_t e = 0; e < nnz; e++) kptr[cols[e] + 1]++;
+        for (int64_t e = 0; e < entries; e++) kptr[cols[e] + 1]++;
         for (int64_t j = 0; j < length; j++) kptr[j + 1] += kptr[j];
         memcpy(fill, kptr, ((size_t)length + 1) * sizeof(int64_t));
-        for (int64_t i = 0; i < rows; i++)
-            for (int64_t e = crow[i]; e < crow[i + 1]; e++) {
+        for (int64_t i = 0; i < rows; i++) /* by row, so each key's entries keep the rows' order */
+            for (int64_t e = start[i]; e < start[i] + nnz[i]; e++) {
                 const int64_t slot = fill[cols[e]]++;
                 krow[slot] = (int32_t)i;
                 kds[slot] = ds[e];

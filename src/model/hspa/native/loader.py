@@ -1,11 +1,12 @@
 """Build and load the native CPU kernels of the blocked HSPA (hspa_kernel.c beside this file) through ctypes.
 
-The C file is compiled once per machine with the system C compiler (``$CC`` or ``cc``) for the host CPU
-and cached as ``<cache>/hspan/hspa_kernel-<hash>.so``, where ``<cache>`` is ``$XDG_CACHE_HOME`` or
-``~/.cache`` (a temporary folder when that is not writable). The hash covers the source, the flags and
-the CPU's feature list, so a shared home directory never serves a library built for another CPU. The
-library is written under a temporary name and renamed, so concurrent processes (torchrun) are safe.
-When no compiler works, ``load()`` returns None and ``unavailable_reason()`` says why.
+The C file (with hspa_pool.h, which it includes) is compiled once per machine with the system C compiler
+(``$CC`` or ``cc``) for the host CPU and cached as ``<cache>/hspan/hspa_kernel-<hash>.so``, where
+``<cache>`` is ``$XDG_CACHE_HOME`` or ``~/.cache`` (a temporary folder when that is not writable). The hash
+covers the sources, the flags and the CPU's feature list, so a shared home directory never serves a
+library built for another CPU. The library is written under a temporary name and renamed, so concurrent
+processes (torchrun) are safe. When no compiler works, ``load()`` returns None and ``unavailable_reason()``
+says why.
 
 ``load(march)`` builds for another target instead (``'x86-64-v3'``: AVX2 without AVX-512), as a separate
 library. ``choose_tiles`` sizes the fused kernel's tiles from the vector width of the build and the cache
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name('hspa_kernel.c')
+HEADERS = (Path(__file__).with_name('hspa_pool.h'),)  # included by SOURCE
 # -fassociative-math (with the flags it requires) lets the compiler vectorise the masked sums.
 _FLAGS = ['-O3', '-fno-math-errno', '-fno-trapping-math', '-fno-signed-zeros', '-fassociative-math',
           '-shared', '-fPIC', '-pthread']
@@ -38,11 +40,11 @@ _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 _int = ctypes.c_int
 _SIGNATURES = {
-    'hspa_threshold': (None, [_p, _i64, _i64, _p, _p, _int]),
-    'hspa_gather': (None, [_p, _i64, _i64, _p, _p, _p, _p, _p, _i64, _p, _int]),
-    'hspa_attend': (_int, [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _i64, _int]),
-    'hspa_grad_rows': (None, [_p, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, _int]),
-    'hspa_grad_keys': (_int, [_p, _p, _p, _p, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _int]),
+    'hspa_pack_keys': (None, [_p, _i64, _i64, _p]),
+    'hspa_attend': (_int, [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _p,
+                           _int]),
+    'hspa_grad_rows': (None, [_p, _p, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, _int]),
+    'hspa_grad_keys': (_int, [_p, _p, _p, _p, _p, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _int]),
 }
 
 
@@ -95,7 +97,8 @@ def _build(march: str | None = None) -> tuple[ctypes.CDLL | None, str]:
         return None, f'no C compiler found ({compiler!r} is not on PATH; set CC)'
     errors = []
     for flags in ((_FLAGS + _NATIVE, _FLAGS) if march is None else (_FLAGS + [f'-march={march}'],)):
-        key = hashlib.sha256(SOURCE.read_bytes() + ' '.join([compiler, *flags, _cpu_id()]).encode())
+        text = b''.join(path.read_bytes() for path in (SOURCE, *HEADERS))
+        key = hashlib.sha256(text + ' '.join([compiler, *flags, _cpu_id()]).encode())
         target = _cache_dir() / f'hspa_kernel-{key.hexdigest()[:16]}.so'
         if not target.exists():
             err = _compile(compiler, flags, target)
@@ -199,8 +202,7 @@ def choose_tiles(length: int, kwidth: int, element_size: int, vector_bytes: int,
     vector registers (32 with AVX-512 and on aarch64, else 16). key_tile: a panel of packed keys takes an
     eighth of the L2 cache (it is read once per block from memory, then from L2 by every row tile).
     block_rows: the block's score rows fill at most half the L2 cache, so the threshold passes read them
-    from there, and its packed queries at most half the L1 data cache; at least two row tiles, so that each
-    key panel serves several.
+    from there, and its packed queries at most half the L1 data cache; at least one row tile.
     """
     registers = 32 if vector_bytes == 64 or platform.machine().lower() in ('aarch64', 'arm64') else 16
     tile_rows = max(r for r in TILE_ROWS if 2 * r + 3 <= registers)
@@ -209,7 +211,7 @@ def choose_tiles(length: int, kwidth: int, element_size: int, vector_bytes: int,
     padded = -(-length // lanes) * lanes
     rows = min((l2 // 2) // ((padded + _LINE // element_size) * element_size),
                (l1d // 2) // (kwidth * element_size))
-    block_rows = max(2 * tile_rows, rows // tile_rows * tile_rows)
+    block_rows = max(tile_rows, rows // tile_rows * tile_rows)
     return Tiles(block_rows, tile_rows, key_tile)
 
 
