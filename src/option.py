@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                         'evaluation and the model files use it')
     g.add_argument('--ema_start', type=int, default=0,
                    help='with --ema_decay: the average equals the weights until this optimizer step')
+    g.add_argument('--channels_last', action='store_true',
+                   help='keep weights and activations in channels-last memory order: faster convolutions on '
+                        'x86 CPUs through oneDNN (speed: benchmarks/README.md); results are unchanged up to '
+                        'float rounding')
     g.add_argument('--compile', action='store_true',
                    help='torch.compile the network for training and evaluation (HSPA layers stay eager; '
                         'speed: benchmarks/README.md)')

@@ -251,7 +251,8 @@ def configure(args: argparse.Namespace) -> Configured:
 
 
 def plain_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
-    """The network's state dict on the CPU, without 'module.' prefixes."""
+    """The network's state dict on the CPU, without 'module.' prefixes, in contiguous order (the same file
+    with or without --channels_last)."""
     if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         net = net.module
-    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}

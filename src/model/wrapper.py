@@ -1,7 +1,8 @@
 """The Model wrapper (EDSR shape): the network(s) of --model on their device, checkpoint I/O, test-time forwards.
 
 With several --scale values and a single-scale network, one network per scale is built. Evaluation forwards
-run --tile or --chop (each model's published forward_chop) inside --self_ensemble, at --precision. Under
+run --tile or --chop (each model's published forward_chop) inside --self_ensemble, at --precision; with
+--channels_last, weights and network inputs are in channels-last order. Under
 torchrun, training forwards go through DistributedDataParallel (distributed.wrap_ddp), which averages
 gradients in backward; evaluation forwards use the plain network, so processes evaluating different images
 never wait on each other. With --compile both run the torch.compile'd network (model/compiled.py); the
@@ -74,6 +75,10 @@ class Model(nn.Module):
 
         self._load_pre_train(pre_train, configured)
         self.nets.to(self.device)
+        # --channels_last: weights and every network input in NHWC order (oneDNN's fast convolutions).
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        if args.channels_last:
+            self.nets.to(memory_format=torch.channels_last)
 
         # --precision half: CUDA only. Evaluation-only runs convert the weights (published behaviour, half
         # the memory); training runs keep float32 weights and evaluate under float16 autocast. --precision bf16:
@@ -210,7 +215,7 @@ class Model(nn.Module):
         self.idx_scale = int(idx_scale)
         self.model.set_scale(self.idx_scale)
         if self.training:
-            return self._train_runners[self._index()](lr)
+            return self._train_runners[self._index()](lr.contiguous(memory_format=self.memory_format))
         if self.self_ensemble:
             return tiling.forward_x8(lr, self._forward_one)
         return self._forward_one(lr)
@@ -225,6 +230,7 @@ class Model(nn.Module):
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """One network call at the evaluation precision; float32 out."""
         runner = self._runners[self._index()]
+        x = x.contiguous(memory_format=self.memory_format)
         if self.half_weights:
             return runner(x.half()).float()
         if self.eval_autocast is not None:
