@@ -109,7 +109,7 @@ class _Native:
         total = torch.zeros(1, dtype=torch.int64)
         if support:
             start, nnz = (torch.empty(rows, dtype=torch.int64) for _ in range(2))
-            if self.entries is None or self.entries[0].numel() < rows:
+            if self.entries is None or self.entries[0].numel() < rows or self.entries[1].dtype != x.q.dtype:
                 size = rows * min(x.length, 128)
                 self.entries = (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=x.q.dtype))
         while True:

@@ -6,11 +6,11 @@
  *               writes every row's support (column, p = s - tau) for backward.
  *   threshold   of each row: a lower bound first, the threshold of the lane-wise maxima of 16-vector groups
  *               (any subset's threshold bounds the row's from below), taken in the max pass; then one pass
- *               collects the entries above the bound (a few per cent of the row, found by vector compares)
- *               and Michelot's iteration (Newton's method on sum_j max(s_j - tau, 0) = 1, which rises
+ *               collects the entries above the bound (a few per cent of the row, found by vector compares,
+ *               skipping the groups and quarter groups whose maxima are below it) and Michelot's iteration (Newton's method on sum_j max(s_j - tau, 0) = 1, which rises
  *               monotonically to the exact threshold) runs on those alone. No sort.
  *   grad_rows   dP on the support, the sparsemax Jacobian (dS = dP - mean over the support) and dQ.
- *   grad_keys   dK and dV, by key, through a counting-sort transpose of the supports.
+ *   grad_keys   dK and dV, by key, through a counting-sort transpose of the supports (hspa_backward.h).
  * Rows are shared among threads in small chunks from a common counter (rows differ in cost); the threads
  * are a pool kept for the life of the process, each with work space kept between calls (hspa_pool.h).
  * This file includes itself twice to define every kernel for float (suffix f32) and double (f64).
@@ -94,14 +94,22 @@ static T CAT(michelot, SFX)(const T *s, int64_t n, T m, T t, int64_t *support) {
 }
 
 /* The row's maximum (*max) and a lower bound of its threshold: the threshold of the lane-wise maxima of its
- * GROUP-vector groups, left in subset (n / GROUP entries; NULL: m - 1 only). */
+ * GROUP-vector groups. subset (from subset_buffer; NULL: the bound is m - 1) gets those maxima, n / GROUP
+ * entries, followed by the lane-wise maxima of each quarter of every group, which collect reads. */
 static T CAT(row_bound, SFX)(const T *s, int64_t n, T *subset, T *max) {
     const int64_t groups = n / (W * GROUP);
+    T *quarters = subset ? subset + groups * W : NULL;
     VEC best = CAT(splat, SFX)(-INFINITY);
     int64_t j = 0;
     for (int64_t g = 0; g < groups; g++, j += W * GROUP) {
-        VEC gm = CAT(load, SFX)(s + j);
-        for (int v = 1; v < GROUP; v++) gm = CAT(vmax, SFX)(gm, CAT(load, SFX)(s + j + v * W));
+        VEC gm = CAT(splat, SFX)(-INFINITY);
+        for (int h = 0; h < 4; h++) {
+            const T *x = s + j + h * (GROUP / 4) * W;
+            VEC qm = CAT(load, SFX)(x);
+            for (int v = 1; v < GROUP / 4; v++) qm = CAT(vmax, SFX)(qm, CAT(load, SFX)(x + v * W));
+            if (quarters) memcpy(quarters + (4 * g + h) * W, &qm, sizeof qm);
+            gm = CAT(vmax, SFX)(gm, qm);
+        }
         if (subset) memcpy(subset + g * W, &gm, sizeof gm);
         best = CAT(vmax, SFX)(best, gm);
     }
@@ -119,33 +127,40 @@ static T CAT(row_bound, SFX)(const T *s, int64_t n, T *subset, T *max) {
     return t;
 }
 
-/* The calling thread's work space for row_bound's subset (NULL: none needed, or no memory). */
+/* The calling thread's work space for row_bound's maxima (NULL: none needed, or no memory). */
 static T *CAT(subset_buffer, SFX)(int64_t n) {
     const int64_t groups = n / (W * GROUP);
-    return groups > 1 ? workspace(WS_SUBSET, (size_t)groups * W * sizeof(T)) : NULL;
+    return groups > 1 ? workspace(WS_SUBSET, (size_t)groups * 5 * W * sizeof(T)) : NULL;
+}
+
+/* Appends the entries of the `count` vectors at s (column `first` on) above t to cols/vals from e on. */
+static int64_t CAT(collect_vectors, SFX)(const T *s, int64_t first, int64_t count, T t, int32_t *cols, T *vals,
+                                         int64_t e) {
+    for (int64_t h = 0; h < count * W; h += W)
+        for (uint32_t bits = CAT(above, SFX)(s + h, t); bits; bits &= bits - 1) {
+            const int64_t l = h + __builtin_ctz(bits);
+            cols[e] = (int32_t)(first + l);
+            vals[e++] = s[l];
+        }
+    return e;
 }
 
 /* The entries of s[0..n) above t: columns to cols, values to vals (room for n + 1); returns their count.
- * A group whose lane-wise maxima (subset, from row_bound; NULL: none) are all at most t is skipped. */
+ * Groups, and quarters of groups, whose lane-wise maxima (subset, from row_bound; NULL: none) are all at
+ * most t are skipped. */
 static int64_t CAT(collect, SFX)(const T *s, int64_t n, T t, const T *subset, int32_t *cols, T *vals) {
     const int64_t groups = subset && n / (W * GROUP) > 1 ? n / (W * GROUP) : 0;
     int64_t e = 0, j = 0;
     for (int64_t g = 0; g < groups; g++, j += W * GROUP) {
         if (!CAT(above, SFX)(subset + g * W, t)) continue;
-        for (int64_t h = j; h < j + W * GROUP; h += W)
-            for (uint32_t bits = CAT(above, SFX)(s + h, t); bits; bits &= bits - 1) {
-                const int64_t l = h + __builtin_ctz(bits);
-                cols[e] = (int32_t)l;
-                vals[e++] = s[l];
+        for (int h = 0; h < 4; h++)
+            if (CAT(above, SFX)(subset + (groups + 4 * g + h) * W, t)) {
+                const int64_t at = j + h * (GROUP / 4) * W;
+                e = CAT(collect_vectors, SFX)(s + at, at, GROUP / 4, t, cols, vals, e);
             }
     }
-    for (; j + W <= n; j += W)
-        for (uint32_t bits = CAT(above, SFX)(s + j, t); bits; bits &= bits - 1) {
-            const int64_t l = j + __builtin_ctz(bits);
-            cols[e] = (int32_t)l;
-            vals[e++] = s[l];
-        }
-    for (; j < n; j++) { cols[e] = (int32_t)j; vals[e] = s[j]; e += s[j] > t; }
+    e = CAT(collect_vectors, SFX)(s + j, j, (n - j) / W, t, cols, vals, e);
+    for (j += (n - j) / W * W; j < n; j++) { cols[e] = (int32_t)j; vals[e] = s[j]; e += s[j] > t; }
     return e;
 }
 
@@ -170,28 +185,40 @@ static int64_t CAT(row_sparsemax, SFX)(const T *s, int64_t n, T *subset, int32_t
     return k;
 }
 
-/* o[0..w) = sum over the k entries of vals[e] * v[cols[e]] (NaN for a NaN threshold t). The sums of four
- * vectors of columns stay in registers over all entries. */
+/* o[0..NV W) = sum over the k entries of vals[e] * v[cols[e]][0..NV W), the NV vector sums in registers. */
+#define OUTPUT_CHUNK(NV)                                                                                      \
+    static void CAT(CAT(output_chunk, NV), SFX)(const int32_t *cols, const T *vals, int64_t k, T zero,          \
+                                                const T *v, int64_t w, T *o) {                                \
+        VEC acc[NV];                                                                                          \
+        for (int i = 0; i < NV; i++) acc[i] = CAT(splat, SFX)(zero);                                          \
+        for (int64_t e = 0; e < k; e++) {                                                                     \
+            const VEC p = CAT(splat, SFX)(vals[e]);                                                           \
+            const T *vr = v + (int64_t)cols[e] * w;                                                           \
+            for (int i = 0; i < NV; i++) acc[i] += p * CAT(load, SFX)(vr + i * W);                            \
+        }                                                                                                     \
+        memcpy(o, acc, sizeof acc);                                                                           \
+    }
+OUTPUT_CHUNK(1)
+OUTPUT_CHUNK(2)
+OUTPUT_CHUNK(3)
+OUTPUT_CHUNK(4)
+#undef OUTPUT_CHUNK
+
+/* o[0..w) = sum over the k entries of vals[e] * v[cols[e]] (NaN for a NaN threshold t): up to four vectors
+ * of columns per sweep over the entries, their sums in registers. */
 static void CAT(row_output, SFX)(const int32_t *cols, const T *vals, int64_t k, T t, const T *v, int64_t w,
                                  T *o) {
     const T zero = t == t ? (T)0 : (T)NAN;
     int64_t d0 = 0;
-    for (; d0 + 4 * W <= w; d0 += 4 * W) {
-        VEC acc[4];
-        for (int i = 0; i < 4; i++) acc[i] = CAT(splat, SFX)(zero);
-        for (int64_t e = 0; e < k; e++) {
-            const VEC p = CAT(splat, SFX)(vals[e]);
-            const T *vr = v + (int64_t)cols[e] * w + d0;
-            for (int i = 0; i < 4; i++) acc[i] += p * CAT(load, SFX)(vr + i * W);
+    for (; d0 + W <= w; d0 += 4 * W) {
+        switch ((w - d0) / W) {
+        case 1: CAT(output_chunk_1, SFX)(cols, vals, k, zero, v + d0, w, o + d0); break;
+        case 2: CAT(output_chunk_2, SFX)(cols, vals, k, zero, v + d0, w, o + d0); break;
+        case 3: CAT(output_chunk_3, SFX)(cols, vals, k, zero, v + d0, w, o + d0); break;
+        default: CAT(output_chunk_4, SFX)(cols, vals, k, zero, v + d0, w, o + d0);
         }
-        memcpy(o + d0, acc, sizeof acc);
     }
-    for (; d0 + W <= w; d0 += W) {
-        VEC acc = CAT(splat, SFX)(zero);
-        for (int64_t e = 0; e < k; e++) acc += CAT(splat, SFX)(vals[e]) * CAT(load, SFX)(v + (int64_t)cols[e] * w + d0);
-        memcpy(o + d0, &acc, sizeof acc);
-    }
-    for (; d0 < w; d0++) {
+    for (d0 = w / W * W; d0 < w; d0++) {
         T acc = zero;
         for (int64_t e = 0; e < k; e++) acc += vals[e] * v[(int64_t)cols[e] * w + d0];
         o[d0] = acc;
@@ -332,112 +359,7 @@ int CAT(hspa_attend, SFX)(const T *q, const T *kp, int64_t rows, int64_t length,
     return c.failed || c.next < rows ? -1 : 0;
 }
 
-typedef struct {
-    const int64_t *start, *nnz;
-    const int32_t *cols;
-    const T *g, *v, *k;
-    int64_t width, kwidth;
-    T *ds, *dq;
-} CAT(rows_ctx, SFX);
-
-static void CAT(grad_rows_range, SFX)(void *p, int64_t begin, int64_t end) {
-    CAT(rows_ctx, SFX) *c = p;
-    const int64_t w = c->width, kw = c->kwidth;
-    for (int64_t i = begin; i < end; i++) {
-        const int64_t e0 = c->start[i], e1 = e0 + c->nnz[i];
-        if (e1 == e0) continue;
-        const T *g = c->g + i * w;
-        T total = 0;
-        for (int64_t e = e0; e < e1; e++) {
-            const T *vr = c->v + (int64_t)c->cols[e] * w;
-            T dot = 0;
-            for (int64_t d = 0; d < w; d++) dot += g[d] * vr[d];
-            c->ds[e] = dot;
-            total += dot;
-        }
-        const T mean = total / (T)(e1 - e0);
-        T *dq = c->dq ? c->dq + i * kw : NULL;
-        for (int64_t e = e0; e < e1; e++) {
-            const T d_s = c->ds[e] - mean;
-            c->ds[e] = d_s;
-            if (dq) {
-                const T *kr = c->k + (int64_t)c->cols[e] * kw;
-                for (int64_t d = 0; d < kw; d++) dq[d] += d_s * kr[d];
-            }
-        }
-    }
-}
-
-/* Row i's support: entries start[i] .. start[i] + nnz[i] of cols (and of ds, which gets dS there). */
-void CAT(hspa_grad_rows, SFX)(const int64_t *start, const int64_t *nnz, const int32_t *cols, int64_t rows,
-                              const T *g, const T *v, int64_t width, const T *k, int64_t kwidth, T *ds, T *dq,
-                              int n_threads) {
-    CAT(rows_ctx, SFX) c = {start, nnz, cols, g, v, k, width, kwidth, ds, dq};
-    parallel_for(rows, 8, n_threads, CAT(grad_rows_range, SFX), &c);
-}
-
-typedef struct {
-    const int64_t *kptr;
-    const int32_t *krow;
-    const T *kds, *kp, *q, *g;
-    int64_t kwidth, width;
-    T *dk, *dv;
-} CAT(keys_ctx, SFX);
-
-static void CAT(grad_keys_range, SFX)(void *p, int64_t begin, int64_t end) {
-    CAT(keys_ctx, SFX) *c = p;
-    const int64_t w = c->width, kw = c->kwidth;
-    for (int64_t j = begin; j < end; j++) {
-        T *dk = c->dk ? c->dk + j * kw : NULL;
-        T *dv = c->dv ? c->dv + j * w : NULL;
-        for (int64_t e = c->kptr[j]; e < c->kptr[j + 1]; e++) {
-            const int64_t r = c->krow[e];
-            if (dk) {
-                const T a = c->kds[e], *qr = c->q + r * kw;
-                for (int64_t d = 0; d < kw; d++) dk[d] += a * qr[d];
-            }
-            if (dv) {
-                const T a = c->kp[e], *gr = c->g + r * w;
-                for (int64_t d = 0; d < w; d++) dv[d] += a * gr[d];
-            }
-        }
-    }
-}
-
-/* The supports as in grad_rows (all entries start[i] + [0, nnz[i]) together fill [0, sum of nnz)).
- * Returns 0, or -1 when the transpose's work space cannot be allocated. */
-int CAT(hspa_grad_keys, SFX)(const int64_t *start, const int64_t *nnz, const int32_t *cols, const T *vals,
-                             const T *ds, int64_t rows, int64_t length, const T *q, int64_t kwidth, const T *g,
-                             int64_t width, T *dk, T *dv, int n_threads) {
-    int64_t entries = 0;
-    for (int64_t i = 0; i < rows; i++) entries += nnz[i];
-    int64_t *kptr = calloc((size_t)length + 1, sizeof(int64_t));
-    int64_t *fill = malloc(((size_t)length + 1) * sizeof(int64_t));
-    int32_t *krow = malloc((size_t)(entries ? entries : 1) * sizeof(int32_t));
-    T *kds = malloc((size_t)(entries ? entries : 1) * sizeof(T)), *kp = malloc((size_t)(entries ? entries : 1) * sizeof(T));
-    int status = -1;
-    if (kptr && fill && krow && kds && kp) {
-        for (int64_t e = 0; e < entries; e++) kptr[cols[e] + 1]++;
-        for (int64_t j = 0; j < length; j++) kptr[j + 1] += kptr[j];
-        memcpy(fill, kptr, ((size_t)length + 1) * sizeof(int64_t));
-        for (int64_t i = 0; i < rows; i++) /* by row, so each key's entries keep the rows' order */
-            for (int64_t e = start[i]; e < start[i] + nnz[i]; e++) {
-                const int64_t slot = fill[cols[e]]++;
-                krow[slot] = (int32_t)i;
-                kds[slot] = ds[e];
-                kp[slot] = vals[e];
-            }
-        CAT(keys_ctx, SFX) c = {kptr, krow, kds, kp, q, g, kwidth, width, dk, dv};
-        parallel_for(length, 16, n_threads, CAT(grad_keys_range, SFX), &c);
-        status = 0;
-    }
-    free(kptr);
-    free(fill);
-    free(krow);
-    free(kds);
-    free(kp);
-    return status;
-}
+#include "hspa_backward.h"
 
 #undef T
 #undef W

@@ -1,6 +1,6 @@
 """Build and load the native CPU kernels of the blocked HSPA (hspa_kernel.c beside this file) through ctypes.
 
-The C file (with hspa_pool.h, which it includes) is compiled once per machine with the system C compiler
+The C file (with the headers it includes) is compiled once per machine with the system C compiler
 (``$CC`` or ``cc``) for the host CPU and cached as ``<cache>/hspan/hspa_kernel-<hash>.so``, where
 ``<cache>`` is ``$XDG_CACHE_HOME`` or ``~/.cache`` (a temporary folder when that is not writable). The hash
 covers the sources, the flags and the CPU's feature list, so a shared home directory never serves a
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name('hspa_kernel.c')
-HEADERS = (Path(__file__).with_name('hspa_pool.h'),)  # included by SOURCE
+HEADERS = tuple(Path(__file__).with_name(name) for name in ('hspa_pool.h', 'hspa_backward.h'))  # SOURCE's
 # -fassociative-math (with the flags it requires) lets the compiler vectorise the masked sums.
 _FLAGS = ['-O3', '-fno-math-errno', '-fno-trapping-math', '-fno-signed-zeros', '-fassociative-math',
           '-shared', '-fPIC', '-pthread']
