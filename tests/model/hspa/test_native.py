@@ -158,11 +158,40 @@ def test_x86_64_v3_build_is_exact():
         assert rel(out, ref) <= tol and all(part is not None for part in supports)
 
 
-def test_kernel_threads_survive_fork():
-    # The kernel's worker threads are started once per process; a forked child (a DataLoader worker) has
-    # none of them and must start its own instead of waiting for the parent's. The child keeps torch on one
-    # thread (as DataLoader workers do: OpenMP is not fork-safe) and runs the kernel on two.
+def test_kernel_runs_on_torchs_openmp_threads_where_torch_has_them():
+    # Where torch runs on GNU OpenMP the library is built with -fopenmp and binds to torch's libgomp by its
+    # soname: one OpenMP runtime in the process, not a second one whose threads compete with torch's.
     lib = native.load()
+    if lib is None:
+        pytest.skip(native.unavailable_reason())
+    if not native.torch_uses_libgomp():
+        assert 'its own thread pool' in native.describe()
+        return
+    assert "torch's OpenMP threads" in native.describe()
+    with open('/proc/self/maps') as maps:
+        runtimes = {line.split()[-1] for line in maps if 'libgomp' in line}
+    assert len(runtimes) == 1, runtimes
+
+
+def test_own_thread_pool_build_is_exact():
+    # The library as built where torch does not run on GNU OpenMP: its own pool of threads.
+    lib = native.load(openmp=False)
+    if lib is None:
+        pytest.skip(native.unavailable_reason())
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = inference_inputs('mixed', dtype)
+        kernels = _Native(_Inputs(q, k, v, 0), lib)
+        kernels.threads = 2
+        assert rel(kernels.forward(0)[0], hspa_ref(q, k, v)) <= (TOL if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize('openmp', [None, False])
+def test_kernel_threads_survive_fork(openmp):
+    # A forked child (a DataLoader worker) has none of the parent's threads: the kernel's own pool must start
+    # new ones instead of waiting for the parent's, and on torch's OpenMP threads it must follow the child's
+    # thread setting (DataLoader workers keep torch on one thread: OpenMP is not fork-safe). The child asks
+    # the kernel for two threads.
+    lib = native.load(openmp=openmp)
     if not hasattr(os, 'fork') or lib is None:
         pytest.skip('needs fork and the native kernel')
     q, k, v = features(1, 600, 8, 6, scale=1.0, seed=2)

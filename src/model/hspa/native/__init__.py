@@ -11,8 +11,9 @@ from model.hspa.native.loader import (
                                       load,
                                       ptr,
                                       tiles_for,
+                                      torch_uses_libgomp,
                                       unavailable_reason,
 )
 
 __all__ = ['TILE_ROWS', 'Tiles', 'cache_sizes', 'choose_tiles', 'column_tile', 'describe', 'function', 'load', 'ptr',
-           'tiles_for', 'unavailable_reason']
+           'tiles_for', 'torch_uses_libgomp', 'unavailable_reason']

@@ -1,5 +1,6 @@
 /* The parts of hspa_kernel.c that do not depend on the element type: the vector width of the build, the
- * process-wide worker pool with its parallel_for, per-thread work space, cache sizes and lane masks. */
+ * threads (torch's OpenMP team in a -fopenmp build, else a process-wide pool of their own) with
+ * parallel_for, per-thread work space, cache sizes and lane masks. */
 #ifndef HSPA_POOL_H
 #define HSPA_POOL_H
 #include <math.h>
@@ -21,6 +22,25 @@
 
 typedef void (*thread_fn)(void *ctx);
 
+#ifdef _OPENMP
+#include <omp.h>
+
+/* Runs fn(ctx) on n_threads threads of the OpenMP runtime the library is linked with: torch's own when the
+ * loader builds with -fopenmp (the same libgomp), so the kernel runs on torch's threads, which are awake
+ * after torch's ops, instead of competing with them. At most omp_get_max_threads() (torch.set_num_threads,
+ * 1 in DataLoader workers); fn shares the work itself. */
+static void run_threads(int n_threads, thread_fn fn, void *ctx) {
+    const int most = omp_get_max_threads();
+    if (n_threads > most) n_threads = most;
+    if (n_threads <= 1 || omp_in_parallel()) {
+        fn(ctx);
+        return;
+    }
+#pragma omp parallel num_threads(n_threads)
+    fn(ctx);
+}
+
+#else
 /* One process-wide pool of worker threads, started on first use and kept: a call wakes them (a condition
  * variable, no spinning, so cores shared with other work are not burnt) instead of creating threads. */
 typedef struct {
@@ -93,6 +113,8 @@ static void run_threads(int n_threads, thread_fn fn, void *ctx) {
     pthread_mutex_unlock(&pool.lock);
     pthread_mutex_unlock(&pool.busy);
 }
+
+#endif
 
 /* Per-thread work space, kept between calls (no page faults of fresh allocations in every call). */
 enum { WS_SCORES, WS_QUERIES, WS_SUBSET, WS_COLS, WS_VALS, WS_SLOTS };

@@ -6,7 +6,8 @@ The C file (with the headers it includes) is compiled once per machine with the 
 covers the sources, the flags and the CPU's feature list, so a shared home directory never serves a
 library built for another CPU. The library is written under a temporary name and renamed, so concurrent
 processes (torchrun) are safe. When no compiler works, ``load()`` returns None and ``unavailable_reason()``
-says why.
+says why. Where torch runs on GNU OpenMP the library is built with -fopenmp and runs on torch's threads
+(``torch_uses_libgomp``); elsewhere it keeps a pool of its own.
 
 ``load(march)`` builds for another target instead (``'x86-64-v3'``: AVX2 without AVX-512), as a separate
 library. ``choose_tiles`` sizes the fused kernel's tiles from the vector width of the build and the cache
@@ -90,13 +91,27 @@ def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
             os.unlink(tmp)
 
 
+def torch_uses_libgomp() -> bool:
+    """Whether torch runs its threads on GNU OpenMP (its libgomp.so.1 is loaded in this process). A library
+    built with -fopenmp then binds to that same runtime by its soname, so the kernels run on torch's threads,
+    which are awake after torch's own operations, instead of on threads of their own that compete with them."""
+    try:
+        maps = Path('/proc/self/maps').read_text()
+    except OSError:
+        return False
+    return any(line.rstrip().endswith('/libgomp.so.1') for line in maps.splitlines())
+
+
 @functools.cache
-def _build(march: str | None = None) -> tuple[ctypes.CDLL | None, str]:
+def _build(march: str | None = None, openmp: bool | None = None) -> tuple[ctypes.CDLL | None, str]:
     compiler = os.environ.get('CC') or 'cc'
     if shutil.which(compiler) is None:
         return None, f'no C compiler found ({compiler!r} is not on PATH; set CC)'
     errors = []
-    for flags in ((_FLAGS + _NATIVE, _FLAGS) if march is None else (_FLAGS + [f'-march={march}'],)):
+    target_flags = [_FLAGS + _NATIVE, _FLAGS] if march is None else [_FLAGS + [f'-march={march}']]
+    if openmp or (openmp is None and torch_uses_libgomp()):
+        target_flags.insert(0, target_flags[0] + ['-fopenmp'])
+    for flags in target_flags:
         text = b''.join(path.read_bytes() for path in (SOURCE, *HEADERS))
         key = hashlib.sha256(text + ' '.join([compiler, *flags, _cpu_id()]).encode())
         target = _cache_dir() / f'hspa_kernel-{key.hexdigest()[:16]}.so'
@@ -116,14 +131,17 @@ def _build(march: str | None = None) -> tuple[ctypes.CDLL | None, str]:
                 fn.restype, fn.argtypes = restype, argtypes
         lib.hspa_vector_bytes.restype, lib.hspa_vector_bytes.argtypes = _int, []
         lib.hspa_cache_sizes.restype, lib.hspa_cache_sizes.argtypes = None, [_p, _p]
-        return lib, f'native CPU kernel {target}'
+        threads = "torch's OpenMP threads" if '-fopenmp' in flags else 'its own thread pool'
+        return lib, f'native CPU kernel {target}, on {threads}'
     return None, f'compiling {SOURCE.name} failed: {errors[-1]}'
 
 
-def load(march: str | None = None) -> ctypes.CDLL | None:
+def load(march: str | None = None, openmp: bool | None = None) -> ctypes.CDLL | None:
     """The compiled kernel library, or None where it cannot be built (see unavailable_reason). ``march``:
-    build for that ``-march`` target instead of the host CPU (benchmarks of other instruction sets)."""
-    return _build(march)[0]
+    build for that ``-march`` target instead of the host CPU (benchmarks of other instruction sets).
+    ``openmp``: False builds the library with its own thread pool even where torch runs on GNU OpenMP (None:
+    OpenMP exactly there)."""
+    return _build(march, openmp)[0]
 
 
 def unavailable_reason() -> str:
