@@ -35,7 +35,7 @@ __all__ = ['DEFAULT_MEMORY_BUDGET', 'BLOCK_BYTES', 'choose_block_size', 'hspa_at
 # them; the native kernel blocks by itself, and its blocks are the units of supports kept for backward).
 # Large blocks mean few calls (a 16x48x48 training batch: one block per sample).
 BLOCK_BYTES = 32 * 2**20
-# Bytes of CSR supports (column + weight per entry) kept from forward for backward.
+# Bytes of supports (start and count per row, column and weight per entry) kept from forward for backward.
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
@@ -101,7 +101,8 @@ class _Native:
     def run(self, s: int, r0: int, r1: int, out: Tensor | None, support: bool) -> tuple[Tensor, ...] | None:
         """Rows [r0, r1) of sample s through the fused kernel: their output into ``out`` (None: not wanted)
         and, with ``support``, their supports (start, nnz, cols, p): row i's columns and weights are
-        entries start[i] .. start[i] + nnz[i] of cols and p."""
+        entries start[i] .. start[i] + nnz[i] of cols and p, views of the pass's buffer ``entries`` until the
+        next call."""
         x, p = self.x, native.ptr
         q, _, packed, v = self._contiguous(s)[:4]
         rows, t = r1 - r0, self.tiles
@@ -109,15 +110,16 @@ class _Native:
         total = torch.zeros(1, dtype=torch.int64)
         if support:
             start, nnz = (torch.empty(rows, dtype=torch.int64) for _ in range(2))
-            if self.entries is None or self.entries[0].numel() < rows or self.entries[1].dtype != x.q.dtype:
+            cols, vals = self.entries or (torch.empty(0, dtype=torch.int32), torch.empty(0))
+            if cols.dtype != torch.int32 or vals.dtype != x.q.dtype or min(cols.numel(), vals.numel()) < rows:
                 size = rows * min(x.length, 128)
                 self.entries = (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=x.q.dtype))
         while True:
             cols, vals = self.entries if support else (None, None)
             status = self._fn('hspa_attend')(
                 p(q[r0:r1]), p(packed), rows, x.length, x.kwidth, p(v), x.width, p(out), t.block_rows,
-                t.tile_rows, t.key_tile, p(cols), p(vals), 0 if cols is None else cols.numel(), p(start), p(nnz),
-                p(total), self.threads)
+                t.tile_rows, t.key_tile, p(cols), p(vals), 0 if cols is None else min(cols.numel(), vals.numel()),
+                p(start), p(nnz), p(total), self.threads)
             if status == -2:
                 raise ValueError(f'HSPA kernel: no tile configuration {t}')
             if status != 0:
@@ -125,8 +127,8 @@ class _Native:
             needed = int(total)
             if not support:
                 return None
-            if needed <= cols.numel():
-                return start, nnz, cols[:needed].clone(), vals[:needed].clone()
+            if needed <= min(cols.numel(), vals.numel()):
+                return start, nnz, cols[:needed], vals[:needed]
             size = needed + needed // 4  # the block again, with room for all its entries
             self.entries = (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=x.q.dtype))
 
@@ -143,7 +145,7 @@ class _Native:
             part = self.run(s, r0, r1, out[s, r0:r1], support=True)
             size = support_bytes(part)
             if kept + size <= keep_bytes:
-                supports.append(part)
+                supports.append(tuple(t.clone() for t in part))  # out of the reused buffer
                 kept += size
             else:
                 supports.append(None)  # recomputed in backward

@@ -81,8 +81,8 @@ def test_every_tile_configuration_is_exact_with_supports(dtype):
 
 
 def test_support_buffer_grows_to_what_a_block_needs():
-    # A support buffer far too small for the block: the kernel reports what it needs, the block runs again
-    # in a larger buffer, and the result is exact.
+    # Supports of most of the row, far beyond the buffer's first size (128 entries a row): the kernel reports
+    # what the block needs, the block runs again in a larger buffer, and the result is exact.
     lib = native.load()
     if lib is None:
         pytest.skip(native.unavailable_reason())
@@ -94,6 +94,28 @@ def test_support_buffer_grows_to_what_a_block_needs():
     assert rel(out, ref) <= TOL
     for mine, theirs in zip(grads, ref_grads, strict=True):
         assert rel(mine, theirs) <= TOL
+
+
+@pytest.mark.parametrize('keep', [0, 2**30])
+def test_nan_scores_give_nan_rows_and_leave_the_others_exact(keep):
+    # A NaN query row gives that output row NaN; a NaN key gives every row of its sample NaN (as sparsemax
+    # over the whole row does); every other row stays exact. 1100 keys: groups of maxima and a ragged tail.
+    lib = native.load()
+    if lib is None:
+        pytest.skip(native.unavailable_reason())
+    q, k, v = features(2, 1100, 6, 5, scale=1.0, seed=3)
+    ref = hspa_ref(q, k, v)
+    q, k = q.clone(), k.clone()
+    q[0, 17, 2] = float('nan')
+    k[1, 1099, 0] = float('nan')  # in the ragged tail
+    out = _Native(_Inputs(q, k, v, 0), lib).forward(keep)[0]
+    assert torch.isnan(out[0, 17]).all() and torch.isnan(out[1]).all()
+    rows = torch.arange(1100) != 17
+    assert not torch.isnan(out[0, rows]).any()
+    assert rel(out[0, rows], ref[0, rows]) <= TOL
+    k[1, 1099, 0] = 0.0
+    k[1, 300, 4] = float('nan')  # inside a group of maxima
+    assert torch.isnan(_Native(_Inputs(q, k, v, 0), lib).forward(keep)[0][1]).all()
 
 
 def test_chosen_tiles_are_configurations_the_kernel_has():

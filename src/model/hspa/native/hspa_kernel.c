@@ -11,8 +11,9 @@
  *               monotonically to the exact threshold) runs on those alone. No sort.
  *   grad_rows   dP on the support, the sparsemax Jacobian (dS = dP - mean over the support) and dQ.
  *   grad_keys   dK and dV, by key, through a counting-sort transpose of the supports (hspa_backward.h).
- * Rows are shared among threads in small chunks from a common counter (rows differ in cost); the threads
- * are a pool kept for the life of the process, each with work space kept between calls (hspa_pool.h).
+ * Rows are shared among threads in small chunks from a common counter (rows differ in cost); the threads are
+ * torch's OpenMP team in a -fopenmp build, else a pool of the library's own, each with work space kept
+ * between calls (hspa_pool.h).
  * This file includes itself twice to define every kernel for float (suffix f32) and double (f64).
  */
 #ifndef HSPA_T
@@ -41,20 +42,17 @@
 #define W (int64_t)(VBYTES / sizeof(T)) /* lanes of one vector */
 typedef T CAT(vec, SFX) __attribute__((vector_size(VBYTES)));
 typedef HSPA_I CAT(ivec, SFX) __attribute__((vector_size(VBYTES)));
-typedef uint64_t CAT(uvec, SFX) __attribute__((vector_size(VBYTES)));
 #define VEC CAT(vec, SFX)
 #define IVEC CAT(ivec, SFX)
-#define UVEC CAT(uvec, SFX)
 
 static inline VEC CAT(load, SFX)(const T *p) { VEC v; memcpy(&v, p, sizeof v); return v; }
 static inline VEC CAT(splat, SFX)(T x) { return (VEC){0} + x; } /* scalar operands broadcast */
-static inline VEC CAT(vmax, SFX)(VEC a, VEC b) { IVEC m = a > b; return (VEC)(((IVEC)a & m) | ((IVEC)b & ~m)); }
-static inline int CAT(any, SFX)(IVEC m) {
-    UVEC u = (UVEC)m;
-    uint64_t r = 0;
-    for (int l = 0; l < VBYTES / 8; l++) r |= u[l];
-    return r != 0;
+/* Lane-wise maximum that keeps a NaN of either operand: a row with a NaN gets a NaN maximum. */
+static inline VEC CAT(vmax, SFX)(VEC a, VEC b) {
+    IVEC m = (a > b) | (a != a);
+    return (VEC)(((IVEC)a & m) | ((IVEC)b & ~m));
 }
+static inline T CAT(smax, SFX)(T a, T b) { return a > b || a != a ? a : b; }
 
 /* Sum of (x - m) over x > t, and their count, for x in s[0..n). */
 static T CAT(masked_sum, SFX)(const T *s, int64_t n, T t, T m, int64_t *count) {
@@ -79,23 +77,23 @@ static T CAT(masked_sum, SFX)(const T *s, int64_t n, T t, T m, int64_t *count) {
     return sum;
 }
 
-/* Michelot's iteration on s[0..n) with maximum m from the lower bound t; returns tau, sets *support. */
-static T CAT(michelot, SFX)(const T *s, int64_t n, T m, T t, int64_t *support) {
+/* Michelot's iteration on s[0..n) with maximum m from the lower bound t; returns tau. */
+static T CAT(michelot, SFX)(const T *s, int64_t n, T m, T t) {
     int64_t prev = n + 1, cnt;
     for (;;) {
         T sum = CAT(masked_sum, SFX)(s, n, t, m, &cnt);
-        if (cnt == 0) { t = (T)NAN; break; } /* a row of NaNs */
+        if (cnt == 0) { t = (T)NAN; break; } /* no number above t */
         if (cnt >= prev) break;               /* the support stopped shrinking: t is exact */
         prev = cnt;
         t = m + (sum - (T)1) / (T)cnt;
     }
-    *support = cnt;
     return t;
 }
 
-/* The row's maximum (*max) and a lower bound of its threshold: the threshold of the lane-wise maxima of its
- * GROUP-vector groups. subset (from subset_buffer; NULL: the bound is m - 1) gets those maxima, n / GROUP
- * entries, followed by the lane-wise maxima of each quarter of every group, which collect reads. */
+/* The row's maximum (*max; NaN when the row has a NaN) and a lower bound of its threshold: the threshold of
+ * the lane-wise maxima of its GROUP-vector groups. subset (from subset_buffer; NULL: the bound is m - 1)
+ * gets those maxima (groups x W entries), then the lane-wise maxima of each quarter of every group (4 x
+ * groups x W), which collect reads. */
 static T CAT(row_bound, SFX)(const T *s, int64_t n, T *subset, T *max) {
     const int64_t groups = n / (W * GROUP);
     T *quarters = subset ? subset + groups * W : NULL;
@@ -114,12 +112,11 @@ static T CAT(row_bound, SFX)(const T *s, int64_t n, T *subset, T *max) {
         best = CAT(vmax, SFX)(best, gm);
     }
     T m = -INFINITY;
-    for (int l = 0; l < W; l++) m = best[l] > m ? best[l] : m;
-    for (; j < n; j++) m = s[j] > m ? s[j] : m;
+    for (int l = 0; l < W; l++) m = CAT(smax, SFX)(m, best[l]);
+    for (; j < n; j++) m = CAT(smax, SFX)(m, s[j]);
     T t = m - (T)1;
     if (groups > 1 && subset) {
-        int64_t unused;
-        T bound = CAT(michelot, SFX)(subset, groups * W, m, t, &unused);
+        T bound = CAT(michelot, SFX)(subset, groups * W, m, t);
         bound -= (T)1e-5 * ((T)1 + fabs((double)m)); /* covers the subset threshold's rounding */
         t = bound > t ? bound : t;
     }
@@ -170,9 +167,12 @@ static int64_t CAT(collect, SFX)(const T *s, int64_t n, T t, const T *subset, in
 static int64_t CAT(row_sparsemax, SFX)(const T *s, int64_t n, T *subset, int32_t *cols, T *vals, T *tau) {
     T m;
     const T bound = CAT(row_bound, SFX)(s, n, subset, &m);
+    if (m != m) { /* a NaN score: a NaN row, as sparsemax over the whole row gives */
+        *tau = (T)NAN;
+        return 0;
+    }
     const int64_t e = CAT(collect, SFX)(s, n, bound, subset, cols, vals);
-    int64_t unused;
-    const T t = CAT(michelot, SFX)(vals, e, m, bound, &unused);
+    const T t = CAT(michelot, SFX)(vals, e, m, bound);
     *tau = t;
     if (t != t) return 0;
     int64_t k = 0;
@@ -365,5 +365,4 @@ int CAT(hspa_attend, SFX)(const T *q, const T *kp, int64_t rows, int64_t length,
 #undef W
 #undef VEC
 #undef IVEC
-#undef UVEC
 #endif

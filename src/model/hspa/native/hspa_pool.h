@@ -28,16 +28,18 @@ typedef void (*thread_fn)(void *ctx);
 /* Runs fn(ctx) on n_threads threads of the OpenMP runtime the library is linked with: torch's own when the
  * loader builds with -fopenmp (the same libgomp), so the kernel runs on torch's threads, which are awake
  * after torch's ops, instead of competing with them. At most omp_get_max_threads() (torch.set_num_threads,
- * 1 in DataLoader workers); fn shares the work itself. */
+ * 1 in DataLoader workers); fn shares the work itself. The team is always the whole one (a smaller team
+ * makes libgomp end torch's other threads, to start them again for torch's next op); the threads beyond
+ * n_threads return at once. */
 static void run_threads(int n_threads, thread_fn fn, void *ctx) {
-    const int most = omp_get_max_threads();
-    if (n_threads > most) n_threads = most;
+    const int team = omp_get_max_threads();
+    if (n_threads > team) n_threads = team;
     if (n_threads <= 1 || omp_in_parallel()) {
         fn(ctx);
         return;
     }
-#pragma omp parallel num_threads(n_threads)
-    fn(ctx);
+#pragma omp parallel num_threads(team)
+    if (omp_get_thread_num() < n_threads) fn(ctx);
 }
 
 #else
@@ -116,14 +118,30 @@ static void run_threads(int n_threads, thread_fn fn, void *ctx) {
 
 #endif
 
-/* Per-thread work space, kept between calls (no page faults of fresh allocations in every call). */
+/* Per-thread work space, kept between calls (no page faults of fresh allocations in every call) and freed
+ * when its thread ends. */
 enum { WS_SCORES, WS_QUERIES, WS_SUBSET, WS_COLS, WS_VALS, WS_SLOTS };
 static __thread void *ws_ptr[WS_SLOTS];
 static __thread size_t ws_cap[WS_SLOTS];
+static pthread_key_t ws_key;
+static pthread_once_t ws_once = PTHREAD_ONCE_INIT;
+
+static void ws_free(void *unused) {
+    (void)unused;
+    for (int i = 0; i < WS_SLOTS; i++) {
+        free(ws_ptr[i]);
+        ws_ptr[i] = NULL;
+        ws_cap[i] = 0;
+    }
+}
+
+static void ws_key_create(void) { pthread_key_create(&ws_key, ws_free); }
 
 static void *workspace(int slot, size_t bytes) {
     if (ws_cap[slot] < bytes) {
         void *p = NULL;
+        pthread_once(&ws_once, ws_key_create);
+        pthread_setspecific(ws_key, &ws_once); /* any non-NULL value: ws_free runs when the thread ends */
         free(ws_ptr[slot]);
         ws_ptr[slot] = NULL;
         ws_cap[slot] = 0;
