@@ -50,7 +50,7 @@ quick() {
     # Two single-threaded processes (DDP, gloo; 8 patches each, the same steps as one process): 1.05x the
     # speed of one process with 2 threads (benchmarks/cpu_processes.py).
     # QUICK_PROCS=N for N processes (16 must divide by N). Set5 is evaluated with --chop, as published.
-    # --channels_last: oneDNN's convolutions, which dominate the step (1.08x float32, 1.12x with --amp bf16).
+    # --channels_last: oneDNN's faster convolutions, which dominate the step (benchmarks/README.md).
     OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 "$PYTHON" -m torch.distributed.run --standalone \
         --nproc_per_node "${QUICK_PROCS:-2}" src/main.py --cpu --reset --save quick --model HSPAN --scale 2 \
         --rgb_range 1 --n_resgroups 1 --n_resblocks 6 --n_feats 48 --reduction 2 --topk 128 --res_scale 1 \
