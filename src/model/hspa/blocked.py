@@ -110,16 +110,14 @@ class _Native:
         total = torch.zeros(1, dtype=torch.int64)
         if support:
             start, nnz = (torch.empty(rows, dtype=torch.int64) for _ in range(2))
-            cols, vals = self.entries or (torch.empty(0, dtype=torch.int32), torch.empty(0))
-            if cols.dtype != torch.int32 or vals.dtype != x.q.dtype or min(cols.numel(), vals.numel()) < rows:
-                size = rows * min(x.length, 128)
-                self.entries = (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=x.q.dtype))
+            if self._capacity() < rows:
+                self._make_entries(rows * min(x.length, 128))
         while True:
             cols, vals = self.entries if support else (None, None)
             status = self._fn('hspa_attend')(
                 p(q[r0:r1]), p(packed), rows, x.length, x.kwidth, p(v), x.width, p(out), t.block_rows,
-                t.tile_rows, t.key_tile, p(cols), p(vals), 0 if cols is None else min(cols.numel(), vals.numel()),
-                p(start), p(nnz), p(total), self.threads)
+                t.tile_rows, t.key_tile, p(cols), p(vals), self._capacity() if support else 0, p(start), p(nnz),
+                p(total), self.threads)
             if status == -2:
                 raise ValueError(f'HSPA kernel: no tile configuration {t}')
             if status != 0:
@@ -127,10 +125,22 @@ class _Native:
             needed = int(total)
             if not support:
                 return None
-            if needed <= min(cols.numel(), vals.numel()):
+            if needed <= self._capacity():
                 return start, nnz, cols[:needed], vals[:needed]
-            size = needed + needed // 4  # the block again, with room for all its entries
-            self.entries = (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=x.q.dtype))
+            self._make_entries(needed + needed // 4)  # the block again, with room for all its entries
+
+    def _capacity(self) -> int:
+        """Support entries ``entries`` has room for (0: none yet, or not int32 columns and weights of this
+        pass's dtype)."""
+        if self.entries is None:
+            return 0
+        cols, vals = self.entries
+        if cols.dtype != torch.int32 or vals.dtype != self.x.q.dtype:
+            return 0
+        return min(cols.numel(), vals.numel())
+
+    def _make_entries(self, size: int) -> None:
+        self.entries = (torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=self.x.q.dtype))
 
     def forward(self, keep_bytes: int) -> tuple[Tensor, list]:
         x = self.x
