@@ -23,33 +23,26 @@ def plain_jit(fn):
 
 
 @triton.jit
-def scores(q_ptr, k_ptr, m_idx, n_idx, length, kw, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_D: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) float32 scores q[m_idx] . k[n_idx], -inf for keys past the end."""
-    s = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for d0 in range(0, kw, BLOCK_D):
+def row_dots(a_ptr, b_ptr, m_idx, n_idx, length, width, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 dot products a[m_idx] . b[n_idx] of rows of `width` (0 past `length`)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for d0 in range(0, width, BLOCK_D):
         d_idx = d0 + tl.arange(0, BLOCK_D)
-        q = tl.load(q_ptr + m_idx[:, None] * kw + d_idx[None, :],
-                    mask=(m_idx[:, None] < length) & (d_idx[None, :] < kw), other=0.0)
-        k = tl.load(k_ptr + n_idx[:, None] * kw + d_idx[None, :],
-                    mask=(n_idx[:, None] < length) & (d_idx[None, :] < kw), other=0.0)
-        s = tl.dot(q, tl.trans(k), s, input_precision='ieee')
-    return tl.where((n_idx < length)[None, :], s, float('-inf'))
+        a = tl.load(a_ptr + m_idx[:, None] * width + d_idx[None, :],
+                    mask=(m_idx[:, None] < length) & (d_idx[None, :] < width), other=0.0)
+        b = tl.load(b_ptr + n_idx[:, None] * width + d_idx[None, :],
+                    mask=(n_idx[:, None] < length) & (d_idx[None, :] < width), other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision='ieee')
+    return acc
 
 
 @triton.jit
-def grad_scores(g_ptr, v_ptr, m_idx, n_idx, length, width, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) dP = g[m_idx] . v[n_idx], the gradient of the attention weights."""
-    d_p = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for c0 in range(0, width, BLOCK_D):
-        c_idx = c0 + tl.arange(0, BLOCK_D)
-        g = tl.load(g_ptr + m_idx[:, None] * width + c_idx[None, :],
-                    mask=(m_idx[:, None] < length) & (c_idx[None, :] < width), other=0.0)
-        v = tl.load(v_ptr + n_idx[:, None] * width + c_idx[None, :],
-                    mask=(n_idx[:, None] < length) & (c_idx[None, :] < width), other=0.0)
-        d_p = tl.dot(g, tl.trans(v), d_p, input_precision='ieee')
-    return d_p
+def scores(q_ptr, k_ptr, m_idx, n_idx, length, kw, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_D: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 scores q[m_idx] . k[n_idx], -inf for keys past the end."""
+    s = row_dots(q_ptr, k_ptr, m_idx, n_idx, length, kw, BLOCK_M, BLOCK_N, BLOCK_D)
+    return tl.where((n_idx < length)[None, :], s, float('-inf'))
 
 
 @plain_jit
@@ -121,7 +114,7 @@ def backward_rows(q_ptr, k_ptr, v_ptr, g_ptr, tau_ptr, dq_ptr, mean_ptr, length,
     for off_n in range(0, length, BLOCK_N):
         n_idx = off_n + tl.arange(0, BLOCK_N)
         on = scores(q_ptr, k_ptr, m_idx, n_idx, length, kw, BLOCK_M, BLOCK_N, BLOCK_D) > tau[:, None]
-        d_p = grad_scores(g_ptr, v_ptr, m_idx, n_idx, length, width, BLOCK_M, BLOCK_N, BLOCK_D)
+        d_p = row_dots(g_ptr, v_ptr, m_idx, n_idx, length, width, BLOCK_M, BLOCK_N, BLOCK_D)  # dP = g . v
         total += tl.sum(tl.where(on, d_p, 0.0), 1)
         count += tl.sum(on.to(tl.float32), 1)
     mean = total / tl.maximum(count, 1.0)
@@ -130,7 +123,7 @@ def backward_rows(q_ptr, k_ptr, v_ptr, g_ptr, tau_ptr, dq_ptr, mean_ptr, length,
     for off_n in range(0, length, BLOCK_N):
         n_idx = off_n + tl.arange(0, BLOCK_N)
         on = scores(q_ptr, k_ptr, m_idx, n_idx, length, kw, BLOCK_M, BLOCK_N, BLOCK_D) > tau[:, None]
-        d_p = grad_scores(g_ptr, v_ptr, m_idx, n_idx, length, width, BLOCK_M, BLOCK_N, BLOCK_D)
+        d_p = row_dots(g_ptr, v_ptr, m_idx, n_idx, length, width, BLOCK_M, BLOCK_N, BLOCK_D)  # dP = g . v
         d_s = tl.where(on, d_p - mean[:, None], 0.0)
         k = tl.load(k_ptr + n_idx[:, None] * kw + q_idx[None, :],
                     mask=(n_idx[:, None] < length) & (q_idx[None, :] < kw), other=0.0)
@@ -158,7 +151,7 @@ def backward_keys(q_ptr, k_ptr, v_ptr, g_ptr, tau_ptr, mean_ptr, dk_ptr, length,
         tau = tl.load(tau_ptr + b * length + m_idx, mask=row_ok, other=float('inf'))
         mean = tl.load(mean_ptr + b * length + m_idx, mask=row_ok, other=0.0)
         on = scores(q_ptr, k_ptr, m_idx, n_idx, length, kw, BLOCK_M, BLOCK_N, BLOCK_D) > tau[:, None]
-        d_p = grad_scores(g_ptr, v_ptr, m_idx, n_idx, length, width, BLOCK_M, BLOCK_N, BLOCK_D)
+        d_p = row_dots(g_ptr, v_ptr, m_idx, n_idx, length, width, BLOCK_M, BLOCK_N, BLOCK_D)  # dP = g . v
         d_s = tl.where(on, d_p - mean[:, None], 0.0)
         q = tl.load(q_ptr + m_idx[:, None] * kw + q_idx[None, :],
                     mask=row_ok[:, None] & (q_idx[None, :] < kw), other=0.0)
