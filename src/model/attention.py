@@ -9,23 +9,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model import common
 from model.hspa import HSPA, IMPLS, NonLocalEmbeddings, SoftThreshold, soft_threshold, sparsemax_threshold
 
 __all__ = ['HSPA', 'IMPLS', 'NonLocalAttention', 'SoftThreshold', 'soft_threshold', 'sparsemax_threshold']
 
 
 class NonLocalAttention(NonLocalEmbeddings):
-    """Standard non-local attention: x + res_scale * softmax(q k^T) v (the paper's ablation)."""
-
-    def __init__(
-        self,
-        channel: int = 256,
-        reduction: int = 2,
-        res_scale: float = 1,
-        conv: common.ConvFactory = common.default_conv,
-    ) -> None:
-        super().__init__(channel, reduction, res_scale, conv)
+    """Standard non-local attention: x + res_scale * softmax(q k^T) v (the paper's ablation); the
+    embeddings' signature (channel=256, reduction=2, res_scale=1, conv)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.embed(x)

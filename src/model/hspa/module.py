@@ -16,9 +16,11 @@ from model.hspa.triton import hspa_triton
 
 
 class NonLocalEmbeddings(nn.Module):
-    """The three 1x1 embeddings of the published non-local attentions (names fixed by released weights)."""
+    """The three 1x1 embeddings of the published non-local attentions (names fixed by released weights),
+    with the published defaults."""
 
-    def __init__(self, channel: int, reduction: int, res_scale: float, conv: common.ConvFactory) -> None:
+    def __init__(self, channel: int = 256, reduction: int = 2, res_scale: float = 1,
+                 conv: common.ConvFactory = common.default_conv) -> None:
         super().__init__()
         self.res_scale = res_scale
         self.conv_match1 = common.BasicBlock(conv, channel, channel // reduction, 1, bn=False, act=nn.PReLU())
