@@ -6,8 +6,9 @@
  *               writes every row's support (column, p = s - tau) for backward.
  *   threshold   of each row: a lower bound first, the threshold of the lane-wise maxima of 16-vector groups
  *               (any subset's threshold bounds the row's from below), taken in the max pass; then one pass
- *               collects the entries above the bound (a few per cent of the row, found by vector compares,
- *               skipping the groups and quarter groups whose maxima are below it) and Michelot's iteration (Newton's method on sum_j max(s_j - tau, 0) = 1, which rises
+ *               collects the entries above the bound (found by vector compares and appended by compress
+ *               where AVX-512 has it, skipping the groups and quarter groups whose maxima are below it), and
+ *               Michelot's iteration (Newton's method on sum_j max(s_j - tau, 0) = 1, which rises
  *               monotonically to the exact threshold) runs on those alone. No sort.
  *   grad_rows   dP on the support, the sparsemax Jacobian (dS = dP - mean over the support) and dQ.
  *   grad_keys   dK and dV, by key, through a counting-sort transpose of the supports (hspa_backward.h).
@@ -47,12 +48,12 @@ typedef HSPA_I CAT(ivec, SFX) __attribute__((vector_size(VBYTES)));
 
 static inline VEC CAT(load, SFX)(const T *p) { VEC v; memcpy(&v, p, sizeof v); return v; }
 static inline VEC CAT(splat, SFX)(T x) { return (VEC){0} + x; } /* scalar operands broadcast */
-/* Lane-wise maximum that keeps a NaN of either operand: a row with a NaN gets a NaN maximum. */
+/* Lane-wise maximum (where either lane is NaN: b's); row_bound finds NaNs by a sum instead. */
 static inline VEC CAT(vmax, SFX)(VEC a, VEC b) {
-    IVEC m = (a > b) | (a != a);
+    IVEC m = a > b;
     return (VEC)(((IVEC)a & m) | ((IVEC)b & ~m));
 }
-static inline T CAT(smax, SFX)(T a, T b) { return a > b || a != a ? a : b; }
+static inline T CAT(smax, SFX)(T a, T b) { return a > b || a != a ? a : b; } /* keeps a NaN of a or b */
 
 /* Sum of (x - m) over x > t, and their count, for x in s[0..n). */
 static T CAT(masked_sum, SFX)(const T *s, int64_t n, T t, T m, int64_t *count) {
@@ -93,24 +94,35 @@ static T CAT(michelot, SFX)(const T *s, int64_t n, T m, T t) {
 /* The row's maximum (*max; NaN when the row has a NaN) and a lower bound of its threshold: the threshold of
  * the lane-wise maxima of its GROUP-vector groups. subset (from subset_buffer; NULL: the bound is m - 1)
  * gets those maxima (groups x W entries), then the lane-wise maxima of each quarter of every group (4 x
- * groups x W), which collect reads. */
+ * groups x W), which collect reads. The maxima are trees (short dependency chains; the pass reads the
+ * scores from L2 at its bandwidth); a NaN shows in the row's sum, which sends the row to a scalar search. */
 static T CAT(row_bound, SFX)(const T *s, int64_t n, T *subset, T *max) {
     const int64_t groups = n / (W * GROUP);
     T *quarters = subset ? subset + groups * W : NULL;
-    VEC best = CAT(splat, SFX)(-INFINITY);
+    VEC best = CAT(splat, SFX)(-INFINITY), sum = CAT(splat, SFX)(0);
     int64_t j = 0;
     for (int64_t g = 0; g < groups; g++, j += W * GROUP) {
-        VEC gm = CAT(splat, SFX)(-INFINITY);
+        VEC qm[4];
         for (int h = 0; h < 4; h++) {
             const T *x = s + j + h * (GROUP / 4) * W;
-            VEC qm = CAT(load, SFX)(x);
-            for (int v = 1; v < GROUP / 4; v++) qm = CAT(vmax, SFX)(qm, CAT(load, SFX)(x + v * W));
-            if (quarters) memcpy(quarters + (4 * g + h) * W, &qm, sizeof qm);
-            gm = CAT(vmax, SFX)(gm, qm);
+            const VEC x0 = CAT(load, SFX)(x), x1 = CAT(load, SFX)(x + W), x2 = CAT(load, SFX)(x + 2 * W),
+                      x3 = CAT(load, SFX)(x + 3 * W);
+            sum += (x0 + x1) + (x2 + x3);
+            qm[h] = CAT(vmax, SFX)(CAT(vmax, SFX)(x0, x1), CAT(vmax, SFX)(x2, x3));
+            if (quarters) memcpy(quarters + (4 * g + h) * W, &qm[h], sizeof qm[h]);
         }
+        const VEC gm = CAT(vmax, SFX)(CAT(vmax, SFX)(qm[0], qm[1]), CAT(vmax, SFX)(qm[2], qm[3]));
         if (subset) memcpy(subset + g * W, &gm, sizeof gm);
         best = CAT(vmax, SFX)(best, gm);
     }
+    T total = 0;
+    for (int l = 0; l < W; l++) total += sum[l];
+    if (total != total) /* a NaN score, or both infinities */
+        for (int64_t i = 0; i < j; i++)
+            if (s[i] != s[i]) {
+                *max = s[i];
+                return s[i];
+            }
     T m = -INFINITY;
     for (int l = 0; l < W; l++) m = CAT(smax, SFX)(m, best[l]);
     for (; j < n; j++) m = CAT(smax, SFX)(m, s[j]);
@@ -134,15 +146,11 @@ static T *CAT(subset_buffer, SFX)(int64_t n) {
 static int64_t CAT(collect_vectors, SFX)(const T *s, int64_t first, int64_t count, T t, int32_t *cols, T *vals,
                                          int64_t e) {
     for (int64_t h = 0; h < count * W; h += W)
-        for (uint32_t bits = CAT(above, SFX)(s + h, t); bits; bits &= bits - 1) {
-            const int64_t l = h + __builtin_ctz(bits);
-            cols[e] = (int32_t)(first + l);
-            vals[e++] = s[l];
-        }
+        e = CAT(append_above, SFX)(s + h, NULL, (int32_t)(first + h), (int)W, t, 0, cols, vals, e);
     return e;
 }
 
-/* The entries of s[0..n) above t: columns to cols, values to vals (room for n + 1); returns their count.
+/* The entries of s[0..n) above t: columns to cols, values to vals (room for n + 1 + W); returns their count.
  * Groups, and quarters of groups, whose lane-wise maxima (subset, from row_bound; NULL: none) are all at
  * most t are skipped. */
 static int64_t CAT(collect, SFX)(const T *s, int64_t n, T t, const T *subset, int32_t *cols, T *vals) {
@@ -162,7 +170,7 @@ static int64_t CAT(collect, SFX)(const T *s, int64_t n, T t, const T *subset, in
 }
 
 /* Exact sparsemax of score row s[0..n): sets *tau (NaN for a row with no number above the bound) and leaves
- * the support in cols/vals (work space of n + 1 entries) as columns and weights s - tau; returns its size.
+ * the support in cols/vals (work space of n + 1 + W entries) as columns and weights s - tau; returns its size.
  * Michelot's passes run over the entries above the lower bound only. */
 static int64_t CAT(row_sparsemax, SFX)(const T *s, int64_t n, T *subset, int32_t *cols, T *vals, T *tau) {
     T m;
@@ -176,12 +184,8 @@ static int64_t CAT(row_sparsemax, SFX)(const T *s, int64_t n, T *subset, int32_t
     *tau = t;
     if (t != t) return 0;
     int64_t k = 0;
-    for (int64_t i = 0; i < e; i++) { /* keeps the entries above tau, in place */
-        const T x = vals[i];
-        cols[k] = cols[i];
-        vals[k] = x - t;
-        k += x > t;
-    }
+    for (int64_t i = 0; i < e; i += W) /* keeps the entries above tau, in place (k <= i) */
+        k = CAT(append_above, SFX)(vals + i, cols + i, 0, e - i < W ? (int)(e - i) : (int)W, t, t, cols, vals, k);
     return k;
 }
 
@@ -284,8 +288,8 @@ static void CAT(attend_thread, SFX)(void *p) {
     T *scores = workspace(WS_SCORES, (size_t)(groups * mr) * stride * sizeof(T));
     T *qt = workspace(WS_QUERIES, (size_t)(groups * mr) * kw * sizeof(T));
     T *subset = CAT(subset_buffer, SFX)(n);
-    int32_t *cols = workspace(WS_COLS, (size_t)(n + 1) * sizeof(int32_t));
-    T *vals = workspace(WS_VALS, (size_t)(n + 1) * sizeof(T));
+    int32_t *cols = workspace(WS_COLS, (size_t)(n + 1 + W) * sizeof(int32_t));
+    T *vals = workspace(WS_VALS, (size_t)(n + 1 + W) * sizeof(T));
     if (!scores || !qt || !cols || !vals || (n / (W * GROUP) > 1 && !subset)) {
         __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
         return;

@@ -223,4 +223,55 @@ static inline uint32_t above_f64(const double *x, double t) {
 }
 #endif
 
+/* append_above_f32/_f64(x, cols_in, first, lanes, t, sub, cols, vals, e): appends x[l] - sub for each of the
+ * first `lanes` lanes of x above t, with its column (cols_in[l], or first + l where cols_in is NULL), at
+ * vals/cols + e; returns the new e. x may be vals + i and cols_in cols + i for i >= e (compaction in
+ * place). With AVX-512 one compress each, stored as whole vectors: room for a vector past e is needed. */
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+static inline int64_t append_above_f32(const float *x, const int32_t *cols_in, int32_t first, int lanes, float t,
+                                       float sub, int32_t *cols, float *vals, int64_t e) {
+    const __mmask16 live = (__mmask16)((1u << lanes) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(live, x);
+    const __mmask16 m = _mm512_mask_cmp_ps_mask(live, v, _mm512_set1_ps(t), _CMP_GT_OQ);
+    const __m512i c = cols_in ? _mm512_maskz_loadu_epi32(live, cols_in)
+                              : _mm512_add_epi32(_mm512_set1_epi32(first), _mm512_setr_epi32(
+                                    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    _mm512_storeu_ps(vals + e, _mm512_maskz_compress_ps(m, _mm512_sub_ps(v, _mm512_set1_ps(sub))));
+    _mm512_storeu_si512(cols + e, _mm512_maskz_compress_epi32(m, c));
+    return e + __builtin_popcount(m);
+}
+static inline int64_t append_above_f64(const double *x, const int32_t *cols_in, int32_t first, int lanes,
+                                       double t, double sub, int32_t *cols, double *vals, int64_t e) {
+    const __mmask8 live = (__mmask8)((1u << lanes) - 1);
+    const __m512d v = _mm512_maskz_loadu_pd(live, x);
+    const __mmask8 m = _mm512_mask_cmp_pd_mask(live, v, _mm512_set1_pd(t), _CMP_GT_OQ);
+    const __m256i c = cols_in ? _mm256_maskz_loadu_epi32(live, cols_in)
+                              : _mm256_add_epi32(_mm256_set1_epi32(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm512_storeu_pd(vals + e, _mm512_maskz_compress_pd(m, _mm512_sub_pd(v, _mm512_set1_pd(sub))));
+    _mm256_storeu_si256((__m256i *)(cols + e), _mm256_maskz_compress_epi32(m, c));
+    return e + __builtin_popcount(m);
+}
+#else
+/* A bit scan of the lanes above t; each store precedes the lanes still to be read. */
+#define APPEND_ABOVE(T, SFX)                                                                                  \
+    static inline int64_t append_above_##SFX(const T *x, const int32_t *cols_in, int32_t first, int lanes, T t, \
+                                             T sub, int32_t *cols, T *vals, int64_t e) {                      \
+        uint32_t bits = 0;                                                                                    \
+        if (lanes == (int)(VBYTES / sizeof(T)))                                                               \
+            bits = above_##SFX(x, t);                                                                         \
+        else                                                                                                  \
+            for (int l = 0; l < lanes; l++) bits |= (uint32_t)(x[l] > t) << l;                                \
+        for (; bits; bits &= bits - 1) {                                                                      \
+            const int l = __builtin_ctz(bits);                                                                \
+            const int32_t col = cols_in ? cols_in[l] : first + l;                                             \
+            vals[e] = x[l] - sub;                                                                             \
+            cols[e++] = col;                                                                                  \
+        }                                                                                                     \
+        return e;                                                                                             \
+    }
+APPEND_ABOVE(float, f32)
+APPEND_ABOVE(double, f64)
+#undef APPEND_ABOVE
+#endif
+
 #endif
