@@ -6,10 +6,11 @@
   block of query rows with gradients): each thread scores a few query rows with its own micro-kernel, finds
   each row's exact threshold by Michelot's iteration on the few scores above a lower bound (no sort) and
   adds up sum_j p_j v_j over the support, O(|support| * C) instead of O(L * C), while the rows are in its
-  cache. With gradients the kernel also writes each row's support, kept for backward while the supports
-  fit in ``memory_budget`` (blocks beyond it are recomputed). Backward applies the sparsemax Jacobian on
-  the support only (dS = dP - mean over the support of dP) and gets dK and dV through a transpose of the
-  block's supports.
+  cache. In float32 on CPUs with AVX512-BF16 a block is scored with bf16 products first, and the entries
+  within their error bound of the threshold again in float32: exact too. With gradients the kernel also
+  writes each row's support, kept for backward while the supports fit in ``memory_budget`` (blocks beyond
+  it are recomputed). Backward applies the sparsemax Jacobian on the support only (dS = dP - mean over the
+  support of dP) and gets dK and dV through a transpose of the block's supports.
 * ``torch`` (any device): the block's weights from ``model.hspa.reference.soft_threshold`` and a dense
   weights @ V; backward recomputes each block and differentiates it with autograd. It is the fallback
   where the kernels cannot be compiled, and what CUDA uses without triton for score tensors too large to
@@ -92,10 +93,15 @@ class _Native:
             x = self.x
             q, k, v = (t[s].to(x.q.dtype).contiguous() for t in (x.q, x.k, x.v))
             lanes = native.column_tile(self.lib, x.q.dtype)
-            packed = torch.empty(-(-x.length // lanes) * lanes * x.kwidth, dtype=x.q.dtype)
+            padded = -(-x.length // lanes) * lanes
+            packed = torch.empty(padded * x.kwidth, dtype=x.q.dtype)
             self._fn('hspa_pack_keys')(native.ptr(k), x.length, x.kwidth, native.ptr(packed))
+            screened = (None, None)
+            if self.tiles.screen and x.q.dtype == torch.float32 and native.screens(self.lib):
+                screened = (torch.empty(padded * -(-x.kwidth // 2), dtype=torch.int32), torch.empty(2))
+                self.lib.hspa_pack_keys_bf16(native.ptr(k), x.length, x.kwidth, *map(native.ptr, screened))
             grad = () if self.grad is None else (self.grad[s].to(x.q.dtype).contiguous(),)
-            self._sample = (s, q, k, packed, v, *grad)
+            self._sample = (s, q, k, packed, screened, v, *grad)
         return self._sample[1:]
 
     def run(self, s: int, r0: int, r1: int, out: Tensor | None, support: bool) -> tuple[Tensor, ...] | None:
@@ -104,7 +110,7 @@ class _Native:
         entries start[i] .. start[i] + nnz[i] of cols and p, views of the pass's buffer ``entries`` until the
         next call."""
         x, p = self.x, native.ptr
-        q, _, packed, v = self._contiguous(s)[:4]
+        q, k, packed, (packed16, bounds), v = self._contiguous(s)[:5]
         rows, t = r1 - r0, self.tiles
         start = nnz = None
         total = torch.zeros(1, dtype=torch.int64)
@@ -116,8 +122,8 @@ class _Native:
             cols, vals = self.entries if support else (None, None)
             status = self._fn('hspa_attend')(
                 p(q[r0:r1]), p(packed), rows, x.length, x.kwidth, p(v), x.width, p(out), t.block_rows,
-                t.tile_rows, t.key_tile, p(cols), p(vals), self._capacity() if support else 0, p(start), p(nnz),
-                p(total), self.threads)
+                t.tile_rows, t.key_tile, t.screen, p(packed16), p(k), p(bounds), p(cols),
+                p(vals), self._capacity() if support else 0, p(start), p(nnz), p(total), self.threads)
             if status == -2:
                 raise ValueError(f'HSPA kernel: no tile configuration {t}')
             if status != 0:
@@ -167,7 +173,7 @@ class _Native:
         dq, dk, dv = (torch.zeros(x.n, x.length, width, dtype=x.q.dtype) if need else None
                       for width, need in zip((x.kwidth, x.kwidth, x.width), needs, strict=True))
         for (s, r0, r1), saved in zip(x.blocks(), supports, strict=True):
-            q, k, _, v, g = self._contiguous(s)
+            q, k, _, _, v, g = self._contiguous(s)
             start, nnz, cols, vals = saved if saved is not None else self.run(s, r0, r1, None, support=True)
             ds = torch.empty_like(vals)
             rows = r1 - r0

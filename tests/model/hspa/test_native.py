@@ -35,11 +35,19 @@ def _oracle_with_grads(q, k, v, grad):
     return out.detach(), torch.autograd.grad(out, leaves, grad)
 
 
+def _screen_modes(lib, dtype: torch.dtype) -> tuple[int, ...]:
+    """Tiles.screen values the library has for dtype: bf16 screening (2: every block) for float32 where the
+    CPU has AVX512-BF16, and float32 scores (0)."""
+    return (0, 2) if dtype == torch.float32 and native.screens(lib) else (0,)
+
+
 def _forced_tiles(lib, dtype: torch.dtype, length: int) -> list:
-    """Every micro-kernel, with blocks of one row, one row tile, a ragged count and more rows than the sample,
-    and key panels of one column tile, several, and more keys than the sample."""
+    """Every micro-kernel (float32 and, where the library has it, bf16 screening), with blocks of one row, one
+    row tile, a ragged count and more rows than the sample, and key panels of one column tile, several, and
+    more keys than the sample."""
     lanes = native.column_tile(lib, dtype)
-    return [native.Tiles(block, rows, panel)
+    return [native.Tiles(block, rows, panel, screen)
+            for screen in _screen_modes(lib, dtype)
             for rows in native.TILE_ROWS
             for block in (1, rows, 2 * rows + 1, length + 5)
             for panel in (lanes, 3 * lanes, -(-length // lanes) * lanes + lanes)]
@@ -96,11 +104,55 @@ def test_support_buffer_grows_to_what_a_block_needs():
         assert rel(mine, theirs) <= TOL
 
 
+def _screening_lib():
+    lib = native.load()
+    if lib is None:
+        pytest.skip(native.unavailable_reason())
+    if not native.screens(lib):
+        pytest.skip('the kernel was built for a CPU without AVX512-BF16: no bf16 screening')
+    return lib
+
+
+def _tiles_with_screen(lib, q, screen: int):
+    t = native.tiles_for(lib, q.shape[1], q.shape[2], q.dtype)
+    return native.Tiles(t.block_rows, t.tile_rows, t.key_tile, screen)
+
+
+def test_tiles_screen_float32_only_where_the_library_can():
+    lib = native.load()
+    if lib is None:
+        pytest.skip(native.unavailable_reason())
+    assert native.tiles_for(lib, 9216, 24, torch.float32).screen == int(native.screens(lib))
+    assert native.tiles_for(lib, 9216, 24, torch.float64).screen == 0
+    q, k, v = features(1, 100, 4, 3, scale=1.0)
+    forced = native.Tiles(8, native.TILE_ROWS[0], native.column_tile(lib, torch.float64), 2)
+    with pytest.raises(ValueError, match='no tile configuration'):  # float64 scores are never screened
+        _inference_with(lib, q.double(), k.double(), v.double(), forced)
+
+
+def test_screening_keeps_every_entry_within_its_error_of_the_threshold():
+    # Keys 1000 + small integers, which bf16 rounds by up to 2, and queries of sixteenths summing to zero: the
+    # float32 scores are exact and a few units apart, the screened ones off by about as much. Every entry
+    # near the threshold must be scored again in float32 (with no margin the result is off by 0.6).
+    lib = _screening_lib()
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randint(-3, 4, (2, 900, 8), generator=gen).float()
+    q[..., 7] = -q[..., :7].sum(-1)
+    q = q / 16
+    k = 1000 + torch.randint(-6, 7, (2, 900, 8), generator=gen).float()
+    v = torch.randn(2, 900, 5, generator=gen)
+    ref = hspa_ref(q.double(), k.double(), v.double())
+    for screen in (1, 2):
+        assert rel(_inference_with(lib, q, k, v, _tiles_with_screen(lib, q, screen)), ref) <= TOL, screen
+
+
+@pytest.mark.parametrize('screen', [0, 2])
 @pytest.mark.parametrize('keep', [0, 2**30])
-def test_nan_scores_give_nan_rows_and_leave_the_others_exact(keep):
+def test_nan_scores_give_nan_rows_and_leave_the_others_exact(keep, screen):
     # A NaN query row gives that output row NaN; a NaN key gives every row of its sample NaN (as sparsemax
     # over the whole row does); every other row stays exact. 1100 keys: groups of maxima and a ragged tail.
-    lib = native.load()
+    # With bf16 screening (screen 2), rows and samples with a NaN are scored in float32 alone.
+    lib = _screening_lib() if screen else native.load()
     if lib is None:
         pytest.skip(native.unavailable_reason())
     q, k, v = features(2, 1100, 6, 5, scale=1.0, seed=3)
@@ -108,14 +160,15 @@ def test_nan_scores_give_nan_rows_and_leave_the_others_exact(keep):
     q, k = q.clone(), k.clone()
     q[0, 17, 2] = float('nan')
     k[1, 1099, 0] = float('nan')  # in the ragged tail
-    out = _Native(_Inputs(q, k, v, 0), lib).forward(keep)[0]
+    tiles = _tiles_with_screen(lib, q, screen)
+    out = _Native(_Inputs(q, k, v, 0), lib, tiles=tiles).forward(keep)[0]
     assert torch.isnan(out[0, 17]).all() and torch.isnan(out[1]).all()
     rows = torch.arange(1100) != 17
     assert not torch.isnan(out[0, rows]).any()
     assert rel(out[0, rows], ref[0, rows]) <= TOL
     k[1, 1099, 0] = 0.0
     k[1, 300, 4] = float('nan')  # inside a group of maxima
-    assert torch.isnan(_Native(_Inputs(q, k, v, 0), lib).forward(keep)[0][1]).all()
+    assert torch.isnan(_Native(_Inputs(q, k, v, 0), lib, tiles=tiles).forward(keep)[0][1]).all()
 
 
 def test_chosen_tiles_are_configurations_the_kernel_has():

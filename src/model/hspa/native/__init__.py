@@ -10,10 +10,11 @@ from model.hspa.native.loader import (
                                       function,
                                       load,
                                       ptr,
+                                      screens,
                                       tiles_for,
                                       torch_uses_libgomp,
                                       unavailable_reason,
 )
 
 __all__ = ['TILE_ROWS', 'Tiles', 'cache_sizes', 'choose_tiles', 'column_tile', 'describe', 'function', 'load', 'ptr',
-           'tiles_for', 'torch_uses_libgomp', 'unavailable_reason']
+           'screens', 'tiles_for', 'torch_uses_libgomp', 'unavailable_reason']

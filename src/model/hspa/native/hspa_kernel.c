@@ -10,6 +10,10 @@
  *               where AVX-512 has it, skipping the groups and quarter groups whose maxima are below it), and
  *               Michelot's iteration (Newton's method on sum_j max(s_j - tau, 0) = 1, which rises
  *               monotonically to the exact threshold) runs on those alone. No sort.
+ *   screen      (float32 on CPUs with AVX512-BF16, hspa_screen.h) the block's scores from bf16 products at
+ *               twice the rate; each row's threshold from them, widened by their error bound, and the
+ *               entries near it scored again in float32: exact, and taken for the blocks after those whose
+ *               rows had few candidates.
  *   grad_rows   dP on the support, the sparsemax Jacobian (dS = dP - mean over the support) and dQ.
  *   grad_keys   dK and dV, by key, through a counting-sort transpose of the supports (hspa_backward.h).
  * Rows are shared among threads in small chunks from a common counter (rows differ in cost); the threads are
@@ -27,7 +31,9 @@
 #define HSPA_T float
 #define HSPA_I int32_t
 #define SFX f32
+#define HSPA_SCREENS /* the float32 kernels screen their scores in bf16 where the CPU has AVX512-BF16 */
 #include "hspa_kernel.c"
+#undef HSPA_SCREENS
 #undef HSPA_T
 #undef HSPA_I
 #undef SFX
@@ -36,6 +42,15 @@
 #define HSPA_I int64_t
 #define SFX f64
 #include "hspa_kernel.c"
+
+/* 1 where the float32 kernel can screen its scores in bf16 (a build for a CPU with AVX512-BF16), else 0. */
+int hspa_screens(void) {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 #else /* the kernels for one element type HSPA_T (HSPA_I: the integer of the same width) */
 
@@ -169,10 +184,20 @@ static int64_t CAT(collect, SFX)(const T *s, int64_t n, T t, const T *subset, in
     return e;
 }
 
+/* Keeps the entries of cols/vals[0..e) above t, in place, as columns and weights vals - t; returns their count. */
+static int64_t CAT(keep_support, SFX)(int32_t *cols, T *vals, int64_t e, T t) {
+    int64_t k = 0;
+    for (int64_t i = 0; i < e; i += W) /* k <= i: the stores precede what is still to be read */
+        k = CAT(append_above, SFX)(vals + i, cols + i, 0, e - i < W ? (int)(e - i) : (int)W, t, t, cols, vals, k);
+    return k;
+}
+
 /* Exact sparsemax of score row s[0..n): sets *tau (NaN for a row with no number above the bound) and leaves
- * the support in cols/vals (work space of n + 1 + W entries) as columns and weights s - tau; returns its size.
+ * the support in cols/vals (work space of n + 1 + W entries) as columns and weights s - tau; returns its size
+ * and adds the entries above the lower bound to *candidates.
  * Michelot's passes run over the entries above the lower bound only. */
-static int64_t CAT(row_sparsemax, SFX)(const T *s, int64_t n, T *subset, int32_t *cols, T *vals, T *tau) {
+static int64_t CAT(row_sparsemax, SFX)(const T *s, int64_t n, T *subset, int32_t *cols, T *vals, T *tau,
+                                       int64_t *candidates) {
     T m;
     const T bound = CAT(row_bound, SFX)(s, n, subset, &m);
     if (m != m) { /* a NaN score: a NaN row, as sparsemax over the whole row gives */
@@ -180,13 +205,10 @@ static int64_t CAT(row_sparsemax, SFX)(const T *s, int64_t n, T *subset, int32_t
         return 0;
     }
     const int64_t e = CAT(collect, SFX)(s, n, bound, subset, cols, vals);
+    *candidates += e;
     const T t = CAT(michelot, SFX)(vals, e, m, bound);
     *tau = t;
-    if (t != t) return 0;
-    int64_t k = 0;
-    for (int64_t i = 0; i < e; i += W) /* keeps the entries above tau, in place (k <= i) */
-        k = CAT(append_above, SFX)(vals + i, cols + i, 0, e - i < W ? (int)(e - i) : (int)W, t, t, cols, vals, k);
-    return k;
+    return t == t ? CAT(keep_support, SFX)(cols, vals, e, t) : 0;
 }
 
 /* o[0..NV W) = sum over the k entries of vals[e] * v[cols[e]][0..NV W), the NV vector sums in registers. */
@@ -229,54 +251,61 @@ static void CAT(row_output, SFX)(const int32_t *cols, const T *vals, int64_t k, 
     }
 }
 
-/* scores[r][j] = q[r] . k[j] for MR query rows and the 2W keys of one packed tile: kp holds k[j0 + l][c]
- * at kp[c * 2W + l], qt holds q[r][c] at qt[c * MR + r]; the MR x 2 accumulators stay in registers. */
-#define SCORE_TILE(MR)                                                                                        \
-    static void CAT(CAT(score_tile, MR), SFX)(const T *qt, const T *kp, int64_t kwidth, T *scores,              \
-                                              int64_t stride) {                                               \
-        VEC acc[MR][2];                                                                                       \
-        for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = CAT(splat, SFX)(0);                             \
-        for (int64_t c = 0; c < kwidth; c++) {                                                                \
-            const VEC k0 = CAT(load, SFX)(kp + c * 2 * W), k1 = CAT(load, SFX)(kp + c * 2 * W + W);          \
-            for (int r = 0; r < MR; r++) {                                                                    \
-                const VEC a = CAT(splat, SFX)(qt[c * MR + r]);                                               \
-                acc[r][0] += a * k0;                                                                          \
-                acc[r][1] += a * k1;                                                                          \
-            }                                                                                                 \
-        }                                                                                                     \
-        for (int r = 0; r < MR; r++) {                                                                        \
-            memcpy(scores + r * stride, &acc[r][0], sizeof(VEC));                                             \
-            memcpy(scores + r * stride + W, &acc[r][1], sizeof(VEC));                                         \
-        }                                                                                                     \
-    }
-SCORE_TILE(4)
-SCORE_TILE(6)
-SCORE_TILE(8)
-SCORE_TILE(12)
-#undef SCORE_TILE
-
-typedef void (*CAT(score_fn, SFX))(const T *, const T *, int64_t, T *, int64_t);
-
-static CAT(score_fn, SFX) CAT(score_kernel, SFX)(int64_t tile_rows) {
-    switch (tile_rows) {
-    case 4: return CAT(score_tile_4, SFX);
-    case 6: return CAT(score_tile_6, SFX);
-    case 8: return CAT(score_tile_8, SFX);
-    case 12: return CAT(score_tile_12, SFX);
-    default: return NULL;
-    }
-}
+#include "hspa_score.h"
 
 typedef struct {
     const T *q, *kp, *v;
+    const uint32_t *kp16;  /* the keys in bf16 (hspa_pack_keys_bf16) where the kernel screens, else NULL */
+    const float *keys;     /* the keys, row-major (length x kwidth), where it screens */
+    const float *kbounds;  /* their bounds from hspa_pack_keys_bf16 */
+    int screen;            /* 0: never; 1: where it pays (see attend_thread); 2: every block */
     int64_t rows, length, padded, kwidth, width, block_rows, tile_rows, key_tile;
-    T *out;                                  /* rows x width, or NULL */
-    int32_t *sup_cols;                       /* supports: NULL, or room for `capacity` entries */
+    T *out;                /* rows x width, or NULL */
+    int32_t *sup_cols;     /* supports: NULL, or room for `capacity` entries */
     T *sup_vals;
     int64_t capacity, *start, *nnz;
     int64_t next, entries; /* first query row of the next block; support entries taken */
     int failed;
 } CAT(attend_ctx, SFX);
+
+/* Scores of the block's query rows r0 .. r0 + rows - 1 into scores (rows `stride` apart). The queries are
+ * packed per group of mr rows as the micro-kernel reads them (zero rows pad); key panels of key_tile columns
+ * outside, row groups inside: each panel is read from memory once per block and then from the cache. */
+static void CAT(score_block, SFX)(const CAT(attend_ctx, SFX) *c, int64_t r0, int64_t rows, T *qt, T *scores,
+                                  int64_t stride) {
+    const int64_t kw = c->kwidth, mr = c->tile_rows, used = (rows + mr - 1) / mr;
+    const CAT(score_fn, SFX) score = CAT(score_kernel, SFX)(mr);
+    for (int64_t g = 0; g < used; g++)
+        for (int64_t r = 0; r < mr; r++)
+            for (int64_t d = 0; d < kw; d++)
+                qt[g * mr * kw + d * mr + r] = g * mr + r < rows ? c->q[(r0 + g * mr + r) * kw + d] : 0;
+    for (int64_t j0 = 0; j0 < c->padded; j0 += c->key_tile) {
+        const int64_t j1 = j0 + c->key_tile < c->padded ? j0 + c->key_tile : c->padded;
+        for (int64_t g = 0; g < used; g++)
+            for (int64_t j = j0; j < j1; j += 2 * W)
+                score(qt + g * mr * kw, c->kp + j * kw, kw, scores + g * mr * stride + j, stride);
+    }
+}
+
+#if defined(HSPA_SCREENS) && defined(__AVX512BF16__)
+#define SCREENING
+#include "hspa_screen.h"
+#endif
+
+/* Query row `row`'s output and support from its threshold t and its k support entries in cols/vals. */
+static void CAT(finish_row, SFX)(CAT(attend_ctx, SFX) *c, int64_t row, const int32_t *cols, const T *vals,
+                                 int64_t k, T t) {
+    if (c->out) CAT(row_output, SFX)(cols, vals, k, t, c->v, c->width, c->out + row * c->width);
+    if (c->start) {
+        const int64_t at = __atomic_fetch_add(&c->entries, k, __ATOMIC_RELAXED);
+        c->nnz[row] = k;
+        c->start[row] = at + k <= c->capacity ? at : -1;
+        if (at + k <= c->capacity) {
+            memcpy(c->sup_cols + at, cols, (size_t)k * sizeof(int32_t));
+            memcpy(c->sup_vals + at, vals, (size_t)k * sizeof(T));
+        }
+    }
+}
 
 static void CAT(attend_thread, SFX)(void *p) {
     CAT(attend_ctx, SFX) *c = p;
@@ -284,13 +313,16 @@ static void CAT(attend_thread, SFX)(void *p) {
     const int64_t groups = (c->block_rows + mr - 1) / mr;
     /* Score rows one cache line longer than the keys: rows a power of two apart would share cache sets. */
     const int64_t stride = np + 64 / (int64_t)sizeof(T);
-    const CAT(score_fn, SFX) score = CAT(score_kernel, SFX)(mr);
     T *scores = workspace(WS_SCORES, (size_t)(groups * mr) * stride * sizeof(T));
     T *qt = workspace(WS_QUERIES, (size_t)(groups * mr) * kw * sizeof(T));
     T *subset = CAT(subset_buffer, SFX)(n);
     int32_t *cols = workspace(WS_COLS, (size_t)(n + 1 + W) * sizeof(int32_t));
     T *vals = workspace(WS_VALS, (size_t)(n + 1 + W) * sizeof(T));
-    if (!scores || !qt || !cols || !vals || (n / (W * GROUP) > 1 && !subset)) {
+    const int failed = !scores || !qt || !cols || !vals || (n / (W * GROUP) > 1 && !subset);
+#ifdef SCREENING
+    int screen_next = 1;
+#endif
+    if (failed) {
         __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
         return;
     }
@@ -298,35 +330,34 @@ static void CAT(attend_thread, SFX)(void *p) {
         const int64_t r0 = __atomic_fetch_add(&c->next, c->block_rows, __ATOMIC_RELAXED);
         if (r0 >= c->rows) break;
         const int64_t rows = r0 + c->block_rows <= c->rows ? c->block_rows : c->rows - r0;
-        const int64_t used = (rows + mr - 1) / mr;
-        /* The block's queries, packed per group of mr rows as the micro-kernel reads them (zero rows pad). */
-        for (int64_t g = 0; g < used; g++)
-            for (int64_t r = 0; r < mr; r++) {
-                const int64_t row = g * mr + r;
-                for (int64_t d = 0; d < kw; d++) qt[g * mr * kw + d * mr + r] = row < rows ? c->q[(r0 + row) * kw + d] : 0;
-            }
-        /* Key panels of key_tile columns outside, row groups inside: each panel is read from memory once
-         * per block and then from the cache. */
-        for (int64_t j0 = 0; j0 < np; j0 += c->key_tile) {
-            const int64_t j1 = j0 + c->key_tile < np ? j0 + c->key_tile : np;
-            for (int64_t g = 0; g < used; g++)
-                for (int64_t j = j0; j < j1; j += 2 * W)
-                    score(qt + g * mr * kw, c->kp + j * kw, kw, scores + g * mr * stride + j, stride);
-        }
+#ifdef SCREENING
+        const int screened = c->kp16 && (c->screen == 2 || screen_next);
+        if (screened)
+            screen_block(c, r0, rows, (uint32_t *)qt, scores, stride);
+        else
+#endif
+            CAT(score_block, SFX)(c, r0, rows, qt, scores, stride);
+        int64_t candidates = 0; /* entries above the rows' lower bounds */
         for (int64_t i = 0; i < rows; i++) {
             T t;
-            const int64_t k = CAT(row_sparsemax, SFX)(scores + i * stride, n, subset, cols, vals, &t);
-            if (c->out) CAT(row_output, SFX)(cols, vals, k, t, c->v, c->width, c->out + (r0 + i) * c->width);
-            if (c->start) {
-                const int64_t at = __atomic_fetch_add(&c->entries, k, __ATOMIC_RELAXED);
-                c->nnz[r0 + i] = k;
-                c->start[r0 + i] = at + k <= c->capacity ? at : -1;
-                if (at + k <= c->capacity) {
-                    memcpy(c->sup_cols + at, cols, (size_t)k * sizeof(int32_t));
-                    memcpy(c->sup_vals + at, vals, (size_t)k * sizeof(T));
-                }
+            int64_t k = -1;
+#ifdef SCREENING
+            if (screened) {
+                const float *q = c->q + (r0 + i) * kw, err = screen_error(q, kw, c->kbounds);
+                if (err >= 0)
+                    k = screened_sparsemax(scores + i * stride, n, err, q, c->keys, kw, subset, cols, vals, &t,
+                                           &candidates);
+                if (k < 0) exact_row(q, c->keys, kw, n, scores + i * stride);
             }
+#endif
+            if (k < 0) k = CAT(row_sparsemax, SFX)(scores + i * stride, n, subset, cols, vals, &t, &candidates);
+            CAT(finish_row, SFX)(c, r0 + i, cols, vals, k, t);
         }
+#ifdef SCREENING
+        /* Screening saves about 40% of the scoring (n kw products a row) and costs about kw + 160 products for
+         * each entry scored again (about the candidates): the next block screens where that pays. */
+        screen_next = 12 * candidates * (kw + 160) < rows * n * kw;
+#endif
     }
 }
 
@@ -345,18 +376,27 @@ void CAT(hspa_pack_keys, SFX)(const T *k, int64_t length, int64_t kwidth, T *kp)
  * hspa_pack_keys, and their values v (length x width), into out (rows x width; NULL: not wanted). Each
  * thread takes block_rows query rows at a time, scores them with its micro-kernel of tile_rows rows (4, 6, 8
  * or 12) over panels of key_tile keys (a multiple of 2W) and thresholds them while they are in its cache.
- * With start (not NULL), row i's support goes to sup_cols/sup_vals (room for `capacity` entries) from entry
- * start[i] on, nnz[i] entries (columns and weights s - tau), rows in no particular order; *total is the
- * number of entries all rows need, and where that exceeds capacity the rows that did not fit have start -1.
- * Returns 0; -1 without work space; -2 for a tile configuration the kernel does not have. */
+ * screen (float32 with AVX512-BF16 only; kp16 and kbounds from hspa_pack_keys_bf16, keys the keys row-major):
+ * 0 scores in float32; 1 screens in bf16 the blocks after those whose rows had few candidates; 2 screens every
+ * block (hspa_screen.h). With start (not NULL), row i's
+ * support goes to sup_cols/sup_vals (room for `capacity` entries) from entry start[i] on, nnz[i] entries
+ * (columns and weights s - tau), rows in no particular order; *total is the number of entries all rows
+ * need, and where that exceeds capacity the rows that did not fit have start -1.
+ * Returns 0; -1 without work space; -2 for a configuration the kernel does not have. */
 int CAT(hspa_attend, SFX)(const T *q, const T *kp, int64_t rows, int64_t length, int64_t kwidth, const T *v,
-                          int64_t width, T *out, int64_t block_rows, int64_t tile_rows, int64_t key_tile,
-                          int32_t *sup_cols, T *sup_vals, int64_t capacity, int64_t *start, int64_t *nnz,
-                          int64_t *total, int n_threads) {
+                          int64_t width, T *out, int64_t block_rows, int64_t tile_rows, int64_t key_tile, int screen,
+                          const uint32_t *kp16, const float *keys, const float *kbounds, int32_t *sup_cols, T *sup_vals,
+                          int64_t capacity, int64_t *start, int64_t *nnz, int64_t *total, int n_threads) {
     const int64_t lanes = 2 * W, padded = (length + lanes - 1) / lanes * lanes;
     if (block_rows < 1 || key_tile < 1 || key_tile % lanes || !CAT(score_kernel, SFX)(tile_rows)) return -2;
-    CAT(attend_ctx, SFX) c = {q, kp, v, rows, length, padded, kwidth, width, block_rows, tile_rows, key_tile,
-                              out, sup_cols, sup_vals, capacity, start, nnz, 0, 0, 0};
+#ifdef SCREENING
+    if (screen < 0 || screen > 2 || (screen && (!kp16 || !keys || !kbounds))) return -2;
+#else
+    if (screen != 0) return -2;
+#endif
+    CAT(attend_ctx, SFX) c = {q, kp, v, screen ? kp16 : NULL, (const float *)keys, kbounds, screen, rows, length, padded, kwidth,
+                              width, block_rows, tile_rows, key_tile, out, sup_cols, sup_vals, capacity, start,
+                              nnz, 0, 0, 0};
     const int64_t blocks = (rows + block_rows - 1) / block_rows;
     run_threads(n_threads < blocks ? n_threads : (int)blocks, CAT(attend_thread, SFX), &c);
     if (total) *total = c.entries;
@@ -365,6 +405,7 @@ int CAT(hspa_attend, SFX)(const T *q, const T *kp, int64_t rows, int64_t length,
 
 #include "hspa_backward.h"
 
+#undef SCREENING
 #undef T
 #undef W
 #undef VEC

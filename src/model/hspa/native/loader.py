@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name('hspa_kernel.c')
-HEADERS = tuple(Path(__file__).with_name(name) for name in ('hspa_pool.h', 'hspa_backward.h'))  # SOURCE's
+HEADERS = tuple(Path(__file__).with_name(name)  # the files SOURCE includes
+                for name in ('hspa_pool.h', 'hspa_backward.h', 'hspa_score.h', 'hspa_screen.h'))
 # -fassociative-math (with the flags it requires) lets the compiler vectorise the masked sums.
 _FLAGS = ['-O3', '-fno-math-errno', '-fno-trapping-math', '-fno-signed-zeros', '-fassociative-math',
           '-shared', '-fPIC', '-pthread']
@@ -42,8 +43,8 @@ _i64 = ctypes.c_int64
 _int = ctypes.c_int
 _SIGNATURES = {
     'hspa_pack_keys': (None, [_p, _i64, _i64, _p]),
-    'hspa_attend': (_int, [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _p,
-                           _int]),
+    'hspa_attend': (_int, [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _i64, _int, _p, _p, _p, _p, _p, _i64,
+                           _p, _p, _p, _int]),
     'hspa_grad_rows': (None, [_p, _p, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, _int]),
     'hspa_grad_keys': (_int, [_p, _p, _p, _p, _p, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _int]),
 }
@@ -130,6 +131,9 @@ def _build(march: str | None = None, openmp: bool | None = None) -> tuple[ctypes
                 fn = getattr(lib, f'{name}_{suffix}')
                 fn.restype, fn.argtypes = restype, argtypes
         lib.hspa_vector_bytes.restype, lib.hspa_vector_bytes.argtypes = _int, []
+        lib.hspa_screens.restype, lib.hspa_screens.argtypes = _int, []
+        if lib.hspa_screens():
+            lib.hspa_pack_keys_bf16.restype, lib.hspa_pack_keys_bf16.argtypes = None, [_p, _i64, _i64, _p, _p]
         lib.hspa_cache_sizes.restype, lib.hspa_cache_sizes.argtypes = None, [_p, _p]
         threads = "torch's OpenMP threads" if '-fopenmp' in flags else 'its own thread pool'
         return lib, f'native CPU kernel {target}, on {threads}'
@@ -173,15 +177,22 @@ def ptr(t: torch.Tensor | None) -> int | None:
 class Tiles:
     """The fused kernel's blocking: query rows a thread scores and thresholds at a time (``block_rows``),
     rows of its register micro-kernel (``tile_rows``, one of TILE_ROWS) and keys per panel (``key_tile``,
-    a multiple of the column tile)."""
+    a multiple of the column tile); and whether float32 scores are screened with bf16 products first
+    (``screen``: 0 never, 1 while it pays, 2 always; only where ``screens(lib)``)."""
 
     block_rows: int
     tile_rows: int
     key_tile: int
+    screen: int = 0
 
 
 TILE_ROWS = (4, 6, 8, 12)  # the micro-kernels hspa_kernel.c has
 _LINE = 64
+
+
+def screens(lib: ctypes.CDLL) -> bool:
+    """Whether the library's float32 kernel can screen its scores with bf16 products (AVX512-BF16)."""
+    return bool(lib.hspa_screens())
 
 
 def column_tile(lib: ctypes.CDLL, dtype: torch.dtype) -> int:
@@ -213,14 +224,16 @@ def cache_sizes() -> tuple[int, int]:
     return l1d or 32 * 2**10, l2 or 2**20
 
 
-def choose_tiles(length: int, kwidth: int, element_size: int, vector_bytes: int, l1d: int, l2: int) -> Tiles:
+def choose_tiles(length: int, kwidth: int, element_size: int, vector_bytes: int, l1d: int, l2: int,
+                 bf16: bool = False) -> Tiles:
     """Tiles for one sample of ``length`` keys of ``kwidth`` channels.
 
     tile_rows: the most rows whose 2 x tile_rows accumulators, two key vectors and a broadcast query fit the
     vector registers (32 with AVX-512 and on aarch64, else 16). key_tile: a panel of packed keys takes an
     eighth of the L2 cache (it is read once per block from memory, then from L2 by every row tile).
     block_rows: the block's score rows fill at most half the L2 cache, so the threshold passes read them
-    from there, and its packed queries at most half the L1 data cache; at least one row tile.
+    from there, and its packed queries at most half the L1 data cache; at least one row tile. screen: 1
+    (while it pays) for float32 where the library has bf16 products (``bf16``), else 0.
     """
     registers = 32 if vector_bytes == 64 or platform.machine().lower() in ('aarch64', 'arm64') else 16
     tile_rows = max(r for r in TILE_ROWS if 2 * r + 3 <= registers)
@@ -230,10 +243,10 @@ def choose_tiles(length: int, kwidth: int, element_size: int, vector_bytes: int,
     rows = min((l2 // 2) // ((padded + _LINE // element_size) * element_size),
                (l1d // 2) // (kwidth * element_size))
     block_rows = max(tile_rows, rows // tile_rows * tile_rows)
-    return Tiles(block_rows, tile_rows, key_tile)
+    return Tiles(block_rows, tile_rows, key_tile, int(bf16 and element_size == 4))
 
 
 def tiles_for(lib: ctypes.CDLL, length: int, kwidth: int, dtype: torch.dtype) -> Tiles:
     """choose_tiles for this machine's caches and the library's vector width."""
     return choose_tiles(length, kwidth, 8 if dtype == torch.float64 else 4, lib.hspa_vector_bytes(),
-                        *cache_sizes())
+                        *cache_sizes(), bf16=screens(lib))
