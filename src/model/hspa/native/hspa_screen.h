@@ -112,42 +112,23 @@ static inline float exact_score(const float *q, const float *k, int64_t kw) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* Appends to cols/vals from e on each entry j of the `count` vectors at sh + first (entries before n) above
- * cut whose float32 score q . keys[j] is above lower, with that score; returns the new e and adds the
- * entries scored to *rescored. */
-static int64_t rescore_vectors(const float *sh, int64_t first, int64_t count, int64_t n, float cut, float lower,
-                               const float *q, const float *keys, int64_t kw, int32_t *cols, float *vals,
-                               int64_t e, int64_t *rescored) {
-    for (int64_t j = first; j < first + count * W; j += W) {
-        /* the padding past n holds scores of zero keys: masked off */
-        uint32_t bits = above_f32(sh + j, cut) & (n - j < W ? (1u << (n - j)) - 1 : ~0u);
-        *rescored += __builtin_popcount(bits);
-        for (; bits; bits &= bits - 1) {
-            const int64_t col = j + __builtin_ctz(bits);
-            const float x = exact_score(q, keys + col * kw, kw);
-            cols[e] = (int32_t)col;
-            vals[e] = x;
-            e += x > lower;
-        }
-    }
-    return e;
-}
-
-/* rescore_vectors over the whole row sh[0..n), skipping the groups and quarters whose maxima in subset are at
- * most cut, as collect does; returns the number of entries appended. */
+/* The entries of sh[0..n) above cut (found as collect finds them) whose float32 score q . keys[j] is above
+ * lower, into cols/vals with that score; returns their count and adds the entries scored to *rescored. */
 static int64_t rescore_above(const float *sh, int64_t n, float cut, float lower, const float *subset,
                              const float *q, const float *keys, int64_t kw, int32_t *cols, float *vals,
                              int64_t *rescored) {
-    const int64_t groups = subset && n / (W * GROUP) > 1 ? n / (W * GROUP) : 0;
-    int64_t e = 0, j = 0;
-    for (int64_t g = 0; g < groups; g++, j += W * GROUP) {
-        if (!above_f32(subset + g * W, cut)) continue;
-        for (int h = 0; h < 4; h++)
-            if (above_f32(subset + (groups + 4 * g + h) * W, cut))
-                e = rescore_vectors(sh, j + h * (GROUP / 4) * W, GROUP / 4, n, cut, lower, q, keys, kw, cols, vals,
-                                    e, rescored);
+    const int64_t e = collect_f32(sh, n, cut, subset, cols, vals);
+    *rescored += e;
+    int64_t k = 0;
+    for (int64_t i = 0; i < e; i++) {
+        if (i + 8 < e) __builtin_prefetch(keys + (int64_t)cols[i + 8] * kw); /* keys scattered over L2 and L3 */
+        const int32_t col = cols[i];
+        const float x = exact_score(q, keys + (int64_t)col * kw, kw);
+        cols[k] = col;
+        vals[k] = x;
+        k += x > lower;
     }
-    return rescore_vectors(sh, j, (n - j + W - 1) / W, n, cut, lower, q, keys, kw, cols, vals, e, rescored);
+    return k;
 }
 
 /* Float32 scores of query q against keys[0..n) into row. */
