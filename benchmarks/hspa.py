@@ -216,7 +216,8 @@ def _kernel_details(threads: int, wait_policy: str | None, march: str | None) ->
 
     l1d, l2 = native.cache_sizes()
     lib = native.load(march)
-    build = (f'kernel built with -march={march or "native"}, {lib.hspa_vector_bytes() * 8}-bit vectors'
+    build = (f'kernel built with -march={march or "native"}, {lib.hspa_vector_bytes() * 8}-bit vectors, '
+             f'{"bf16 screening of float32 scores" if native.screens(lib) else "float32 scores only"}'
              if lib is not None else f'no native kernel ({native.unavailable_reason()})')
     return [f'L1d {l1d // 1024} KiB, L2 {l2 // 1024} KiB per core', build, f'{threads} torch threads per run',
             f'OMP_WAIT_POLICY={wait_policy or os.environ.get("OMP_WAIT_POLICY", "(unset)")}']
