@@ -13,7 +13,9 @@ trained``, the HSPA layer of the quick demo's trained checkpoint (``--weights``)
 from 128x128 LR crops of Set5 and Set14. The baseline runs the same layer's embeddings through the
 published algorithm (harness.published_attention): full (L x L) score matrix, top-k based threshold with
 the 2k retry, dense weights @ values, and its saved-output backward. The floor is the score matmul alone
-(q @ k^T for every query row, in blocks of 2048 rows into one buffer), timed in the same worker.
+(q @ k^T for every query row, in blocks of 2048 rows into one buffer), timed in the same worker. The
+training step's input gradients are also compared with the project's layer run in float64: near a row's
+threshold float32 rounding can put an entry in or out of the support, where the sparsemax Jacobian jumps.
 
     python benchmarks/hspa.py                                   # random features, 48..256 and training
     python benchmarks/hspa.py --features trained --sizes 128 --no-train \
@@ -121,6 +123,8 @@ def _build(spec: dict):
                 x = nn.Conv2d(3, c, 3, padding=1)(torch.stack(crops))
         else:
             x = torch.randn(batch, c, size, size)
+    if spec['impl'] == 'float64':  # the reference of the gradients: the project's layer in float64
+        layer, x = layer.double(), x.double()
     if spec['block']:
         layer.block_size = spec['block']
 
@@ -154,7 +158,7 @@ def _build(spec: dict):
                 return {'out': forward(x)}
     else:
         x.requires_grad_(True)
-        weight = torch.randn(x.shape)
+        weight = torch.randn(x.shape).to(x.dtype)
 
         def run():
             layer.zero_grad(set_to_none=True)
@@ -299,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                     'features': args.features, 'weights': args.weights, 'images': images, 'march': args.march}
             impls = ['project'] if too_big else ['dense', 'project']
             mem = {}
-            for impl in impls + (['dense-rows'] if too_big and mode == 'infer' else []):
+            extra = (['dense-rows'] if too_big and mode == 'infer' else []) + (['float64'] if mode == 'train' else [])
+            for impl in impls + extra:
                 mem[impl] = run_case(__file__, {**base, 'kind': 'memory', 'impl': impl,
                                                 'save': str(Path(tmp) / f'{mode}{size}_{impl}.pt')}, env=env)
                 print(f'# {mode} {size}x{size} batch {batch} {impl} memory: {mem[impl]}', file=sys.stderr, flush=True)
@@ -310,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             ours = str(Path(tmp) / f'{mode}{size}_project.pt')
             if 'extra_mib' in mem['project'] and 'extra_mib' in mem.get('dense', {}):
                 diff = _max_diff(ours, str(Path(tmp) / f'{mode}{size}_dense.pt'))
+                if 'extra_mib' in mem.get('float64', {}):
+                    exact = str(Path(tmp) / f'{mode}{size}_float64.pt')
+                    diff['grad_f64'] = tuple(_max_diff(str(Path(tmp) / f'{mode}{size}_{impl}.pt'), exact)['grad_rel']
+                                             for impl in ('dense', 'project'))
             elif 'extra_mib' in mem['project'] and 'extra_mib' in mem.get('dense-rows', {}):
                 diff = _max_diff(ours, str(Path(tmp) / f'{mode}{size}_dense-rows.pt'), row_stride)
                 diff['rows'] = len(range(0, length, row_stride))
@@ -325,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
           f'layer input: {args.features}\n')
     print('Times as a multiple of the score-matmul floor measured in the same worker (seconds in brackets).\n')
     print('| case | score-matmul floor | dense / floor | project / floor | speed-up | dense extra mem '
-          '| project extra mem | mem ratio | max abs diff (out) | max rel diff (input grad) |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+          '| project extra mem | mem ratio | max abs diff (out) | max rel diff (input grad) '
+          '| input grad vs float64: dense, project |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
     for r in rows:
         name = f'{"inference" if r["mode"] == "infer" else "train step"} {r["size"]}x{r["size"]}, batch {r["batch"]}'
         d_t, o_t, f_t = (r['medians'].get(k) for k in ('dense', 'project', 'floor'))
@@ -337,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                  f'{d_t / o_t:.1f}x' if d_t and o_t else '—',
                  fmt_mib(d_m), fmt_mib(o_m), f'{d_m / o_m:.1f}x' if d_m and o_m else '—',
                  (f'{diff["out"]:.1e}' + (f' ({diff["rows"]} rows)' if 'rows' in diff else '')) if diff else '—',
-                 f'{diff["grad_rel"]:.1e}' if diff and diff['grad_rel'] is not None else '—']
+                 f'{diff["grad_rel"]:.1e}' if diff and diff['grad_rel'] is not None else '—',
+                 ', '.join(f'{d:.1e}' for d in diff['grad_f64']) if diff and 'grad_f64' in diff else '—']
         print('| ' + ' | '.join(cells) + ' |')
     return 0
 
