@@ -124,6 +124,7 @@ def test_tiles_screen_float32_only_where_the_library_can():
         pytest.skip(native.unavailable_reason())
     assert native.tiles_for(lib, 9216, 24, torch.float32).screen == int(native.screens(lib))
     assert native.tiles_for(lib, 9216, 24, torch.float64).screen == 0
+    assert native.tiles_for(lib, 576, 24, torch.float32).screen == 0  # short rows: not worth screening
     q, k, v = features(1, 100, 4, 3, scale=1.0)
     forced = native.Tiles(8, native.TILE_ROWS[0], native.column_tile(lib, torch.float64), 2)
     with pytest.raises(ValueError, match='no tile configuration'):  # float64 scores are never screened

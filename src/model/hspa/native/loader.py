@@ -187,6 +187,7 @@ class Tiles:
 
 
 TILE_ROWS = (4, 6, 8, 12)  # the micro-kernels hspa_kernel.c has
+_SCREEN_PRODUCTS = 2**15  # products a row needs (length x kwidth) for the bf16 screen to be worth its set-up
 _LINE = 64
 
 
@@ -233,7 +234,8 @@ def choose_tiles(length: int, kwidth: int, element_size: int, vector_bytes: int,
     eighth of the L2 cache (it is read once per block from memory, then from L2 by every row tile).
     block_rows: the block's score rows fill at most half the L2 cache, so the threshold passes read them
     from there, and its packed queries at most half the L1 data cache; at least one row tile. screen: 1
-    (while it pays) for float32 where the library has bf16 products (``bf16``), else 0.
+    (the kernel screens the blocks where it pays) for float32 where the library has bf16 products
+    (``bf16``) and rows are long enough, else 0.
     """
     registers = 32 if vector_bytes == 64 or platform.machine().lower() in ('aarch64', 'arm64') else 16
     tile_rows = max(r for r in TILE_ROWS if 2 * r + 3 <= registers)
@@ -243,7 +245,10 @@ def choose_tiles(length: int, kwidth: int, element_size: int, vector_bytes: int,
     rows = min((l2 // 2) // ((padded + _LINE // element_size) * element_size),
                (l1d // 2) // (kwidth * element_size))
     block_rows = max(tile_rows, rows // tile_rows * tile_rows)
-    return Tiles(block_rows, tile_rows, key_tile, int(bf16 and element_size == 4))
+    # Screening saves about 40% of a row's length x kwidth products and costs a few hundred cycles a row:
+    # it pays on long rows (the quick demo's 24x24 patches, 576 x 24, are scored in float32).
+    screen = int(bf16 and element_size == 4 and length * kwidth >= _SCREEN_PRODUCTS)
+    return Tiles(block_rows, tile_rows, key_tile, screen)
 
 
 def tiles_for(lib: ctypes.CDLL, length: int, kwidth: int, dtype: torch.dtype) -> Tiles:
