@@ -21,11 +21,12 @@ def _inference_with(lib, q, k, v, tiles):
     return _Native(_Inputs(q, k, v, 0), lib, tiles=tiles).forward(0)[0]
 
 
-def _training_with(lib, q, k, v, grad, tiles, entries=None):
-    """Output and (dq, dk, dv) of the native training path (supports kept from forward) with ``tiles``."""
+def _training_with(lib, q, k, v, grad, tiles, entries=None, keep=2**30):
+    """Output and (dq, dk, dv) of the native training path with ``tiles``: supports kept from forward, or
+    (keep=0) recomputed in backward."""
     kernels = _Native(_Inputs(q, k, v, 0), lib, entries=entries, tiles=tiles)
-    out, supports = kernels.forward(2**30)
-    assert all(part is not None for part in supports)
+    out, supports = kernels.forward(keep)
+    assert all((part is not None) == (keep > 0) for part in supports)
     return out, _Native(_Inputs(q, k, v, 0), lib, grad, tiles=tiles).backward(supports, (True, True, True))
 
 
@@ -82,10 +83,11 @@ def test_every_tile_configuration_is_exact_with_supports(dtype):
     ref, ref_grads = _oracle_with_grads(q, k, v, grad)
     tol = TOL if dtype == torch.float32 else 1e-12
     for tiles in _forced_tiles(lib, dtype, q.shape[1]):
-        out, grads = _training_with(lib, q, k, v, grad, tiles)
-        assert rel(out, ref) <= tol, tiles
-        for mine, theirs in zip(grads, ref_grads, strict=True):
-            assert rel(mine, theirs) <= tol, tiles
+        for keep in (2**30, 0) if tiles.block_rows == tiles.tile_rows else (2**30,):  # kept; recomputed
+            out, grads = _training_with(lib, q, k, v, grad, tiles, keep=keep)
+            assert rel(out, ref) <= tol, (tiles, keep)
+            for mine, theirs in zip(grads, ref_grads, strict=True):
+                assert rel(mine, theirs) <= tol, (tiles, keep)
 
 
 def test_support_buffer_grows_to_what_a_block_needs():

@@ -4,11 +4,11 @@
  *
  * The screened score of query q and key k differs from the float32 score by at most
  *     err = (2^-7 + 2^-16 + 2.2 kw 2^-24) |q| max_j |k_j|  (+ a term for flushed denormals)
- * (each factor rounded to bf16 is off by a part in 2^8; the float32 sums by kw roundings each; Cauchy-
+ * (each factor rounded to bf16 is off by a part in 2^8; either sum by at most kw roundings; Cauchy-
  * Schwarz). Shifting every score by err shifts the threshold by err, so the screened row's lower bound
  * minus err bounds the exact threshold from below (`lower`), and every entry above it has a screened score
- * above lower - err. Only the 16-key vectors holding such a score are scored again in float32, as the
- * micro-kernel scores them, and Michelot's iteration runs on their entries above `lower`. */
+ * above lower - err. Only those entries are scored again in float32 (exact_score, from the row-major keys),
+ * and Michelot's iteration runs on the ones above `lower`. */
 
 /* x rounded to the nearest bf16 (ties to even), as the 16 bits kept. */
 static inline uint32_t bf16_bits(float x) {

@@ -178,7 +178,7 @@ class Tiles:
     """The fused kernel's blocking: query rows a thread scores and thresholds at a time (``block_rows``),
     rows of its register micro-kernel (``tile_rows``, one of TILE_ROWS) and keys per panel (``key_tile``,
     a multiple of the column tile); and whether float32 scores are screened with bf16 products first
-    (``screen``: 0 never, 1 while it pays, 2 always; only where ``screens(lib)``)."""
+    (``screen``: 0 never, 1 the blocks where it pays, 2 every block; only where ``screens(lib)``)."""
 
     block_rows: int
     tile_rows: int
