@@ -20,10 +20,8 @@ pytest.importorskip('triton')
 from conftest import ROOT  # noqa: E402
 from model import attention  # noqa: E402
 from model.hspa.triton import SHARED_PER_BLOCK, Tiles, choose_tiles, hspa_triton  # noqa: E402
+from model.hspa.triton.static_check import WIDTHS  # noqa: E402
 from oracles import TOL, features, hspa_ref, rel  # noqa: E402
-
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-import gpu_static  # noqa: E402
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 # Small forced tiles: value chunks of 16 over widths up to 40 (three chunks, the last one partly masked).
@@ -47,7 +45,7 @@ def compare(q, k, v, tiles: Tiles | None = SMALL) -> None:
 def chosen_tiles() -> set[Tiles]:
     """Every configuration the chooser returns for the project's widths on the listed GPUs, and for a
     query width past 128 (its 16-row tiles)."""
-    widths = [*gpu_static.WIDTHS.values(), (200, 20)]
+    widths = [*WIDTHS.values(), (200, 20)]
     return {choose_tiles(cap, kw, width) for cap in SHARED_PER_BLOCK for kw, width in widths}
 
 
@@ -62,7 +60,7 @@ def test_every_chosen_configuration(tiles):
 
 def test_chooser_fits_every_listed_gpu():
     for cap in SHARED_PER_BLOCK:
-        for kw, width in gpu_static.WIDTHS.values():
+        for kw, width in WIDTHS.values():
             tiles = choose_tiles(cap, kw, width)
             assert tiles.block_q >= kw and tiles.shared_bytes() <= SHARED_PER_BLOCK[cap]
     with pytest.raises(ValueError, match='query/key width'):

@@ -6,7 +6,7 @@ query width for the scores, of the value width for dP), so the scores recomputed
 the same bits, the support (s > tau) is the same set in every pass, and no operand tile outgrows the
 registers. Outputs over the value width get a grid axis per BLOCK_C chunk; dq and dk are BLOCK_Q >= kw
 wide. Integer and pointer arguments are not specialised: one compiled variant per tile configuration and
-architecture, whatever the shape, which is exactly what benchmarks/gpu_static.py compiles.
+architecture, whatever the shape, which is exactly what static_check.py compiles.
 """
 
 import inspect

@@ -13,7 +13,7 @@ support and dq; ``backward_keys`` (per key tile) dk; ``backward_values`` (per ke
 dv. dS = dP - mean on the support (the sparsemax Jacobian), 0 elsewhere.
 
 Tiles come from `choose_tiles`, derived from the GPU's shared memory per block (`SHARED_PER_BLOCK`) and
-the 255-register limit of a thread; benchmarks/gpu_static.py compiles every launch it can make for
+the 255-register limit of a thread; static_check.py compiles every launch it can make for
 sm_80/86/89/90 and checks that each fits with no register spills. Inputs of any float dtype are cast to
 float32; scores, thresholds and products are IEEE float32 (no TF32). Any L and widths (masked tiles), no
 1/sqrt(d) scaling. Runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` (slowly; for tests).
@@ -60,7 +60,7 @@ class Tiles:
                 'BLOCK_C': self.block_c, 'BLOCK_Q': self.block_q}
 
     def options(self) -> dict[str, int | bool]:
-        """Compile options of every launch (also what benchmarks/gpu_static.py compiles with). No fusion of
+        """Compile options of every launch (also what static_check.py compiles with). No fusion of
         a separate multiply and add: IEEE float32 rounding outside the dots' own FMA chains, whatever
         Triton's default."""
         return {'num_warps': self.num_warps, 'num_stages': self.num_stages, 'maxnreg': MAX_REGISTERS,
