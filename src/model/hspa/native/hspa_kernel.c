@@ -355,7 +355,8 @@ static void CAT(attend_thread, SFX)(void *p) {
         }
 #ifdef SCREENING
         /* Screening saves about 40% of the scoring (n kw products a row) and costs about kw + 160 products for
-         * each entry scored again (about the candidates): the next block screens where that pays. */
+         * each entry scored again (about the candidates): the next block screens where that pays three times
+         * over, since a block can have many more candidates than the one before it (break-even: 4). */
         screen_next = 12 * candidates * (kw + 160) < rows * n * kw;
 #endif
     }
@@ -378,15 +379,16 @@ void CAT(hspa_pack_keys, SFX)(const T *k, int64_t length, int64_t kwidth, T *kp)
  * or 12) over panels of key_tile keys (a multiple of 2W) and thresholds them while they are in its cache.
  * screen (float32 with AVX512-BF16 only; kp16 and kbounds from hspa_pack_keys_bf16, keys the keys row-major):
  * 0 scores in float32; 1 screens in bf16 the blocks after those whose rows had few candidates; 2 screens every
- * block (hspa_screen.h). With start (not NULL), row i's
- * support goes to sup_cols/sup_vals (room for `capacity` entries) from entry start[i] on, nnz[i] entries
- * (columns and weights s - tau), rows in no particular order; *total is the number of entries all rows
- * need, and where that exceeds capacity the rows that did not fit have start -1.
+ * block (hspa_screen.h). With start (not NULL), row i's support goes to sup_cols/sup_vals (room for
+ * `capacity` entries) from entry start[i] on, nnz[i] entries (columns and weights s - tau), rows in no
+ * particular order; *total is the number of entries all rows need, and where that exceeds capacity the rows
+ * that did not fit have start -1.
  * Returns 0; -1 without work space; -2 for a configuration the kernel does not have. */
 int CAT(hspa_attend, SFX)(const T *q, const T *kp, int64_t rows, int64_t length, int64_t kwidth, const T *v,
-                          int64_t width, T *out, int64_t block_rows, int64_t tile_rows, int64_t key_tile, int screen,
-                          const uint32_t *kp16, const float *keys, const float *kbounds, int32_t *sup_cols, T *sup_vals,
-                          int64_t capacity, int64_t *start, int64_t *nnz, int64_t *total, int n_threads) {
+                          int64_t width, T *out, int64_t block_rows, int64_t tile_rows, int64_t key_tile,
+                          int screen, const uint32_t *kp16, const float *keys, const float *kbounds,
+                          int32_t *sup_cols, T *sup_vals, int64_t capacity, int64_t *start, int64_t *nnz,
+                          int64_t *total, int n_threads) {
     const int64_t lanes = 2 * W, padded = (length + lanes - 1) / lanes * lanes;
     if (block_rows < 1 || key_tile < 1 || key_tile % lanes || !CAT(score_kernel, SFX)(tile_rows)) return -2;
 #ifdef SCREENING
@@ -394,9 +396,9 @@ int CAT(hspa_attend, SFX)(const T *q, const T *kp, int64_t rows, int64_t length,
 #else
     if (screen != 0) return -2;
 #endif
-    CAT(attend_ctx, SFX) c = {q, kp, v, screen ? kp16 : NULL, (const float *)keys, kbounds, screen, rows, length, padded, kwidth,
-                              width, block_rows, tile_rows, key_tile, out, sup_cols, sup_vals, capacity, start,
-                              nnz, 0, 0, 0};
+    CAT(attend_ctx, SFX) c = {q, kp, v, screen ? kp16 : NULL, keys, kbounds, screen, rows, length, padded,
+                              kwidth, width, block_rows, tile_rows, key_tile, out, sup_cols, sup_vals, capacity,
+                              start, nnz, 0, 0, 0};
     const int64_t blocks = (rows + block_rows - 1) / block_rows;
     run_threads(n_threads < blocks ? n_threads : (int)blocks, CAT(attend_thread, SFX), &c);
     if (total) *total = c.entries;

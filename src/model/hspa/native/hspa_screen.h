@@ -113,12 +113,12 @@ static inline float exact_score(const float *q, const float *k, int64_t kw) {
 }
 
 /* The entries of sh[0..n) above cut (found as collect finds them) whose float32 score q . keys[j] is above
- * lower, into cols/vals with that score; returns their count and adds the entries scored to *rescored. */
+ * lower, into cols/vals with that score; returns their count and adds the entries scored to *candidates. */
 static int64_t rescore_above(const float *sh, int64_t n, float cut, float lower, const float *subset,
                              const float *q, const float *keys, int64_t kw, int32_t *cols, float *vals,
-                             int64_t *rescored) {
+                             int64_t *candidates) {
     const int64_t e = collect_f32(sh, n, cut, subset, cols, vals);
-    *rescored += e;
+    *candidates += e;
     int64_t k = 0;
     for (int64_t i = 0; i < e; i++) {
         if (i + 8 < e) __builtin_prefetch(keys + (int64_t)cols[i + 8] * kw); /* keys scattered over L2 and L3 */
@@ -138,16 +138,16 @@ static void exact_row(const float *q, const float *keys, int64_t kw, int64_t n, 
 
 /* Exact sparsemax of one row from its screened scores sh[0..n), each within err of the float32 score of
  * query q (keys: the keys, row-major): as row_sparsemax, the support left in cols/vals. Adds the entries
- * scored again to *rescored. Returns -1 where the screened row has a NaN or an infinity, or leaves no entry
+ * scored again to *candidates. Returns -1 where the screened row has a NaN or an infinity, or leaves no entry
  * (the caller then scores the row in float32). */
 static int64_t screened_sparsemax(const float *sh, int64_t n, float err, const float *q, const float *keys,
                                   int64_t kw, float *subset, int32_t *cols, float *vals, float *tau,
-                                  int64_t *rescored) {
+                                  int64_t *candidates) {
     float mh;
     const float bound = row_bound_f32(sh, n, subset, &mh);
     if (!(mh - mh == 0) || !(bound - bound == 0)) return -1;
     const float lower = bound - err;
-    const int64_t e = rescore_above(sh, n, lower - err, lower, subset, q, keys, kw, cols, vals, rescored);
+    const int64_t e = rescore_above(sh, n, lower - err, lower, subset, q, keys, kw, cols, vals, candidates);
     if (e == 0) return -1;
     float m = vals[0];
     for (int64_t i = 1; i < e; i++) m = vals[i] > m ? vals[i] : m;
