@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument('--debug', action='store_true', help='show full tracebacks for user errors')
-    p.add_argument('--template', default='.', help='preset configuration: HSPAN, MSNLAN (or MSDSN), EDSR')
+    p.add_argument('--template', default='.', help='preset configuration, the published defaults of a network: HSPAN, MSNLAN (or MSDSN), EDSR, '
+                        'EDSR_paper, RCAN, HAN, SAN, RDN, DDBPN, MDSR, NLSN, CSNLN, PAEDSR')
 
     g = p.add_argument_group('hardware')
     g.add_argument('--n_threads', type=int, default=18,
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--no_augment', action='store_true', help='no random flips/rotations of training patches')
 
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='EDSR', help='network name (HSPAN, MSNLAN/MSDSN, EDSR, Bicubic)')
+    g.add_argument('--model', default='EDSR', help='network name (HSPAN, MSNLAN/MSDSN, EDSR, Bicubic, RCAN, HAN, SAN, RDN, DDBPN, MDSR, '
+                        'NLSN, CSNLN, PAEDSR)')
     g.add_argument('--pre_train', type=str, default='.',
                    help="checkpoint to load, .pt or .safetensors ('.' for none); '{scale}' is replaced by each "
                         'scale. A checkpoint saved by this project sets the architecture flags it was built with')
@@ -82,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help='HSPA algorithm: auto (by device and size), fast (blocked, exact; native kernels on '
                         'the CPU), triton (fused exact kernels, CUDA) or dense (published, N x N scores); '
                         'MSNLAN: auto, fast or dense for its cross-scale attention')
+    g.add_argument('--G0', type=int, default=64, help='RDN: feature channels of the dense blocks')
+    g.add_argument('--RDNkSize', type=int, default=3, help='RDN: kernel size')
+    g.add_argument('--RDNconfig', type=str, default='B', choices=('A', 'B'),
+                   help='RDN: A (20 blocks x 6 layers, growth 32) or B (16 x 8, growth 64)')
+    g.add_argument('--depth', type=int, default=12, help='CSNLN: recurrent projection units')
+    g.add_argument('--chunk_size', type=int, default=144, help='NLSN: positions per attention chunk')
+    g.add_argument('--n_hashes', type=int, default=4, help='NLSN: hash rounds of its sparse attention')
     g.add_argument('--hspa_block', type=int, default=0,
                    help='query rows per block of the fast HSPA when training (0: automatic, about 32 MiB of '
                         "scores); MSNLAN: query positions per tile of its attention (0: automatic)")
@@ -217,7 +226,8 @@ def flag_type(dest: str) -> type | None:
 AT_LEAST = {'patch_size': 1, 'batch_size': 1, 'test_every': 1, 'rgb_range': 1, 'n_feats': 1, 'print_every': 1,
             'n_resgroups': 1, 'n_resblocks': 0, 'reduction': 1, 'topk': 1, 'hspa_block': 0, 'tile': 0,
             'tile_overlap': 0, 'split_batch': 1, 'n_GPUs': 1, 'gan_k': 1, 'warmup': 0, 'n_threads': 0,
-            'epochs': 0, 'resume': -1, 'dist_timeout': 1, 'max_skips': 1, 'accumulate': 1, 'ema_start': 0}
+            'epochs': 0, 'resume': -1, 'dist_timeout': 1, 'max_skips': 1, 'accumulate': 1, 'ema_start': 0,
+            'G0': 1, 'RDNkSize': 1, 'depth': 1, 'chunk_size': 1, 'n_hashes': 1}
 
 
 def validate(args: argparse.Namespace) -> None:

@@ -15,17 +15,31 @@ TEMPLATES: dict[str, dict[str, object]] = {
                'chop': True},
     'EDSR_PAPER': {'model': 'EDSR', 'n_resblocks': 32, 'n_feats': 256, 'res_scale': 0.1},
     'EDSR': {'model': 'EDSR', 'n_resblocks': 16, 'n_feats': 64, 'res_scale': 1},
+    # The comparison networks of the paper tables, as their authors' code and test commands set them.
+    'RCAN': {'model': 'RCAN', 'n_resgroups': 10, 'n_resblocks': 20, 'n_feats': 64, 'reduction': 16, 'res_scale': 1,
+             'rgb_range': 255, 'chop': True},
+    'HAN': {'model': 'HAN', 'n_resgroups': 10, 'n_resblocks': 20, 'n_feats': 64, 'reduction': 16, 'res_scale': 1,
+            'rgb_range': 255, 'chop': True},
+    'SAN': {'model': 'SAN', 'n_resgroups': 20, 'n_resblocks': 10, 'n_feats': 64, 'reduction': 16, 'res_scale': 1,
+            'rgb_range': 255, 'chop': True},
+    'RDN': {'model': 'RDN', 'G0': 64, 'RDNkSize': 3, 'RDNconfig': 'B', 'rgb_range': 255, 'chop': True},
+    'DDBPN': {'model': 'DDBPN', 'rgb_range': 255, 'chop': True},
+    'MDSR': {'model': 'MDSR', 'n_resblocks': 80, 'n_feats': 64, 'res_scale': 1, 'rgb_range': 255, 'chop': True},
+    'NLSN': {'model': 'NLSN', 'n_resblocks': 32, 'n_feats': 256, 'res_scale': 0.1, 'chunk_size': 144, 'n_hashes': 4,
+             'rgb_range': 1, 'chop': True},
+    'CSNLN': {'model': 'CSNLN', 'n_feats': 128, 'depth': 12, 'rgb_range': 1, 'chop': True},
+    'PAEDSR': {'model': 'PAEDSR', 'n_resblocks': 32, 'n_feats': 256, 'res_scale': 0.1, 'rgb_range': 1, 'chop': True},
 }
 
 
 def template_values(name: str) -> dict[str, object]:
-    """The preset whose name appears in `name` (case-insensitive; first match in TEMPLATES order), or {}."""
+    """The preset named `name` exactly (case-insensitive; a network's other name, MSDSN, names its preset),
+    or {}."""
     from model.registry import ALIASES  # the networks' other names (--template MSDSN = MSNLAN)
 
     key = str(name).upper()
-    for alias, target in ALIASES.items():
-        key = key.replace(alias.upper(), target.upper())
-    return next((dict(values) for t, values in TEMPLATES.items() if t in key), {})
+    key = ALIASES.get(key.lower(), key.lower()).upper()
+    return dict(TEMPLATES.get(key, {}))
 
 
 def known_names() -> list[str]:

@@ -107,7 +107,8 @@ def test_reset_deletes_in_python(tmp_path: Path) -> None:
     (['--lr', 'inf'], '--lr inf: expected a finite number'),
     (['--min_lr', 'nan'], '--min_lr nan'),
     (['--model', 'MSNLAN', '--hspa_impl', 'triton'], '--hspa_impl triton: MSNLAN'),
-    (['--template', 'RCAN'], '--template RCAN'),
+    (['--template', 'RCAN_x4'], '--template RCAN_x4'),  # names match exactly
+    (['--template', 'HSPAN_custom'], '--template HSPAN_custom'),
     (['--dilation'], 'unrecognized arguments: --dilation'),
     (['--act', 'relu'], 'unrecognized arguments: --act'),
 ])

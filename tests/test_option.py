@@ -30,7 +30,9 @@ def test_published_defaults():
 
 
 @pytest.mark.parametrize('template, model, feats', [('HSPAN', 'HSPAN', 192), ('MSDSN', 'MSNLAN', 64),
-                                                    ('MSNLAN', 'MSNLAN', 64), ('EDSR_paper', 'EDSR', 256)])
+                                                    ('MSNLAN', 'MSNLAN', 64), ('EDSR_paper', 'EDSR', 256),
+                                                    ('edsr', 'EDSR', 64), ('PAEDSR', 'PAEDSR', 256),
+                                                    ('RCAN', 'RCAN', 64), ('CSNLN', 'CSNLN', 128)])
 def test_templates(template, model, feats):
     a = option.parse(['--template', template])
     assert a.model == model and a.n_feats == feats

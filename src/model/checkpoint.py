@@ -124,9 +124,19 @@ def likely_cause(net: nn.Module, own: Mapping[str, torch.Tensor], state: Mapping
     return 'a different configuration (--scale, --n_feats, --n_resgroups, --n_resblocks, --reduction, ...)'
 
 
+def published_entries_dropped(net: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without the published checkpoints' entries that `net` names as unused (SRNetwork.unused_keys)."""
+    if isinstance(net, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        net = net.module
+    unused = net.unused_keys() if isinstance(net, SRNetwork) else frozenset()
+    return {k: v for k, v in state.items() if k not in unused}
+
+
 def check_state_fits(net: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise one UserError naming missing, unexpected and shape-mismatched keys when `state` does not fit."""
+    """Raise one UserError naming missing, unexpected and shape-mismatched keys when `state` does not fit
+    (the published entries the network names as unused aside)."""
     own = net.state_dict()
+    state = published_entries_dropped(net, state)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [f'{k} checkpoint {list(state[k].shape)} vs model {list(own[k].shape)}'
@@ -156,6 +166,7 @@ def fit_into(net: nn.Module, state: Mapping[str, torch.Tensor], config: Mapping[
     """Strictly load `state` (read from `source`) into `net`, refusing (UserError) before changing anything:
     keys and shapes must fit, values must be finite."""
     check_state_fits(net, state, source)
+    state = published_entries_dropped(net, state)
     broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if broken:
         raise UserError(f'{source}: values not finite (NaN or infinite) in {len(broken)} tensors: {_few(broken)}')

@@ -15,7 +15,10 @@ The network is an `SRNetwork`: an nn.Module with `forward(lr) -> sr` and
   shapes tell (used to explain a checkpoint that does not fit);
 - `chop_rule(scale)`: how --chop cuts the LR image (the published rule of that model);
 - `multi_scale` / `set_scale(idx_scale)`: a network serving every --scale itself; otherwise the wrapper
-  builds one network per scale.
+  builds one network per scale;
+- `unused_keys()`: the entries of the published checkpoints that the network does not hold (a parameter the
+  published network registers but never uses, a module it saves twice); the loader drops exactly these when
+  present, and refuses every other key the network lacks.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from torch import nn
 
 # Flags that only some models read; each model names the ones it reads in its FLAGS.
 MODEL_FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale', 'reduction', 'topk', 'attention',
-               'attention_every', 'hspa_impl', 'hspa_block')
+               'attention_every', 'hspa_impl', 'hspa_block', 'G0', 'RDNkSize', 'RDNconfig', 'depth', 'chunk_size',
+               'n_hashes')
 # Model flags that choose how a network computes, not what it computes: a checkpoint may record them, but a
 # value given on the command line wins over it (HSPA's threshold is exact whatever topk is).
 HOW_FLAGS = ('topk', 'hspa_impl', 'hspa_block')
@@ -72,6 +76,9 @@ class SRNetwork(nn.Module):
 
     def chop_rule(self, scale: int) -> ChopRule:
         return EDSR_CHOP
+
+    def unused_keys(self) -> frozenset[str]:
+        return frozenset()
 
     def set_scale(self, idx_scale: int) -> None:
         """Select the scale of the next forward (multi-scale networks)."""

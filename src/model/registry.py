@@ -19,6 +19,16 @@ NETWORKS = {
     'edsr': 'model.networks.edsr',
     'hspan': 'model.networks.hspan',
     'msnlan': 'model.networks.msnlan',
+    # the comparison networks of the paper tables
+    'rcan': 'model.networks.rcan',
+    'han': 'model.networks.han',
+    'san': 'model.networks.san',
+    'rdn': 'model.networks.rdn',
+    'ddbpn': 'model.networks.ddbpn',
+    'mdsr': 'model.networks.mdsr',
+    'nlsn': 'model.networks.nlsn',
+    'csnln': 'model.networks.csnln',
+    'paedsr': 'model.networks.paedsr',
 }
 # Other names of a network (the MSNLAN code was published as MSDSN); --template applies them too.
 ALIASES = {'msdsn': 'msnlan'}

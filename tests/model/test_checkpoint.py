@@ -256,3 +256,25 @@ def test_checkpoint_configuration_contradicted_on_the_command_line(tmp_path: Pat
         model.Model(_args('--model', 'EDSR', '--pre_train', path), log=lambda s: None)
     with pytest.raises(UserError, match=r'^--scale 3 contradicts'):
         model.Model(_args('--model', 'HSPAN', '--scale', '3', '--pre_train', path), log=lambda s: None)
+
+
+def test_published_unused_entries_are_dropped_by_name_and_nothing_else() -> None:
+    from model.contract import SRNetwork
+
+    class WithUnused(SRNetwork):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def unused_keys(self) -> frozenset[str]:
+            return frozenset({'gamma', 'twin.weight'})
+
+    net = WithUnused()
+    state = {k: torch.randn_like(v) for k, v in net.state_dict().items()}
+    # the named entries are accepted, present or not, and never loaded
+    checkpoint.fit_into(net, {**state, 'gamma': torch.zeros(1), 'twin.weight': torch.zeros(2)}, None, 'f.pt')
+    assert torch.equal(net.conv.weight, state['conv.weight'])
+    checkpoint.fit_into(net, state, None, 'f.pt')
+    # any other entry the network lacks is still refused, by name
+    with pytest.raises(UserError, match=r'1 unexpected keys: twin\.bias'):
+        checkpoint.fit_into(net, {**state, 'twin.bias': torch.zeros(2)}, None, 'f.pt')

@@ -106,9 +106,9 @@ def test_registry_case_insensitive_alias_and_discovery() -> None:
     assert model.resolve_model_name('MSDSN') == 'msnlan'
     assert model.resolve_model_name('msnlan') == 'msnlan'
     with pytest.raises(UserError) as err:
-        model.resolve_model_name('RCAN')
+        model.resolve_model_name('RCAN_x4')
     message = str(err.value)
-    assert '--model RCAN' in message and '\n' not in message
+    assert '--model RCAN_x4' in message and '\n' not in message
     for n in names:  # every module with make_model is listed (e.g. bicubic once it exists)
         assert n in message
 
