@@ -20,8 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument('--debug', action='store_true', help='show full tracebacks for user errors')
-    p.add_argument('--template', default='.', help='preset configuration, the published defaults of a network: HSPAN, MSNLAN (or MSDSN), EDSR, '
-                        'EDSR_paper, RCAN, HAN, SAN, RDN, DDBPN, MDSR, NLSN, CSNLN, PAEDSR')
+    p.add_argument('--template', default='.',
+                   help='preset configuration, the published defaults of a network: HSPAN, MSNLAN (or MSDSN), '
+                        'EDSR, EDSR_paper, RCAN, HAN, SAN, RDN, DDBPN, MDSR, NLSN, CSNLN, PAEDSR')
 
     g = p.add_argument_group('hardware')
     g.add_argument('--n_threads', type=int, default=18,
@@ -59,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--no_augment', action='store_true', help='no random flips/rotations of training patches')
 
     g = p.add_argument_group('model')
-    g.add_argument('--model', default='EDSR', help='network name (HSPAN, MSNLAN/MSDSN, EDSR, Bicubic, RCAN, HAN, SAN, RDN, DDBPN, MDSR, '
-                        'NLSN, CSNLN, PAEDSR)')
+    g.add_argument('--model', default='EDSR',
+                   help='network name (HSPAN, MSNLAN/MSDSN, EDSR, Bicubic, RCAN, HAN, SAN, RDN, DDBPN, MDSR, NLSN, '
+                        'CSNLN, PAEDSR)')
     g.add_argument('--pre_train', type=str, default='.',
                    help="checkpoint to load, .pt or .safetensors ('.' for none); '{scale}' is replaced by each "
                         'scale. A checkpoint saved by this project sets the architecture flags it was built with')
