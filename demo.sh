@@ -9,6 +9,8 @@
 #   bash demo.sh cpu_recipe     # small HSPAN on T91+BSD200 without a GPU (TRAIN_DATA=<folder with T91/ BSD200/>)
 #   bash demo.sh ablation       # HSPA vs softmax vs no attention at equal budget on that recipe
 #   bash demo.sh attention_ablation  # EDSR-baseline and HSPAN x none/softmax/hspa x 3 seeds: mean ± std
+#   bash demo.sh paper_table CHECKPOINTS [--dir_data D]  # one folder per network (RCAN/, HSPAN/, ...) of
+#                               released checkpoints -> the paper table (src/tools/paper_table.py --help)
 #
 # Results go to experiment/<save>/ at the repository root (log.txt, results.json, plots, model/).
 set -euo pipefail
@@ -163,5 +165,6 @@ case "${1:-}" in
     quick) shift; quick "$@" ;;
     hspan_train|hspan_test|msnlan_train|msnlan_test) "$1" ;;
     cpu_recipe|ablation|attention_ablation) cmd=$1; shift; "$cmd" "$@" ;;
-    *) sed -n '2,13p' "$0"; exit 2 ;;
+    paper_table) shift; cd "$ROOT"; "$PYTHON" src/tools/paper_table.py "$@" ;;
+    *) sed -n '2,15p' "$0"; exit 2 ;;
 esac
