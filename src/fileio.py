@@ -1,7 +1,9 @@
 """Atomic file writes: every file a later run reads goes to a temporary name first, then is renamed.
 
 A write that fails (a full disk, an I/O error, a read-only folder) leaves the previous file intact and is
-reported as one line naming the file and the OS error (WriteError).
+reported as one line naming the file and the OS error (WriteError). The file gets the mode a plain open()
+would give it: a new file 0666 less the process's umask, a replaced file its previous mode (the temporary
+file itself is created 0600).
 
 Fault injection for the tests and benchmarks/faults.py: SR_FAULT=<file name>:<step>:<action>, read at each
 write, makes the write of that file pause or fail at a named step: `open` (before the temporary file is
@@ -52,6 +54,28 @@ def inject_fault(path: Path, step: str, spec: str | None = None) -> None:
         raise OSError(code, os.strerror(code), str(path))
 
 
+def process_umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status); elsewhere set and restored."""
+    try:
+        with open('/proc/self/status') as status:
+            for line in status:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_open_mode(path: Path) -> int:
+    """The permission bits open(path, 'w') would leave: the existing file's, else 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~process_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     """Call write(f) on a temporary file beside `path`, fsync, then rename it onto `path`.
 
@@ -71,6 +95,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             f.flush()
             inject_fault(path, 'written')
             os.fsync(f.fileno())
+            os.fchmod(f.fileno(), plain_open_mode(path))
         os.replace(tmp, path)
     except BaseException as e:
         try:
