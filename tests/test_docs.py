@@ -1,0 +1,31 @@
+"""The Markdown files stay true to the tree: every repository path they name exists."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import ROOT
+
+# A word that starts with a top-level folder of the repository; patterns (<name>, {scale}, *) are not paths.
+PATH_WORD = re.compile(r'(?<![\w./-])((?:src|tests|benchmarks|docs|Figs|datasets)/[\w./<>{}*\-]*)')
+
+
+def _markdown_files() -> list:
+    return [p for p in ROOT.rglob('*.md') if not {'.git', 'experiment', '.pytest_cache'} & set(p.parts)]
+
+
+def test_markdown_names_only_paths_that_exist() -> None:
+    missing = []
+    for md in _markdown_files():
+        for match in PATH_WORD.finditer(md.read_text()):
+            path = match.group(1).rstrip('.,:;)')
+            if not any(c in path for c in '<>{}*') and not (ROOT / path).exists():
+                missing.append(f'{md.relative_to(ROOT)}: {path}')
+    assert not missing, missing
+
+
+def test_the_check_sees_a_missing_path(tmp_path) -> None:
+    text = 'See src/nowhere.py and src/main.py, or tests/<name>.py.'
+    found = [m.group(1).rstrip('.,:;)') for m in PATH_WORD.finditer(text)]
+    assert found == ['src/nowhere.py', 'src/main.py', 'tests/<name>.py']
+    assert not (ROOT / found[0]).exists() and (ROOT / found[1]).exists()
