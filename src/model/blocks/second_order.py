@@ -69,7 +69,8 @@ def covariance_window(x: torch.Tensor, size: int = COVARIANCE_WINDOW) -> torch.T
 
 class SecondOrderChannelAttention(nn.Module):
     """SOCA: x * sigmoid(conv(relu(conv(column means of sqrt(covariance(window of x)))))); keys
-    conv_du.0.* and conv_du.2.*."""
+    conv_du.0.* and conv_du.2.*. The covariance and its square root are computed in float32 (float64 for
+    float64 input) whatever the autocast or weight precision."""
 
     def __init__(self, channel: int, reduction: int = 8, iters: int = SQRT_ITERATIONS) -> None:
         super().__init__()
@@ -83,8 +84,12 @@ class SecondOrderChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]
-        root = newton_schulz_sqrt(covariance(covariance_window(x)), self.iters)
-        return self.conv_du(root.mean(dim=1).view(b, c, 1, 1)) * x
+        # Statistics in float32 at least, also under autocast or half weights: the iteration divides by the trace.
+        with torch.autocast(x.device.type, enabled=False):
+            window = covariance_window(x)
+            root = newton_schulz_sqrt(covariance(window.to(torch.promote_types(window.dtype, torch.float32))),
+                                      self.iters)
+        return self.conv_du(root.mean(dim=1).view(b, c, 1, 1).to(x.dtype)) * x
 
 
 class EmbeddedGaussianNonLocal(nn.Module):

@@ -114,6 +114,15 @@ def test_used_and_unused_entries() -> None:
     checkpoint.fit_into(net, without, None, 'reference')
 
 
+def test_bf16_autocast_keeps_second_order_statistics_in_float32() -> None:
+    ref = load_reference('san')
+    net = _small(2)
+    checkpoint.fit_into(net, ref['x2_state'], None, 'reference')
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = net.eval()(ref['input']).float()
+    assert torch.isfinite(out).all() and (out - ref['x2_output']).abs().mean().item() < 1  # of 255
+
+
 def test_chop_is_the_published_forward_chop(tmp_path: Path) -> None:
     ref = load_reference('san')
     assert _small(2).chop_rule(2) == ChopRule(shave=10, min_size=160000, h_mult=0, w_mult=0)
