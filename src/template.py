@@ -16,13 +16,13 @@ TEMPLATES: dict[str, dict[str, object]] = {
     'EDSR_PAPER': {'model': 'EDSR', 'n_resblocks': 32, 'n_feats': 256, 'res_scale': 0.1},
     'EDSR': {'model': 'EDSR', 'n_resblocks': 16, 'n_feats': 64, 'res_scale': 1},
     # The comparison networks of the paper tables, as their authors' code and test commands set them.
-    # RCAN, HAN: published template + option.py defaults (reduction, rgb_range); their blocks ignore --res_scale.
+    # RCAN, HAN, SAN: published template + option.py defaults (reduction, rgb_range); their blocks ignore --res_scale.
     'RCAN': {'model': 'RCAN', 'n_resgroups': 10, 'n_resblocks': 20, 'n_feats': 64, 'reduction': 16, 'rgb_range': 255,
              'chop': True},
     'HAN': {'model': 'HAN', 'n_resgroups': 10, 'n_resblocks': 20, 'n_feats': 64, 'reduction': 16, 'rgb_range': 255,
             'chop': True},
-    'SAN': {'model': 'SAN', 'n_resgroups': 20, 'n_resblocks': 10, 'n_feats': 64, 'reduction': 16, 'res_scale': 1,
-            'rgb_range': 255, 'chop': True},
+    'SAN': {'model': 'SAN', 'n_resgroups': 20, 'n_resblocks': 10, 'n_feats': 64, 'reduction': 16, 'rgb_range': 255,
+            'chop': True},
     'RDN': {'model': 'RDN', 'G0': 64, 'RDNkSize': 3, 'RDNconfig': 'B', 'rgb_range': 255, 'chop': True},
     'DDBPN': {'model': 'DDBPN', 'rgb_range': 255, 'chop': True},
     'MDSR': {'model': 'MDSR', 'n_resblocks': 80, 'n_feats': 64, 'res_scale': 1, 'rgb_range': 255, 'chop': True},
