@@ -20,7 +20,7 @@ import torch
 import main
 import model
 import option
-from conftest import load_reference, reference_path
+from conftest import load_reference, reference_path, run_main, tiny_world
 from errors import UserError
 from model import checkpoint
 from model.networks import ddbpn, mdsr, rdn
@@ -280,7 +280,7 @@ def test_cli_mdsr_serves_every_scale_from_one_checkpoint(monkeypatch, tmp_path: 
     a = ref['small_args']
     torch.save(ref['state'], tmp_path / 'MDSR.pt')
     out = _demo(monkeypatch, tmp_path, ref['input'], a['rgb_range'], '--model', 'MDSR', '--scale', '2+3+4',
-                '--pre_train', str(tmp_path / 'MDSR.pt'), *_size_flags('mdsr', a), '--save_models')
+                '--pre_train', str(tmp_path / 'MDSR.pt'), *_size_flags('mdsr', a))
     for s in (2, 3, 4):
         _assert_png(out / f'crop_x{s}_SR.png', ref[f'x{s}_output'], a['rgb_range'])
     # a file this project writes records the scales: --pre_train alone rebuilds the three branches
@@ -298,8 +298,6 @@ def test_cli_mdsr_serves_every_scale_from_one_checkpoint(monkeypatch, tmp_path: 
 
 
 def test_mdsr_trains_every_branch_and_resumes(monkeypatch, tmp_path: Path) -> None:
-    from conftest import run_main, tiny_world
-
     world = tiny_world(tmp_path)
     flags = ['--model', 'MDSR', '--scale', '2+3', '--n_feats', '8', '--n_resblocks', '1', '--patch_size', '12',
              '--batch_size', '2', '--test_every', '4', '--print_every', '2', '--n_threads', '0', '--data_train', 'Tiny',
