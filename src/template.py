@@ -23,9 +23,11 @@ TEMPLATES: dict[str, dict[str, object]] = {
             'chop': True},
     'SAN': {'model': 'SAN', 'n_resgroups': 20, 'n_resblocks': 10, 'n_feats': 64, 'reduction': 16, 'rgb_range': 255,
             'chop': True},
-    'RDN': {'model': 'RDN', 'G0': 64, 'RDNkSize': 3, 'RDNconfig': 'B', 'rgb_range': 255, 'chop': True},
-    'DDBPN': {'model': 'DDBPN', 'rgb_range': 255, 'chop': True},
-    'MDSR': {'model': 'MDSR', 'n_resblocks': 80, 'n_feats': 64, 'res_scale': 1, 'rgb_range': 255, 'chop': True},
+    # RDN, DDBPN, MDSR: laoyangui/HSPAN evaluates them on whole images (its templates set no --chop); MDSR's
+    # released weights are built with --scale 2+3+4 and 80 residual blocks.
+    'RDN': {'model': 'RDN', 'G0': 64, 'RDNkSize': 3, 'RDNconfig': 'B', 'rgb_range': 255},
+    'DDBPN': {'model': 'DDBPN', 'scale': '4', 'rgb_range': 255},
+    'MDSR': {'model': 'MDSR', 'scale': '2+3+4', 'n_resblocks': 80, 'n_feats': 64, 'rgb_range': 255},
     'NLSN': {'model': 'NLSN', 'n_resblocks': 32, 'n_feats': 256, 'res_scale': 0.1, 'chunk_size': 144, 'n_hashes': 4,
              'rgb_range': 1, 'chop': True},
     'CSNLN': {'model': 'CSNLN', 'n_feats': 128, 'depth': 12, 'rgb_range': 1, 'chop': True},

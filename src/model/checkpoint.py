@@ -186,10 +186,11 @@ def adopt_checkpoint_config(args: argparse.Namespace, config: Mapping[str, objec
     """Set the flags a checkpoint's configuration states, so `--pre_train X` rebuilds its network; a flag
     given on the command line that contradicts it is refused, naming both values, except a flag of HOW_FLAGS
     (how the network computes: the command line wins). Returns the flags set ('--n_feats 64', ...). With
-    several --scale values the checkpoint's scale is left to the per-scale files."""
+    several --scale values the scale of a single-scale network's checkpoint is left to the per-scale files (a
+    multi-scale network's list of scales is adopted or checked like any flag)."""
     adopted = []
     for key, value in config.items():
-        if key not in vars(args) or (key == 'scale' and len(args.scale) > 1):
+        if key not in vars(args) or (key == 'scale' and len(args.scale) > 1 and not isinstance(value, list)):
             continue
         if key in HOW_FLAGS and key in args.cli_flags:
             continue
@@ -199,7 +200,7 @@ def adopt_checkpoint_config(args: argparse.Namespace, config: Mapping[str, objec
             value = resolve_model_name(str(value))
         elif key == 'scale':
             given, current = '+'.join(map(str, args.scale)), args.scale
-            value = [int(value)]
+            value = list(value) if isinstance(value, list) else [int(value)]  # a list: a multi-scale network
         else:
             given = current = getattr(args, key, None)
         if current == value:
@@ -217,8 +218,9 @@ def _check_config_value(key: str, value: object, current: object, source: str) -
     from option import AT_LEAST, flag_type  # the flags' declared types and integer lower bounds
 
     kind = flag_type(key)
-    if key == 'scale':
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    if key == 'scale':  # one int, or the list of a multi-scale network
+        values = value if isinstance(value, list) and value else [value]
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
     elif isinstance(current, bool):
         ok = isinstance(value, bool)
     elif kind is int:

@@ -9,7 +9,8 @@ A model is a module `src/model/networks/<name>.py`, listed in model/registry.py,
 
 The network is an `SRNetwork`: an nn.Module with `forward(lr) -> sr` and
 
-- `config`: the flags that shape it (their parsed values, 'scale' as one int). Checkpoints carry it, so
+- `config`: the flags that shape it (their parsed values, 'scale' as one int; a multi_scale network with
+  weights per scale, MDSR, gives the list of its scales). Checkpoints carry it, so
   `--test_only --pre_train X` rebuilds the same network without architecture flags;
 - `infer_config(state_dict)`: the same flags read back from a bare state dict, as far as its keys and
   shapes tell (used to explain a checkpoint that does not fit);
