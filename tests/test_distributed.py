@@ -163,8 +163,8 @@ def test_amp_training_step_on_cpu(amp: str, world: dict, monkeypatch: pytest.Mon
     seen: list[torch.dtype] = []
     forward = model_pkg.Model.forward
 
-    def spy(self: model_pkg.Model, lr: torch.Tensor, idx_scale: int = 0) -> torch.Tensor:
-        out = forward(self, lr, idx_scale)
+    def spy(self: model_pkg.Model, lr: torch.Tensor, idx_scale: int = 0, seed: int | None = None) -> torch.Tensor:
+        out = forward(self, lr, idx_scale, seed)
         if self.training:
             seen.append(out.dtype)
         return out

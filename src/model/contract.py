@@ -19,12 +19,20 @@ The network is an `SRNetwork`: an nn.Module with `forward(lr) -> sr` and
   builds one network per scale;
 - `unused_keys()`: the entries of the published checkpoints that the network does not hold (a parameter the
   published network registers but never uses, a module it saves twice); the loader drops exactly these when
-  present, and refuses every other key the network lacks.
+  present, and refuses every other key the network lacks;
+- `random_draws` / `drawing_from(generator)`: a network whose forward draws random numbers (NLSN's hash
+  rotations) sets random_draws and, inside `with net.drawing_from(g):`, draws them all from the
+  torch.Generator g, in a fixed order (outside: from torch's global generator, as in training). The
+  wrapper gives each evaluation forward, i.e. one image with all its chop quarters, tiles and self-ensemble
+  passes in their fixed order, a fresh generator seeded with the seed its caller passes (the evaluation
+  loop and upscale.py: training.seeding.image_seed(--seed, file name); --seed otherwise). So an image's
+  output depends neither on the images before it, nor on the loader order, nor on the number of processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +74,7 @@ class SRNetwork(nn.Module):
     """Base class of the networks: defaults for everything the contract lets a network leave out."""
 
     multi_scale = False
+    random_draws = False  # True: forward draws random numbers, from drawing_from's generator when given
 
     def __init__(self) -> None:
         super().__init__()
@@ -80,6 +89,11 @@ class SRNetwork(nn.Module):
 
     def unused_keys(self) -> frozenset[str]:
         return frozenset()
+
+    @contextlib.contextmanager
+    def drawing_from(self, generator: torch.Generator | None) -> Iterator[None]:
+        """Forwards within the block draw their random numbers from `generator` (random_draws networks)."""
+        yield
 
     def set_scale(self, idx_scale: int) -> None:
         """Select the scale of the next forward (multi-scale networks)."""

@@ -61,6 +61,7 @@ class Model(nn.Module):
         self.scales = list(args.scale)
         self.idx_scale = 0
         self.self_ensemble, self.chop = args.self_ensemble, args.chop
+        self.seed = args.seed  # the evaluation draws of random_draws networks when no seed is given
         self.tile, self.tile_overlap = args.tile, args.tile_overlap
         self.save_models, self.save_format = args.save_models, args.save_format
         self.device = distributed.choose_device(args, log)
@@ -208,17 +209,28 @@ class Model(nn.Module):
 
     # ---- forwards
 
-    def forward(self, lr: torch.Tensor, idx_scale: int | torch.Tensor = 0) -> torch.Tensor:
-        """Training mode: the plain network. Eval mode: --tile or --chop, inside --self_ensemble, at --precision."""
+    def forward(self, lr: torch.Tensor, idx_scale: int | torch.Tensor = 0, seed: int | None = None) -> torch.Tensor:
+        """Training mode: the plain network. Eval mode: --tile or --chop, inside --self_ensemble, at --precision;
+        a network with random draws takes them from a generator seeded with `seed` (None: --seed), afresh
+        for this call (model.contract)."""
         if isinstance(idx_scale, torch.Tensor):  # one value per batch
             idx_scale = int(idx_scale.reshape(-1)[0])
         self.idx_scale = int(idx_scale)
         self.model.set_scale(self.idx_scale)
         if self.training:
             return self._train_runners[self._index()](lr.contiguous(memory_format=self.memory_format))
-        if self.self_ensemble:
-            return tiling.forward_x8(lr, self._forward_one)
-        return self._forward_one(lr)
+        with self._draws(seed):
+            if self.self_ensemble:
+                return tiling.forward_x8(lr, self._forward_one)
+            return self._forward_one(lr)
+
+    def _draws(self, seed: int | None) -> contextlib.AbstractContextManager:
+        """The current network's random draws from a generator seeded with `seed` (None: --seed)."""
+        if not self.model.random_draws:
+            return contextlib.nullcontext()
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.seed if seed is None else seed)
+        return self.model.drawing_from(generator)
 
     def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
         if self.tile:

@@ -12,6 +12,8 @@ The model file describes its network (no architecture flags). Each image goes th
   luma of the output);
 - an alpha channel is upscaled with bicubic interpolation (MATLAB's imresize), as chaiNNer does;
 - EXIF orientation is applied on reading.
+- a network with random draws (NLSN) takes them, per image, from --seed and the file name (without
+  suffix), as main.py's evaluation does: the same image gives the same output in both.
 
 A file that cannot be read or written costs one line naming it; the others go on (exit status 1 then).
 """
@@ -32,6 +34,7 @@ from imageops.imresize import imresize
 from imageops.metrics import tensor_to_image
 from tools.images import IMAGE_SUFFIXES, read_image, write_png
 from tools.trained_model import model_args, require_configuration
+from training.seeding import image_seed
 
 LUMA = (0.299, 0.587, 0.114)  # BT.601, what Pillow and OpenCV use for RGB -> gray
 
@@ -46,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--precision', default='single', choices=('single', 'half', 'bf16'),
                    help='half: float16 weights (CUDA); bf16: bfloat16 convolutions')
     p.add_argument('--cpu', action='store_true', help='use the CPU even when CUDA is available')
+    p.add_argument('--seed', type=int, default=1,
+                   help="seed of a network's random draws (NLSN), per image with its file name, as main.py's")
     p.add_argument('--debug', action='store_true', help='show full tracebacks for user errors')
     return p
 
@@ -87,8 +92,10 @@ def _upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
     return np.clip(np.round(imresize(alpha.astype(np.float64), scale=scale)), 0, 65535).astype(np.uint16)
 
 
-def upscale_pixels(net: model.Model, pixels: np.ndarray, n_colors: int, rgb_range: float, scale: int) -> np.ndarray:
-    """The super-resolved image of HxWxC pixels (C 1 to 4), in the same layout and bit depth."""
+def upscale_pixels(net: model.Model, pixels: np.ndarray, n_colors: int, rgb_range: float, scale: int,
+                   seed: int | None = None) -> np.ndarray:
+    """The super-resolved image of HxWxC pixels (C 1 to 4), in the same layout and bit depth; `seed`: the
+    seed of a network's random draws (None: the model's --seed)."""
     gray = pixels.shape[2] <= 2
     colour = pixels[..., :1] if gray else pixels[..., :3]
     if n_colors == 3 and gray:
@@ -96,7 +103,7 @@ def upscale_pixels(net: model.Model, pixels: np.ndarray, n_colors: int, rgb_rang
     elif n_colors == 1 and not gray:
         raise UserError('the model works on one channel (--n_colors 1): give grayscale images')
     with torch.no_grad():
-        sr = net(_to_tensor(colour, rgb_range).to(net.device)).float()
+        sr = net(_to_tensor(colour, rgb_range).to(net.device), seed=seed).float()
     if gray and n_colors == 3:
         sr = (sr * torch.tensor(LUMA, dtype=sr.dtype, device=sr.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     out = _quantize(sr, rgb_range, pixels.dtype == np.uint16)
@@ -111,7 +118,8 @@ def main(argv: Sequence[str]) -> int:
 
     args = build_parser().parse_args(argv)
     require_configuration(args.pre_train)
-    device_flags = ['--tile', str(args.tile), '--tile_overlap', str(args.tile_overlap), '--precision', args.precision]
+    device_flags = ['--tile', str(args.tile), '--tile_overlap', str(args.tile_overlap), '--precision', args.precision,
+                    '--seed', str(args.seed)]
     margs = model_args(args.pre_train, (), device_flags + (['--cpu'] if args.cpu else []))
     net = model.Model(margs, log=lambda line: print(line, file=sys.stderr))
     net.eval()
@@ -128,7 +136,8 @@ def main(argv: Sequence[str]) -> int:
                 raise UserError(f'{path}: same output name {target} as {written[target]}; skipped')
             pixels = read_image(path)
             try:
-                result = upscale_pixels(net, pixels, margs.n_colors, margs.rgb_range, scale)
+                result = upscale_pixels(net, pixels, margs.n_colors, margs.rgb_range, scale,
+                                        image_seed(margs.seed, path.stem))
             except UserError as e:
                 raise UserError(f'{path}: {e}') from None
             write_png(target, result)

@@ -21,6 +21,7 @@ from imageops.color import rgb_to_gray
 from runs.experiment import Experiment
 from runs.records import HistoryEntry, ImageScore, SetResult
 from runs.timer import Timer
+from training.seeding import image_seed
 
 
 def summarise(name: str, scale: int, scores: list[ImageScore], seconds: float, epoch: int) -> SetResult:
@@ -89,7 +90,8 @@ class Evaluator:
                          disable=not self.progress, file=sys.stdout):
             stem = item.name[0] if isinstance(item.name, (list, tuple)) else str(item.name)
             chunks = item.lr.to(self.device).chunk(max(1, self.args.split_batch), dim=0)
-            sr = torch.cat([self.model(c, idx_scale) for c in chunks], dim=0)
+            seed = image_seed(self.args.seed, stem)  # the image's own draws (networks with random draws)
+            sr = torch.cat([self.model(c, idx_scale, seed=seed) for c in chunks], dim=0)
             score, images = self._score(ds, scale, item.lr, item.hr, sr, stem)
             self._write_images(ds.name, scale, (stem, images))
             mine.append((positions[len(mine)], score))
