@@ -20,7 +20,7 @@ import main
 import model
 import option
 import template
-from conftest import SRC, load_reference, reference_path
+from conftest import SRC, load_reference, reference_path, run_main, tiny_world
 from errors import UserError
 from model import checkpoint, tiling
 from model.blocks.pyramid import PYRAMID_FACTORS, PyramidAttention, level_sizes
@@ -285,6 +285,23 @@ def test_hspa_attention_trains() -> None:
         opt.step()
     assert net.body[1].conv_match[0].weight.grad.abs().sum() > 0
     assert losses[1] < losses[0]
+
+
+def test_hspa_trains_resumes_and_evaluates_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = tiny_world(tmp_path)
+    flags = ['--model', 'PAEDSR', '--attention', 'hspa', '--topk', '8', '--n_resblocks', '2', '--n_feats', '8',
+             '--rgb_range', '1', '--scale', '2', '--patch_size', '16', '--batch_size', '2', '--n_threads', '0',
+             '--data_train', 'Tiny', '--data_test', 'Mini', '--print_every', '1', '--test_every', '2']
+    run_main(world, monkeypatch, flags, '--save', 'pa', '--epochs', '1')
+    run_main(world, monkeypatch, flags, '--load', 'pa', '--resume', '-1', '--epochs', '2')
+    folder = world['exp'] / 'pa'
+    assert 'Resumed at epoch 1' in (folder / 'log.txt').read_text()
+    saved, config = checkpoint.read_checkpoint(folder / 'model' / 'model_latest.pt')
+    assert config['attention'] == 'hspa' and not any(k.startswith('msa.') for k in saved)
+    # --pre_train alone rebuilds the hspa network from the file's configuration
+    run_main(world, monkeypatch, ['--model', 'PAEDSR', '--data_test', 'Mini', '--n_threads', '0', '--scale', '2'],
+             '--test_only', '--pre_train', str(folder / 'model' / 'model_latest.pt'), '--save', 'pa_test')
+    assert '[Mini x2]' in (world['exp'] / 'pa_test' / 'log.txt').read_text()
 
 
 @pytest.mark.slow
