@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--topk', type=int, default=128, help='top-k scores from which HSPA finds its threshold')
     g.add_argument('--attention', type=str, default=None, choices=('hspa', 'softmax', 'none'),
                    help='non-local attention: hspa (soft thresholding), softmax, or none; default: the '
-                        "model's published one (HSPAN hspa, MSNLAN softmax, EDSR none). HSPAN: its attention "
-                        'slot; EDSR: an attention after every --attention_every residual blocks; MSNLAN: the '
-                        'normaliser of its multi-scale attention (hspa or softmax)')
+                        "model's published one (HSPAN hspa, MSNLAN and PAEDSR softmax, EDSR none). HSPAN: its "
+                        'attention slot; EDSR: an attention after every --attention_every residual blocks; '
+                        'MSNLAN, PAEDSR: the normaliser of its multi-scale or pyramid attention (hspa or softmax)')
     g.add_argument('--attention_every', type=int, default=None,
                    help='EDSR with --attention hspa|softmax: residual blocks per attention (default 8)')
     g.add_argument('--hspa_impl', type=str, default='auto', choices=('auto', 'dense', 'fast', 'triton'),
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--n_hashes', type=int, default=4, help='NLSN: hash rounds of its sparse attention')
     g.add_argument('--hspa_block', type=int, default=0,
                    help='query rows per block of the fast HSPA when training (0: automatic, about 32 MiB of '
-                        "scores); MSNLAN: query positions per tile of its attention (0: automatic)")
+                        "scores); MSNLAN, PAEDSR: query positions per tile of its attention (0: automatic)")
 
     g = p.add_argument_group('training')
     g.add_argument('--reset', action='store_true', help='delete the experiment folder and start afresh')

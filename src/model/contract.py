@@ -51,12 +51,15 @@ HOW_FLAGS = ('topk', 'hspa_impl', 'hspa_block')
 class ChopRule:
     """The published forward_chop of a model: quarters overlapping by `shave` LR pixels, split further
     while a quarter has at least `min_size` pixels. With h_mult/w_mult > 0, a quarter's height/width is
-    rounded up to the next multiple (always adding at least 1, as published); 0 leaves it as it is."""
+    rounded up to the next multiple (always adding at least 1, as published); 0 leaves it as it is. With
+    add_remainder, the size grows by its remainder modulo h_mult/w_mult instead (PA-EDSR's forward_chop:
+    `h_size += h_size % scale`, not always a multiple)."""
 
     shave: int = 10
     min_size: int = 160000
     h_mult: int = 0
     w_mult: int = 0
+    add_remainder: bool = False
 
 
 # EDSR-PyTorch's forward_chop: shave 10, min_size 160000, no rounding.

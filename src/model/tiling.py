@@ -59,9 +59,9 @@ def chop(x: torch.Tensor, scale: int, rule: ChopRule, run: Forward, per_call: in
     h_half, w_half = h // 2, w // 2
     h_size, w_size = h_half + rule.shave, w_half + rule.shave
     if rule.h_mult:
-        h_size += rule.h_mult - h_size % rule.h_mult
+        h_size += h_size % rule.h_mult if rule.add_remainder else rule.h_mult - h_size % rule.h_mult
     if rule.w_mult:
-        w_size += rule.w_mult - w_size % rule.w_mult
+        w_size += w_size % rule.w_mult if rule.add_remainder else rule.w_mult - w_size % rule.w_mult
     if h_size > h or w_size > w or (h_size == h and w_size == w and h_size * w_size >= rule.min_size):
         # Too small to split, or splitting would not shrink it: the published code fails on such inputs
         # (bad slices, endless recursion); a plain forward is what it means.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -257,8 +258,8 @@ class Model(nn.Module):
     def forward_chop(self, x: torch.Tensor, shave: int | None = None, min_size: int | None = None) -> torch.Tensor:
         """The network's published forward_chop (tiling.chop), optionally with another shave or min_size."""
         rule = self.chop_rule()
-        rule = ChopRule(rule.shave if shave is None else shave, rule.min_size if min_size is None else min_size,
-                        rule.h_mult, rule.w_mult)
+        rule = replace(rule, shave=rule.shave if shave is None else shave,
+                       min_size=rule.min_size if min_size is None else min_size)
         return tiling.chop(x, self.scales[self.idx_scale], rule, self._run, self.n_parallel)
 
     def extra_repr(self) -> str:
