@@ -1,10 +1,11 @@
 """The CUDA branches of the HSPA operator, run on a machine without a GPU.
 
-- Device placement: every tensor a path allocates is on its input's device. The layer path runs on the
-  ``meta`` device (autograd works there; a tensor allocated without a device lands on the CPU and the next
-  operation refuses the mix). The Triton launcher runs on fake ``cuda:1`` tensors (FakeTensorMode) with
-  recording stand-ins for the kernels and for ``torch.cuda.device``. Reads of a tensor's value (data-dependent
-  branches) answer 1, so no path needs real data.
+- Device placement: every tensor a path allocates is on its input's device. The layer, dense and blocked
+  paths run on the ``meta`` device (autograd works there, unlike on fake CUDA tensors on a CPU-only build;
+  a tensor allocated without a device lands on the CPU and the next operation refuses the mix). The Triton
+  launcher runs on fake ``cuda:1`` tensors (FakeTensorMode) with recording stand-ins for the kernels and for
+  ``torch.cuda.device``. Reads of a tensor's value (data-dependent branches) answer 1, so no path needs real
+  data.
 - 16-bit weights keep their dtype through every impl (bfloat16 on the CPU).
 - The ``auto`` rule on CUDA: the dense peak (transient and retained factors), free memory read on every
   plan, and a query/key width the fused kernels do not take falling back instead of raising.
@@ -46,14 +47,17 @@ class Placement(TorchDispatchMode):
         return out
 
 
-def test_the_layer_path_allocates_on_its_input_device():
-    # The whole layer on the torch back-end (what impl 'fast' runs on CUDA), forward and backward. (The
-    # module paths enter autocast, which has no 'meta' state.)
-    layer = HSPA(8, topk=4, impl='fast').to('meta')
+@pytest.mark.parametrize('path', ['layer', 'dense', 'blocked'])
+def test_every_path_allocates_on_its_input_device(path, monkeypatch):
+    # autocast has no 'meta' state: the paths that switch it off run without it here.
+    monkeypatch.setattr(torch, 'autocast', lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr('model.hspa.module.fusable', lambda layer, x: False)  # the module runs dense or blocked
+    layer = HSPA(8, topk=4, impl='dense' if path == 'dense' else 'fast').to('meta')
     x = torch.zeros(2, 8, 3, 4, device='meta', requires_grad=True)
     placement = Placement()
     with placement:
-        out = hspa_layer(x, layer, 4, backend='torch')
+        # The whole layer on the torch back-end is what impl 'fast' runs on CUDA.
+        out = hspa_layer(x, layer, 4, backend='torch') if path == 'layer' else layer(x)
         out.sum().backward()
     assert placement.devices == {torch.device('meta')}
     assert all(p.grad.device.type == 'meta' for p in layer.parameters()) and x.grad.device.type == 'meta'
