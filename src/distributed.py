@@ -106,6 +106,33 @@ def data_parallel_gpus(args: argparse.Namespace, device: torch.device) -> int:
     return args.n_GPUs
 
 
+class _UnderAutocast:
+    """Calls one replica under an autocast state captured in the caller's thread."""
+
+    def __init__(self, module: torch.nn.Module, device_type: str, dtype: torch.dtype, enabled: bool) -> None:
+        self.module, self.device_type, self.dtype, self.enabled = module, device_type, dtype, enabled
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled):
+            return self.module(*args, **kwargs)
+
+
+class DataParallel(torch.nn.DataParallel):
+    """torch's DataParallel (--n_GPUs) whose replicas run under the caller's autocast dtype.
+
+    torch's worker threads re-enter autocast with ``enabled`` only, and the autocast dtype is kept per
+    thread, so under ``torch.autocast('cuda', dtype=torch.bfloat16)`` (--amp bf16, --precision bf16) the
+    replicas would run in float16, the thread default, with no GradScaler. Each replica here enters the
+    caller's autocast state again inside its thread."""
+
+    def parallel_apply(self, replicas: Sequence[torch.nn.Module], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
+        # Without an accelerator torch builds no src_device_obj (and never calls this but in tests).
+        kind = self.src_device_obj.type if hasattr(self, 'src_device_obj') else 'cpu'
+        dtype, enabled = torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind)
+        runners = [_UnderAutocast(r, kind, dtype, enabled) for r in replicas]
+        return super().parallel_apply(runners, inputs, kwargs)
+
+
 def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """`net` inside DistributedDataParallel in a torchrun job of several processes (its construction
     broadcasts rank 0's weights, so every process starts equal); `net` itself otherwise."""

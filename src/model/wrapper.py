@@ -103,7 +103,8 @@ class Model(nn.Module):
         if self.n_parallel > 1:
             if args.compile:
                 raise UserError(f'--compile with --n_GPUs {args.n_GPUs}: use torchrun for several GPUs')
-            self._runners = [nn.DataParallel(net, device_ids=list(range(self.n_parallel))) for net in self.nets]
+            self._runners = [distributed.DataParallel(net, device_ids=list(range(self.n_parallel)))
+                             for net in self.nets]
         # Training forwards: DDP under torchrun (the plain list keeps 'module.' out of the wrapper's state dict).
         self._train_runners: list[nn.Module] = self._runners
         if not args.test_only and any(p.requires_grad for p in self.nets.parameters()):

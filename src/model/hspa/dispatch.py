@@ -12,12 +12,14 @@ CPU               auto, fast               ``layer`` (whole layer, embeddings re
                                            no hooks, float32/64, autocast off), else ``blocked``; both on
                                            the ``native`` C kernels, or on ``torch`` where no C compiler
                                            works (auto says so once; see native.unavailable_reason)
-CUDA              auto                     ``dense`` while batch * L * L float32 scores take at most
-                                           DENSE_SHARE of the GPU memory free when first asked (read once
-                                           per device and run); above it ``triton`` with the triton
-                                           package, else ``blocked`` on ``torch`` (auto says so once)
+CUDA              auto                     ``dense`` while ``dense_fits`` (its peak, counted in float32
+                                           (batch, L, L) scores, within DENSE_SHARE of the GPU memory free
+                                           now: read on every plan); above it ``triton`` with the triton
+                                           package and query/key widths the kernels take, else ``blocked``
+                                           on ``torch`` (auto says why once)
 CUDA              fast                     ``layer`` / ``blocked`` on ``torch``
-CUDA              triton                   ``triton``; ValueError without the triton package
+CUDA              triton                   ``triton``; ValueError without the triton package or for a
+                                           query/key width the kernels do not take
 CPU               triton                   ``triton`` under TRITON_INTERPRET=1 (tests); else ValueError
 ================  =======================  ==============================================================
 
@@ -27,7 +29,6 @@ and the plan's ``note`` says why. ``PlanLog`` says each distinct plan once.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Callable
@@ -40,8 +41,18 @@ from model.hspa import triton as fused
 
 IMPLS = ('auto', 'dense', 'fast', 'triton')
 PATHS = ('dense', 'layer', 'blocked', 'triton', 'export')
-# impl='auto' on CUDA forms the whole score tensor while it takes at most this share of free memory.
-DENSE_SHARE = 0.25
+# impl='auto' on CUDA runs the dense path while its peak takes at most this share of the free memory
+# (the rest: the network's other activations and the allocator's fragmentation).
+DENSE_SHARE = 0.5
+# The dense path's memory in units of its (batch, L, L) float32 scores. Transient, during soft thresholding:
+# the scores, their shifted copy, the sorted values with their int64 indices (rows that need the full sort),
+# the cumulative sums, the rank products, the output and the comparison masks: about 4x on rows the first
+# top-k solves, up to about 9x on rows that need the full sort (which cannot be told before sorting).
+DENSE_TRANSIENT = 9
+# Retained: in training each layer keeps its sparsemax output for backward until backward reaches it.
+# Earlier layers' retained outputs are already allocated when a later layer plans (free memory is read
+# on every plan), so the rule counts the planning layer's own.
+DENSE_RETAINED = 1
 
 _logger = logging.getLogger('hspa')
 
@@ -68,19 +79,22 @@ class Plan:
         return f'HSPA: {self.impl} on {self.device} -> {self.path} ({what}{note})'
 
 
-@functools.cache
 def cuda_free_bytes(index: int) -> int:
-    """Free memory of CUDA device ``index`` when first asked in this process (one device query per run)."""
-    return int(torch.cuda.mem_get_info(index)[0])
+    """Memory of CUDA device ``index`` that a new tensor can take now: the device's free memory plus what
+    torch's caching allocator holds unused. Read on every plan: the optimizer's state, earlier layers'
+    activations and other jobs on the GPU change it."""
+    cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+    return int(torch.cuda.mem_get_info(index)[0]) + max(0, int(cached))
 
 
-def dense_fits(batch: int, length: int, free_bytes: int) -> bool:
-    """The ``auto`` rule on CUDA: whether the dense path's (batch, L, L) float32 scores take at most
-    DENSE_SHARE of ``free_bytes``. It is a memory rule, not a speed rule: where the dense path fits it is
-    the faster one (its two matmuls do 2 L^2 (Ck + C) FLOPs at cuBLAS rates, while the fused kernels
-    recompute the scores on every Michelot pass and every backward pass, about 3.5x the FLOPs in forward;
-    benchmarks/README.md, roofline estimate)."""
-    return batch * length * length * 4 <= DENSE_SHARE * free_bytes
+def dense_fits(batch: int, length: int, free_bytes: int, training: bool = False) -> bool:
+    """The ``auto`` rule on CUDA: whether the dense path's peak, DENSE_TRANSIENT (+ DENSE_RETAINED when
+    ``training``) times its (batch, L, L) float32 scores, takes at most DENSE_SHARE of ``free_bytes``. It is
+    a memory rule, not a speed rule: where the dense path fits it is the faster one (its two matmuls do
+    2 L^2 (Ck + C) FLOPs at cuBLAS rates, while the fused kernels recompute the scores on every Michelot pass
+    and every backward pass, about 3.5x the FLOPs in forward; benchmarks/README.md, roofline estimate)."""
+    factor = DENSE_TRANSIENT + (DENSE_RETAINED if training else 0)
+    return batch * length * length * 4 * factor <= DENSE_SHARE * free_bytes
 
 
 def _triton_runs_here(device: torch.device) -> bool:
@@ -88,10 +102,12 @@ def _triton_runs_here(device: torch.device) -> bool:
 
 
 def plan(impl: str, device: torch.device, batch: int, length: int, *, fusable: bool = False,
-         exporting: bool = False) -> Plan:
+         exporting: bool = False, training: bool = False, widths: tuple[int, int] | None = None) -> Plan:
     """The algorithm of one HSPA forward over ``batch`` maps of ``length`` = H * W positions (see the
     module's table). ``fusable``: the layer's embeddings are the published ones (model.hspa.layer.fusable).
-    ``exporting``: the forward is being traced for ONNX export."""
+    ``exporting``: the forward is being traced for ONNX export. ``training``: the forward keeps what its
+    backward needs. ``widths``: the (query/key, value) widths, checked against what the fused kernels take
+    (None: not checked)."""
     if impl not in IMPLS:
         raise ValueError(f"HSPA impl must be one of {', '.join(IMPLS)}; got {impl!r}")
     kind = device.type
@@ -105,15 +121,20 @@ def plan(impl: str, device: torch.device, batch: int, length: int, *, fusable: b
         if not _triton_runs_here(device):
             raise ValueError(f"HSPA impl 'triton' runs on CUDA devices (on the CPU only under TRITON_INTERPRET=1); "
                              f'the input is on {device}')
+        if widths is not None and not fused.supports(device, *widths):
+            raise ValueError(f"HSPA impl 'triton': {fused.unsupported_reason(widths[0])}")
         return Plan('triton', '', impl, kind)
     note = ''
     if impl == 'auto' and kind == 'cuda':
         index = device.index if device.index is not None else torch.cuda.current_device()
-        if dense_fits(batch, length, cuda_free_bytes(index)):
+        if dense_fits(batch, length, cuda_free_bytes(index), training):
             return Plan('dense', '', impl, kind)
-        if fused.available():
+        if not fused.available():
+            note = 'no triton package: the dense peak exceeds its share of GPU memory'
+        elif widths is not None and not fused.supports(device, *widths):
+            note = f'{fused.unsupported_reason(widths[0])}: the dense peak exceeds its share of GPU memory'
+        else:
             return Plan('triton', '', impl, kind)
-        note = 'no triton package: the scores exceed the dense share of GPU memory'
     path = 'layer' if fusable else 'blocked'
     if kind == 'cpu' and native.load() is not None:
         return Plan(path, 'native', impl, kind)

@@ -156,7 +156,7 @@ class _HSPALayer(torch.autograd.Function):
             pres, posts = _embed(samples[s], weight, bias, slope, ctx.widths, keep_pre=True)
             inp = _Inputs(*(t[None] for t in posts), ctx.block)
             # res_scale * grad, transposed to the (L, C) rows the kernels read, in one pass.
-            g = torch.mul(grads[s].t(), ctx.res_scale, out=torch.empty(grads.shape[2], c, dtype=grads.dtype))[None]
+            g = torch.mul(grads[s].t(), ctx.res_scale, out=grads.new_empty(grads.shape[2], c))[None]
             if ctx.lib is not None:
                 native = _Native(inp, ctx.lib, g, entries)
                 d_posts = native.backward(ctx.supports[s], (True, True, True))

@@ -23,6 +23,7 @@ class NonLocalEmbeddings(nn.Module):
                  conv: common.ConvFactory = common.default_conv) -> None:
         super().__init__()
         self.res_scale = res_scale
+        self.key_width = channel // reduction  # the query/key embeddings' width
         self.conv_match1 = common.BasicBlock(conv, channel, channel // reduction, 1, bn=False, act=nn.PReLU())
         self.conv_match2 = common.BasicBlock(conv, channel, channel // reduction, 1, bn=False, act=nn.PReLU())
         self.conv_assembly = common.BasicBlock(conv, channel, channel, 1, bn=False, act=nn.PReLU())
@@ -72,8 +73,9 @@ class HSPA(NonLocalEmbeddings):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         traced = exporting()
+        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         p = plan(self.impl, x.device, x.shape[0], x.shape[2] * x.shape[3], fusable=not traced and fusable(self, x),
-                 exporting=traced)
+                 exporting=traced, training=training, widths=(self.key_width, x.shape[1]))
         self.plan_log(p)
         if p.path == 'layer':
             return hspa_layer(x, self, self.topk, self.block_size, backend=p.backend)

@@ -99,9 +99,11 @@ def soft_threshold(scores: torch.Tensor, dim: int = -1, topk: int | None = None)
 
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk: int | None) -> torch.Tensor:
     """The published HSPA algorithm: the whole (N, L, L) scores query @ key^T in float32 (autocast off,
-    16-bit inputs promoted), soft thresholding, then @ value. query, key (N, L, Ck); value (N, L, C)."""
+    16-bit inputs promoted), soft thresholding, then @ value. query, key (N, L, Ck); value (N, L, C). The
+    result has value's dtype, as the other paths' results do (16-bit weights: the next convolution's)."""
+    dtype = value.dtype
     with torch.autocast(device_type=query.device.type, enabled=False):
-        if query.dtype in _LOW_PRECISION:
+        if query.dtype in _LOW_PRECISION or dtype in _LOW_PRECISION:
             query, key, value = query.float(), key.float(), value.float()
         scores = torch.matmul(query, key.transpose(1, 2))
-        return torch.matmul(soft_threshold(scores, dim=-1, topk=topk), value)
+        return torch.matmul(soft_threshold(scores, dim=-1, topk=topk), value).to(dtype)

@@ -1,5 +1,14 @@
 """Exact HSPA as fused Triton kernels (CUDA; the CPU under TRITON_INTERPRET=1): launch.py launches kernels.py."""
 
-from model.hspa.triton.launch import SHARED_PER_BLOCK, Tiles, available, choose_tiles, hspa_triton
+from model.hspa.triton.launch import (
+    SHARED_PER_BLOCK,
+    Tiles,
+    available,
+    choose_tiles,
+    hspa_triton,
+    supports,
+    unsupported_reason,
+)
 
-__all__ = ['SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton']
+__all__ = ['SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton', 'supports',
+           'unsupported_reason']

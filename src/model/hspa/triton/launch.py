@@ -21,6 +21,7 @@ float32; scores, thresholds and products are IEEE float32 (no TF32). Any L and w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from types import ModuleType
@@ -29,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ['SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton']
+__all__ = ['SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton', 'supports',
+           'unsupported_reason']
 
 # Opt-in shared memory per thread block (bytes), CUDA C Programming Guide, "Technical Specifications per
 # Compute Capability". A capability not listed gets the smallest entry of its major version, else 64 KiB.
@@ -100,7 +102,22 @@ def choose_tiles(capability: tuple[int, int], kw: int, width: int) -> Tiles:
         tiles = Tiles(block, block, REDUCTION_CHUNK, block_c, block_q)
         if tiles.shared_bytes() <= shared_limit(capability):
             return tiles
-    raise ValueError(f'hspa_triton supports a query/key width up to {ACCUMULATOR_REGS * threads // 16}, got {kw}')
+    raise ValueError(unsupported_reason(kw))
+
+
+def unsupported_reason(kw: int) -> str:
+    """One line: the query/key width ``kw`` is wider than the smallest tile's dq/dk accumulator holds."""
+    return f'hspa_triton supports a query/key width up to {ACCUMULATOR_REGS * 32 * NUM_WARPS // 16}, got {kw}'
+
+
+def supports(device: torch.device, kw: int, width: int) -> bool:
+    """Whether `choose_tiles` has tiles for these widths on ``device`` (the query/key width is bounded, the
+    value width is not: it is chunked)."""
+    try:
+        choose_tiles(_capability(device), kw, width)
+    except ValueError:
+        return False
+    return True
 
 
 @functools.cache
@@ -125,6 +142,12 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` as the current CUDA device while kernels launch: Triton launches on the current device,
+    which need not be the tensors' (cuda:1 tensors while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
+
+
 def _kernels() -> ModuleType:
     from model.hspa.triton import kernels  # imports triton, so only when a kernel runs
 
@@ -138,6 +161,11 @@ def _cdiv(a: int, b: int) -> int:
 class _HSPATriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, tiles: Tiles) -> Tensor:
+        with _on_device(query.device):
+            return _HSPATriton._forward(ctx, query, key, value, tiles)
+
+    @staticmethod
+    def _forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, tiles: Tiles) -> Tensor:
         kern = _kernels()
         q, k, v = (t.float().contiguous() for t in (query, key, value))
         n, length, kw = q.shape
@@ -157,6 +185,11 @@ class _HSPATriton(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor):
+        with _on_device(grad.device):
+            return _HSPATriton._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: Tensor) -> tuple:
         kern = _kernels()
         q, k, v, tau = ctx.saved_tensors
         tiles = ctx.tiles
