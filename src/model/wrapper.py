@@ -242,8 +242,9 @@ class Model(nn.Module):
         return self._run(x)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        """One network call at the evaluation precision; float32 out."""
-        runner = self._runners[self._index()]
+        """One network call at the evaluation precision; float32 out. A network with random draws runs on one
+        device: DataParallel's replicas would draw from one generator in thread order."""
+        runner = self.model if self.model.random_draws else self._runners[self._index()]
         x = x.contiguous(memory_format=self.memory_format)
         if self.half_weights:
             return runner(x.half()).float()
@@ -261,7 +262,8 @@ class Model(nn.Module):
         rule = self.chop_rule()
         rule = replace(rule, shave=rule.shave if shave is None else shave,
                        min_size=rule.min_size if min_size is None else min_size)
-        return tiling.chop(x, self.scales[self.idx_scale], rule, self._run, self.n_parallel)
+        per_call = 1 if self.model.random_draws else self.n_parallel  # quarters in one order, whatever the GPUs
+        return tiling.chop(x, self.scales[self.idx_scale], rule, self._run, per_call)
 
     def extra_repr(self) -> str:
         return f'name={self.name}, scales={self.scales}, device={self.device}'

@@ -119,6 +119,23 @@ def test_chop_rule_reproduces_published_forward_chop() -> None:
     assert (out - ref['x2_output_a']).abs().max().item() > 1e-4  # the quarters differ from the whole
 
 
+def test_several_gpus_give_the_one_device_output() -> None:
+    """With DataParallel (--n_GPUs > 1) the replicas would draw from one generator in thread order: a network
+    with random draws runs on one device, quarter by quarter, so its output does not depend on the GPU count."""
+    ref = load_reference('nlsn')
+    m = _wrapper(ref, 2, '--chop')
+    with torch.no_grad():
+        one = m(ref['input'], seed=3)
+
+    class NotToBeCalled(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise AssertionError('the DataParallel runner ran a network with random draws')
+
+    m.n_parallel, m._runners = 2, [NotToBeCalled()]  # what --n_GPUs 2 builds on a CUDA machine
+    with torch.no_grad():
+        assert torch.equal(m(ref['input'], seed=3), one)
+
+
 def test_self_ensemble_and_tiles_draw_in_a_fixed_order() -> None:
     ref = load_reference('nlsn')
     x = ref['input'][..., :16, :18]  # 288 positions: two chunks
