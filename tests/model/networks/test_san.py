@@ -260,11 +260,16 @@ def test_non_local_equals_softmax_attention_and_handles_thin_regions() -> None:
 
 def test_whole_feature_maps_in_linear_memory() -> None:
     """SOCA's covariance of a 1000x1000 map (the published centring matrix would hold 10^12 floats) and the
-    region non-local block on a 160x160 map, both without their quadratic intermediates."""
+    region non-local block on a 160x160 map, both without their quadratic intermediates: the attention takes a
+    memory-efficient kernel, not the math path that holds the scores."""
     with torch.no_grad():
         assert covariance(torch.randn(1, 4, 1000, 1000)).shape == (1, 4, 4)
         x = torch.randn(1, 8, 160, 160)
-        assert RegionNonLocal(8, 1)(x).shape == x.shape
+        with torch.profiler.profile() as prof:
+            assert RegionNonLocal(8, 1)(x).shape == x.shape
+    names = {event.key for event in prof.key_averages()}
+    assert any('scaled_dot_product' in name for name in names), names
+    assert not any('math' in name for name in names), names
 
 
 @pytest.mark.slow
