@@ -56,6 +56,7 @@ class NLSN(SRNetwork):
     upsampler + conv -> add_mean."""
 
     random_draws = True
+    export_refusal = 'its hash rotations are random draws and its chunks follow the image size'
 
     def __init__(self, scale: int = 2, n_colors: int = 3, n_feats: int = 256, n_resblocks: int = 32,
                  res_scale: float = 0.1, chunk_size: int = 144, n_hashes: int = 4, rgb_range: float = 1,
