@@ -68,7 +68,7 @@ class NLSN(SRNetwork):
                            res_scale=res_scale, chunk_size=chunk_size, n_hashes=n_hashes, rgb_range=rgb_range,
                            attention=attention)
         conv = common.default_conv
-        normalizer = 'softmax' if attention == 'softmax' else 'sparsemax'
+        normalizer = 'softmax' if attention == 'softmax' else 'soft_threshold'
 
         def sparse_attention() -> NonLocalSparseAttention:
             return NonLocalSparseAttention(channels=n_feats, n_hashes=n_hashes, chunk_size=chunk_size,
