@@ -51,10 +51,10 @@ class DIV2K(SRData):
         if not hr_dir.is_dir():
             raise UserError(f'{self.flag} {self.name}: {hr_dir} not found (--dir_data {args.dir_data}); '
                             f'expected {EXPECTED}')
-        all_hr = common.list_images(hr_dir)
+        all_hr, skipped = common.scan_images(hr_dir)
         hr = all_hr[self.begin - 1:self.end]
         if not hr:
             raise UserError(f'--data_range {args.data_range}: images {self.begin}-{self.end} of {hr_dir} '
                             f'requested, but it has {len(all_hr)}')
         lr = pair_lr(hr, self.scales, lambda s: scale_folders(root / 'DIV2K_train_LR_bicubic', s))
-        return Layout(root=root, hr=hr, lr=lr)
+        return Layout(root=root, hr=hr, lr=lr, skipped=skipped)
