@@ -198,7 +198,6 @@ def test_mismatched_checkpoints_are_refused_naming_the_keys() -> None:
 @pytest.mark.parametrize('argv,message', [
     (['--model', 'DDBPN', '--scale', '3'], '--scale 3: DDBPN upsamples by 2, 4 or 8'),
     (['--model', 'RDN', '--scale', '8'], '--scale 8: RDN upsamples by 2, 3 or 4'),
-    (['--model', 'RDN', '--RDNkSize', '4'], '--RDNkSize 4: expected an odd kernel size'),
     (['--model', 'MDSR', '--scale', '2+5'], '--scale 5: MDSR upsamples by powers of 2 or by 3'),
     (['--model', 'DDBPN', '--n_feats', '32'], '--n_feats is not used by --model DDBPN'),
     (['--model', 'MDSR', '--res_scale', '0.1'], '--res_scale is not used by --model MDSR'),
