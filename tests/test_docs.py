@@ -38,3 +38,9 @@ def test_benchmarks_readme_is_a_summary() -> None:
     """Per script its command and headline table; design notes live in docs/, history in git."""
     lines = (ROOT / 'benchmarks' / 'README.md').read_text(encoding='utf-8').splitlines()
     assert len(lines) <= MAX_BENCHMARKS_README_LINES
+
+
+def test_benchmarks_readme_gives_every_script_its_command() -> None:
+    text = (ROOT / 'benchmarks' / 'README.md').read_text(encoding='utf-8')
+    scripts = sorted(p.name for p in (ROOT / 'benchmarks').glob('*.py') if p.name != 'harness.py')  # a library
+    assert [s for s in scripts if f'python benchmarks/{s}' not in text] == []
