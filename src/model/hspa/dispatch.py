@@ -24,7 +24,9 @@ CPU               triton                   ``triton`` under TRITON_INTERPRET=1 (
 ================  =======================  ==============================================================
 
 An explicit impl that cannot run raises ValueError with one line; ``auto`` never raises, it falls back
-and the plan's ``note`` says why. ``PlanLog`` says each distinct plan once.
+and the plan's ``note`` says why. ``PlanLog`` says each distinct plan once. While torch.compile traces a
+forward, ``plan_constant`` takes the plan instead: it runs then and its result is a constant of the graph
+(no planning or logging inside the compiled code).
 """
 
 from __future__ import annotations
@@ -141,6 +143,14 @@ def plan(impl: str, device: torch.device, batch: int, length: int, *, fusable: b
     if kind == 'cpu':
         note = f'no native kernels: {native.unavailable_reason()}'
     return Plan(path, 'torch', impl, kind, note)
+
+
+@fused.traced_as_constant
+def plan_constant(impl: str, device: torch.device, batch: int, length: int, *, fusable: bool = False,
+                  exporting: bool = False, training: bool = False, widths: tuple[int, int] | None = None) -> Plan:
+    """``plan`` while torch.compile traces: run then (not traced) and its result kept in the graph, so a
+    compiled forward does not plan again (on CUDA 'auto' the free memory is read once per compiled graph)."""
+    return plan(impl, device, batch, length, fusable=fusable, exporting=exporting, training=training, widths=widths)
 
 
 class PlanLog:
