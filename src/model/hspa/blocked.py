@@ -24,6 +24,7 @@ the result is exact under mixed precision too. Both run as the registered operat
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
@@ -122,10 +123,12 @@ class _Native:
                 self._make_entries(rows * min(x.length, 128))
         while True:
             cols, vals = self.entries if support else (None, None)
-            status = self._fn('hspa_attend')(
-                p(q[r0:r1]), p(packed), rows, x.length, x.kwidth, p(v), x.width, p(out), t.block_rows,
-                t.tile_rows, t.key_tile, t.screen, p(packed16), p(k), p(bounds), p(cols),
-                p(vals), self._capacity() if support else 0, p(start), p(nnz), p(total), self.threads)
+            status = self._fn('hspa_attend')(ctypes.byref(native.AttendArgs(
+                q=p(q[r0:r1]), kp=p(packed), rows=rows, length=x.length, kwidth=x.kwidth, v=p(v), width=x.width,
+                out=p(out), block_rows=t.block_rows, tile_rows=t.tile_rows, key_tile=t.key_tile, screen=t.screen,
+                kp16=p(packed16), keys=p(k), kbounds=p(bounds), sup_cols=p(cols), sup_vals=p(vals),
+                capacity=self._capacity() if support else 0, start=p(start), nnz=p(nnz), total=p(total),
+                n_threads=self.threads)))
             if status == -2:
                 raise ValueError(f'HSPA kernel: no tile configuration {t}')
             if status != 0:
@@ -179,14 +182,16 @@ class _Native:
             start, nnz, cols, vals = saved if saved is not None else self.run(s, r0, r1, None, support=True)
             ds = torch.empty_like(vals)
             rows = r1 - r0
-            self._fn('hspa_grad_rows')(p(start), p(nnz), p(cols), rows, p(g[r0:r1]), p(v), x.width, p(k),
-                                       x.kwidth, p(ds), p(dq[s, r0:r1]) if dq is not None else None,
-                                       self.threads)
+            self._fn('hspa_grad_rows')(ctypes.byref(native.GradRowsArgs(
+                start=p(start), nnz=p(nnz), cols=p(cols), rows=rows, g=p(g[r0:r1]), v=p(v), width=x.width, k=p(k),
+                kwidth=x.kwidth, ds=p(ds), dq=p(dq[s, r0:r1]) if dq is not None else None,
+                n_threads=self.threads)))
             if dk is not None or dv is not None:
-                status = self._fn('hspa_grad_keys')(
-                    p(start), p(nnz), p(cols), p(vals), p(ds), rows, x.length, p(q[r0:r1]), x.kwidth,
-                    p(g[r0:r1]), x.width, p(dk[s]) if dk is not None else None,
-                    p(dv[s]) if dv is not None else None, self.threads)
+                status = self._fn('hspa_grad_keys')(ctypes.byref(native.GradKeysArgs(
+                    start=p(start), nnz=p(nnz), cols=p(cols), vals=p(vals), ds=p(ds), rows=rows, length=x.length,
+                    q=p(q[r0:r1]), kwidth=x.kwidth, g=p(g[r0:r1]), width=x.width,
+                    dk=p(dk[s]) if dk is not None else None, dv=p(dv[s]) if dv is not None else None,
+                    n_threads=self.threads)))
                 if status != 0:
                     raise MemoryError('HSPA backward: out of memory for a block transpose')
         return dq, dk, dv
