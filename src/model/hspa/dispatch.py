@@ -23,6 +23,7 @@ CUDA              triton                   ``triton``; ValueError without the tr
 CPU               triton                   ``triton`` under TRITON_INTERPRET=1 (tests); else ValueError
 ================  =======================  ==============================================================
 
+MSNLAN's cross-scale attention asks ``plan_cross_scale`` (the same impl names; paths dense and blocked).
 An explicit impl that cannot run raises ValueError with one line; ``auto`` never raises, it falls back
 and the plan's ``note`` says why. ``PlanLog`` says each distinct plan once. While torch.compile traces a
 forward, ``plan_constant`` takes the plan instead: it runs then and its result is a constant of the graph
@@ -43,6 +44,11 @@ from model.hspa import triton as fused
 
 IMPLS = ('auto', 'dense', 'fast', 'triton')
 PATHS = ('dense', 'layer', 'blocked', 'triton', 'export')
+# MSNLAN's cross-scale attention takes the same names but has no Triton kernel (plan_cross_scale).
+CROSS_SCALE_IMPLS = ('auto', 'dense', 'fast')
+# plan_cross_scale with impl 'auto': maps of at most this many scores per image (32 MiB in float32) take the
+# published dense arithmetic (cheap there, and bit-compatible), larger ones the blocked computation.
+CROSS_SCALE_DENSE_MAX = 8 * 2**20
 # impl='auto' on CUDA runs the dense path while its peak takes at most this share of the free memory
 # (the rest: the network's other activations and the allocator's fragmentation).
 DENSE_SHARE = 0.5
@@ -151,6 +157,19 @@ def plan_constant(impl: str, device: torch.device, batch: int, length: int, *, f
     """``plan`` while torch.compile traces: run then (not traced) and its result kept in the graph, so a
     compiled forward does not plan again (on CUDA 'auto' the free memory is read once per compiled graph)."""
     return plan(impl, device, batch, length, fusable=fusable, exporting=exporting, training=training, widths=widths)
+
+
+def plan_cross_scale(impl: str, device: torch.device, scores: int, block_size: int = 0) -> Plan:
+    """The algorithm of MSNLAN's cross-scale (patch) attention over a map of ``scores`` = positions x patches
+    per image, for the same ``impl`` names: 'dense' the published (positions x patches) map; 'fast' the
+    blocked computation (model.cross_scale, torch back-end); 'auto' 'dense' up to CROSS_SCALE_DENSE_MAX
+    scores per image without a ``block_size``, else 'blocked'; 'triton' ValueError (no fused kernel for
+    patch attention). ``exporting()`` callers run their traced form before asking."""
+    if impl not in CROSS_SCALE_IMPLS:
+        raise ValueError(f"MSNLAN's attention impl must be one of {', '.join(CROSS_SCALE_IMPLS)} (no Triton "
+                         f'kernel); got {impl!r}')
+    dense = impl == 'dense' or (impl == 'auto' and not block_size and scores <= CROSS_SCALE_DENSE_MAX)
+    return Plan('dense', '', impl, device.type) if dense else Plan('blocked', 'torch', impl, device.type)
 
 
 class PlanLog:

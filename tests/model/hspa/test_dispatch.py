@@ -160,3 +160,19 @@ def test_model_wrapper_logs_each_distinct_plan_once(tmp_path):
         wrapper.model(torch.rand(1, 3, 10, 10))
         wrapper.model(torch.rand(1, 3, 11, 9))
     assert sum(line.startswith('HSPA: ') for line in lines) == 1
+
+
+def test_msnlan_cross_scale_attention_is_planned_here_with_the_same_names():
+    """MSNLAN's attention takes --hspa_impl's names and asks dispatch: fast runs its blocked computation,
+    auto the dense map up to CROSS_SCALE_DENSE_MAX scores per image (and without a block size), triton is
+    refused in one line."""
+    cpu = torch.device('cpu')
+    big = plan_module.CROSS_SCALE_DENSE_MAX + 1
+    assert plan_module.plan_cross_scale('fast', cpu, 10).path == 'blocked'
+    assert plan_module.plan_cross_scale('dense', cpu, big).path == 'dense'
+    assert plan_module.plan_cross_scale('auto', cpu, big - 1).path == 'dense'
+    assert plan_module.plan_cross_scale('auto', cpu, big).path == 'blocked'
+    assert plan_module.plan_cross_scale('auto', cpu, 10, block_size=7).path == 'blocked'
+    with pytest.raises(ValueError, match='no Triton kernel'):
+        plan_module.plan_cross_scale('triton', cpu, 10)
+    assert set(plan_module.CROSS_SCALE_IMPLS) < set(plan_module.IMPLS)
