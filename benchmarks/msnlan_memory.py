@@ -51,7 +51,7 @@ def worker(size: int, impl: str, seed: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--sizes', type=int, nargs='+', default=[96, 144, 192], help='LR image sizes (square)')
-    p.add_argument('--impl', nargs='+', default=['auto'], choices=('auto', 'fast', 'dense'),
+    p.add_argument('--impl', nargs='+', default=['auto'], choices=('auto', 'blocked', 'dense'),
                    help='MSNLAB implementations to run')
     p.add_argument('--dense_sizes', type=int, nargs='*', default=[],
                    help='sizes also run with the published dense MSNLAB, as a same-run baseline')

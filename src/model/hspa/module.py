@@ -8,7 +8,7 @@ from torch import nn
 from model import common
 from model.contract import exporting
 from model.hspa.blocked import DEFAULT_MEMORY_BUDGET, blocked_op
-from model.hspa.dispatch import IMPLS, Plan, PlanLog, plan, plan_constant
+from model.hspa.dispatch import Plan, PlanLog, canonical_impl, plan, plan_constant
 from model.hspa.export import hspa_attention_export
 from model.hspa.layer import fusable, layer_op
 from model.hspa.reference import dense_attention
@@ -43,10 +43,11 @@ class NonLocalEmbeddings(nn.Module):
 class HSPA(NonLocalEmbeddings):
     """High-Similarity-Pass Attention, the published block (channel, reduction=2, res_scale, topk=128).
 
-    impl: 'auto', 'dense', 'fast' or 'triton'; each forward runs what ``model.hspa.dispatch.plan`` returns for
-    it (the table there), and tells ``plan_log`` (shared by a network's layers; set by the Model wrapper)
-    so that each distinct plan is said once. Every path computes exact sparsemax: topk only sets where
-    the dense threshold search starts. block_size: query rows per block of the blocked paths (0: automatic).
+    impl: 'auto', 'dense', 'blocked' or 'triton' (model.hspa.dispatch.IMPLS; 'fast' is read as 'blocked');
+    each forward runs what ``model.hspa.dispatch.plan`` returns for it (the table there), and tells
+    ``plan_log`` (shared by a network's layers; set by the Model wrapper) so that each distinct plan is said
+    once. Every path computes exact sparsemax: topk only sets where the dense threshold search starts.
+    block_size: query rows per block of the blocked path (0: automatic).
     """
 
     def __init__(
@@ -60,14 +61,12 @@ class HSPA(NonLocalEmbeddings):
         block_size: int = 0,
     ) -> None:
         super().__init__(channel, reduction, res_scale, conv)
-        if impl not in IMPLS:
-            raise ValueError(f"HSPA impl must be one of {', '.join(IMPLS)}; got {impl!r}")
         if topk < 1:
             raise ValueError(f'HSPA topk must be a positive integer, got {topk}')
         if block_size < 0:
             raise ValueError(f'HSPA block_size must be >= 0, got {block_size}')
         self.topk = topk
-        self.impl = impl
+        self.impl = canonical_impl(impl)
         self.block_size = block_size
         self.plan_log = PlanLog()
 
@@ -90,7 +89,7 @@ class HSPA(NonLocalEmbeddings):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.plan(x)
-        if p.path == 'layer':
+        if p.fused:
             return layer_op(x, self, self.topk, self.block_size, DEFAULT_MEMORY_BUDGET, p.backend)
         q, k, v = self.embed(x)
         if p.path == 'blocked':

@@ -23,7 +23,7 @@ from model import common
 from model.blocks.cross_scale import cross_scale_attention
 from model.contract import ChopRule, SRNetwork, exporting
 from model.hspa import soft_threshold
-from model.hspa.dispatch import CROSS_SCALE_IMPLS, plan_cross_scale
+from model.hspa.dispatch import ALIASES, CROSS_SCALE_IMPLS, canonical_impl, plan_cross_scale
 from model.hspa.export import TOPK, sparsemax_graph
 
 MSNLAN_MEAN = (0.4025, 0.4482, 0.4264)
@@ -46,7 +46,7 @@ def make_model(args: argparse.Namespace) -> SRNetwork:
     if attention not in ATTENTIONS:
         raise ValueError(f'--attention {attention}: MSNLAN supports softmax (published) or hspa (soft '
                          'thresholding inside its multi-scale attention)')
-    if args.hspa_impl not in CROSS_SCALE_IMPLS:
+    if ALIASES.get(args.hspa_impl, args.hspa_impl) not in CROSS_SCALE_IMPLS:
         raise ValueError(f'--hspa_impl {args.hspa_impl}: MSNLAN computes its attention with '
                          f'{", ".join(CROSS_SCALE_IMPLS)} (no Triton kernel)')
     return MSNLAN(
@@ -141,7 +141,7 @@ class CrossScaleAttention(nn.Module):
     thresholding of the same scores), and their assembly embeddings pasted back with a transposed
     convolution; plus res_scale * x_l.
 
-    impl ('auto', 'dense' or 'fast', the names of --hspa_impl): each forward runs the path that
+    impl ('auto', 'dense' or 'blocked', the names of --hspa_impl): each forward runs the path that
     ``model.hspa.dispatch.plan_cross_scale`` returns. Path 'dense' is the published arithmetic: a full
     (positions x patches) score map per image. Path 'blocked' computes the same attention over tiles of
     `block_size` query positions (model.cross_scale; 0: from a memory budget), in O(tile x patches) extra
@@ -156,8 +156,7 @@ class CrossScaleAttention(nn.Module):
         super().__init__()
         if normalizer not in ('softmax', 'soft_threshold'):
             raise ValueError(f"normalizer must be 'softmax' or 'soft_threshold', got {normalizer!r}")
-        if impl not in CROSS_SCALE_IMPLS:
-            raise ValueError(f"impl must be one of {', '.join(CROSS_SCALE_IMPLS)}, got {impl!r}")
+        impl = canonical_impl(impl, CROSS_SCALE_IMPLS, 'impl')
         if impl != 'dense' and (ksize % 2 != 1 or padding != ksize // 2):
             raise ValueError(f'impl {impl} needs an odd ksize and padding ksize // 2, got {ksize}, {padding}')
         self.ksize = ksize

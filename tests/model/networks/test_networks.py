@@ -196,13 +196,13 @@ def test_meanshift_frozen_and_values() -> None:
 
 
 def test_msnlan_attention_impl_and_block_from_the_flags() -> None:
-    """--hspa_impl and --hspa_block reach MSNLAN's cross-scale attention as given (dispatch.plan_cross_scale
-    then runs its blocked computation for fast)."""
+    """--hspa_impl and --hspa_block reach MSNLAN's cross-scale attention (fast, the earlier name of blocked,
+    read as blocked); dispatch.plan_cross_scale chooses from them."""
     from model.networks.msnlan import CrossScaleAttention
 
     flags = ['--model', 'MSNLAN', '--n_resgroups', '2', '--n_resblocks', '1', '--n_feats', '16']
     net = model.make_network(_args(*flags, '--hspa_impl', 'fast', '--hspa_block', '7'))
     found = [(m.impl, m.block_size) for m in net.modules() if isinstance(m, CrossScaleAttention)]
-    assert found and set(found) == {('fast', 7)}
+    assert found and set(found) == {('blocked', 7)}
     net = model.make_network(_args(*flags))
     assert {(m.impl, m.block_size) for m in net.modules() if isinstance(m, CrossScaleAttention)} == {('auto', 0)}
