@@ -42,7 +42,7 @@ def _worker(rank: int, world: int, threads: int, steps: int, weights: str, port:
         dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
     torch.manual_seed(0)
     net = HSPAN(scale=2, n_feats=48, n_resgroups=1, n_resblocks=6, reduction=2, topk=128, res_scale=1,
-                rgb_range=1, hspa_impl='fast')
+                rgb_range=1, hspa_impl='blocked')
     if weights:
         net.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True))
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net

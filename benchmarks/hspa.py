@@ -75,7 +75,7 @@ def _trained_input(spec: dict):
         crops.append(t[:, top:top + size, left:left + size])
     with torch.no_grad():
         net.eval()
-        layer.impl = 'dense' if size * size <= 4096 else 'fast'   # only the input is wanted here
+        layer.impl = 'dense' if size * size <= 4096 else 'blocked'   # only the input is wanted here
         net(torch.stack(crops))
     layer.impl = 'auto'
     return layer, captured[0]

@@ -84,10 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                         'MSNLAN, PAEDSR: the normaliser of its multi-scale or pyramid attention (hspa or softmax)')
     g.add_argument('--attention_every', type=int, default=None,
                    help='EDSR with --attention hspa|softmax: residual blocks per attention (default 8)')
-    g.add_argument('--hspa_impl', type=str, default='auto', choices=('auto', 'dense', 'fast', 'triton'),
-                   help='HSPA algorithm: auto (by device and size), fast (blocked, exact; native kernels on '
-                        'the CPU), triton (fused exact kernels, CUDA) or dense (published, N x N scores); '
-                        'MSNLAN: auto, fast or dense for its cross-scale attention')
+    g.add_argument('--hspa_impl', type=str, default='auto', choices=('auto', 'dense', 'blocked', 'triton', 'fast'),
+                   help='HSPA algorithm: auto (by device and size), blocked (exact; native kernels on the CPU), '
+                        'triton (fused exact kernels, CUDA) or dense (published, N x N scores); fast: the earlier '
+                        'name of blocked. MSNLAN: auto, blocked or dense for its cross-scale attention')
     g.add_argument('--G0', type=int, default=64, help='RDN: feature channels of the dense blocks')
     g.add_argument('--RDNkSize', type=int, default=3, help='RDN: kernel size')
     g.add_argument('--RDNconfig', type=str, default='B', choices=('A', 'B'),

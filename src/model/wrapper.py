@@ -5,8 +5,9 @@ run --tile or --chop (each model's published forward_chop) inside --self_ensembl
 --channels_last, weights and network inputs are in channels-last order. Under
 torchrun, training forwards go through DistributedDataParallel (distributed.wrap_ddp), which averages
 gradients in backward; evaluation forwards use the plain network, so processes evaluating different images
-never wait on each other. With --compile both run the torch.compile'd network (model/compiled.py); the
-wrapper's state dict, and so every file it saves or loads, keeps the plain network's keys.
+never wait on each other. With --compile both run the torch.compile'd network (HSPA's kernels inside its
+graph as registered operators); the wrapper's state dict, and so every file it saves or loads, keeps the
+plain network's keys.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from model.checkpoint import (
     plain_state_dict,
     write_checkpoint,
 )
-from model.compiled import compile_network
 from model.contract import ChopRule, SRNetwork
 from model.hspa import HSPA, PlanLog
 from model.registry import make_network, resolve_model_name
@@ -99,7 +99,7 @@ class Model(nn.Module):
 
         self.n_parallel = distributed.data_parallel_gpus(args, self.device)
         # Plain lists: DataParallel, DDP and compiled modules must not re-register the networks' weights.
-        self._runners: list[nn.Module] = [compile_network(n) for n in self.nets] if args.compile else list(self.nets)
+        self._runners: list[nn.Module] = [torch.compile(n) for n in self.nets] if args.compile else list(self.nets)
         if self.n_parallel > 1:
             if args.compile:
                 raise UserError(f'--compile with --n_GPUs {args.n_GPUs}: use torchrun for several GPUs')

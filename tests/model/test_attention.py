@@ -118,7 +118,7 @@ def test_msnlan_hspa_blocked_equals_dense_and_differs_from_softmax() -> None:
     torch.manual_seed(1)
     kw = dict(scale=2, n_feats=16, n_resgroups=2, n_resblocks=1, res_scale=1, rgb_range=1, topk=4)
     dense = MSNLAN(attention='hspa', msnlab_impl='dense', **kw).double().eval()
-    blocked = MSNLAN(attention='hspa', msnlab_impl='blocked', msnlab_block=10, **kw).double().eval()
+    blocked = MSNLAN(attention='hspa', msnlab_impl='fast', msnlab_block=10, **kw).double().eval()
     softmax = MSNLAN(attention='softmax', **kw).double().eval()
     blocked.load_state_dict(dense.state_dict())
     softmax.load_state_dict(dense.state_dict())

@@ -4,9 +4,13 @@
 - dispatch.py: ``plan()``, which algorithm and back-end run when (one table);
 - reference.py: the one sparsemax threshold routine, ``soft_threshold`` and the published dense algorithm;
 - blocked.py: exact blocked attention without the (L x L) scores (native or torch back-end);
-- layer.py: the whole layer as one autograd function (embeddings recomputed in backward);
+- layer.py: the whole layer as one registered operator (embeddings recomputed in backward);
 - export.py: the fixed-shape exact form that torch.onnx.export traces;
 - native/: the C kernels and their loader; triton/: the fused Triton kernels and their launcher.
+
+The kernels reach torch as registered operators in the ``nlsr`` namespace (torch.ops.nlsr.hspa_blocked,
+hspa_layer, hspa_triton and their ``*_backward``), each with a fake implementation (shapes without data)
+and its backward registered, so torch.compile(fullgraph=True) and torch.export see them as single ops.
 """
 
 from model.hspa.blocked import hspa_attention

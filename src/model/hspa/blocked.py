@@ -12,16 +12,19 @@
   it are recomputed). Backward applies the sparsemax Jacobian on the support only (dS = dP - mean over the
   support of dP) and gets dK and dV through a transpose of the block's supports.
 * ``torch`` (any device): the block's weights from ``model.hspa.reference.soft_threshold`` and a dense
-  weights @ V; backward recomputes each block and differentiates it with autograd. It is the fallback
+  weights @ V; backward recomputes each block and applies the sparsemax Jacobian by hand. It is the fallback
   where the kernels cannot be compiled, and what CUDA uses without triton for score tensors too large to
   form whole.
 
 Scores and thresholds are float32 (float64 when an input is float64) with autocast disabled inside, so
-the result is exact under mixed precision too.
+the result is exact under mixed precision too. Both run as the registered operator nlsr::hspa_blocked
+(backward nlsr::hspa_blocked_backward); the supports kept for backward are its extra outputs
+(``pack_supports``), whose entry count the fake implementation leaves symbolic.
 """
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
@@ -120,10 +123,12 @@ class _Native:
                 self._make_entries(rows * min(x.length, 128))
         while True:
             cols, vals = self.entries if support else (None, None)
-            status = self._fn('hspa_attend')(
-                p(q[r0:r1]), p(packed), rows, x.length, x.kwidth, p(v), x.width, p(out), t.block_rows,
-                t.tile_rows, t.key_tile, t.screen, p(packed16), p(k), p(bounds), p(cols),
-                p(vals), self._capacity() if support else 0, p(start), p(nnz), p(total), self.threads)
+            status = self._fn('hspa_attend')(ctypes.byref(native.AttendArgs(
+                q=p(q[r0:r1]), kp=p(packed), rows=rows, length=x.length, kwidth=x.kwidth, v=p(v), width=x.width,
+                out=p(out), block_rows=t.block_rows, tile_rows=t.tile_rows, key_tile=t.key_tile, screen=t.screen,
+                kp16=p(packed16), keys=p(k), kbounds=p(bounds), sup_cols=p(cols), sup_vals=p(vals),
+                capacity=self._capacity() if support else 0, start=p(start), nnz=p(nnz), total=p(total),
+                n_threads=self.threads)))
             if status == -2:
                 raise ValueError(f'HSPA kernel: no tile configuration {t}')
             if status != 0:
@@ -177,14 +182,16 @@ class _Native:
             start, nnz, cols, vals = saved if saved is not None else self.run(s, r0, r1, None, support=True)
             ds = torch.empty_like(vals)
             rows = r1 - r0
-            self._fn('hspa_grad_rows')(p(start), p(nnz), p(cols), rows, p(g[r0:r1]), p(v), x.width, p(k),
-                                       x.kwidth, p(ds), p(dq[s, r0:r1]) if dq is not None else None,
-                                       self.threads)
+            self._fn('hspa_grad_rows')(ctypes.byref(native.GradRowsArgs(
+                start=p(start), nnz=p(nnz), cols=p(cols), rows=rows, g=p(g[r0:r1]), v=p(v), width=x.width, k=p(k),
+                kwidth=x.kwidth, ds=p(ds), dq=p(dq[s, r0:r1]) if dq is not None else None,
+                n_threads=self.threads)))
             if dk is not None or dv is not None:
-                status = self._fn('hspa_grad_keys')(
-                    p(start), p(nnz), p(cols), p(vals), p(ds), rows, x.length, p(q[r0:r1]), x.kwidth,
-                    p(g[r0:r1]), x.width, p(dk[s]) if dk is not None else None,
-                    p(dv[s]) if dv is not None else None, self.threads)
+                status = self._fn('hspa_grad_keys')(ctypes.byref(native.GradKeysArgs(
+                    start=p(start), nnz=p(nnz), cols=p(cols), vals=p(vals), ds=p(ds), rows=rows, length=x.length,
+                    q=p(q[r0:r1]), kwidth=x.kwidth, g=p(g[r0:r1]), width=x.width,
+                    dk=p(dk[s]) if dk is not None else None, dv=p(dv[s]) if dv is not None else None,
+                    n_threads=self.threads)))
                 if status != 0:
                     raise MemoryError('HSPA backward: out of memory for a block transpose')
         return dq, dk, dv
@@ -203,56 +210,164 @@ def _torch_forward(x: _Inputs, topk: int) -> Tensor:
 
 
 def _torch_backward(x: _Inputs, topk: int, grad: Tensor, needs: tuple[bool, bool, bool]) -> tuple[Tensor, ...]:
+    """Each block recomputed and differentiated by hand, as SoftThreshold's backward does (it runs inside
+    a registered operator, below autograd): dS = dP - mean over the support of dP, 0 off the support."""
     g = grad.to(x.q.dtype)
     dq, dk, dv = (torch.zeros_like(t) for t in (x.q, x.k, x.v))
     for s, r0, r1 in x.blocks():
-        with torch.enable_grad():
-            leaves = [t[s].detach().requires_grad_(True) for t in (x.q, x.k, x.v)]
-            out = _torch_block(*leaves, r0, r1, topk)
-            grads = torch.autograd.grad(out, leaves, g[s, r0:r1])
-        for acc, part in zip((dq, dk, dv), grads, strict=True):
-            acc[s].add_(part)
+        q, k, v = x.q[s], x.k[s], x.v[s]
+        p = soft_threshold(q[r0:r1] @ k.transpose(0, 1), dim=-1, topk=topk)
+        gs = g[s, r0:r1]
+        dv[s].addmm_(p.transpose(0, 1), gs)
+        dp = gs @ v.transpose(0, 1)
+        support = p > 0
+        zero = torch.zeros((), dtype=dp.dtype, device=dp.device)
+        mean = torch.where(support, dp, zero).sum(-1, keepdim=True) / support.sum(-1, keepdim=True).clamp_min(1)
+        ds = torch.where(support, dp - mean, zero)
+        dq[s, r0:r1] = ds @ k
+        dk[s].addmm_(ds.transpose(0, 1), q[r0:r1])
     return tuple(d if need else None for d, need in zip((dq, dk, dv), needs, strict=True))
 
 
-class _HSPAFunction(torch.autograd.Function):
-    """Keeps the inputs as given (views the autograd graph holds anyway) and the native supports; the
-    contiguous compute-dtype copies of _Inputs live only while a pass runs."""
+def pack_supports(supports: list, blocks: list[tuple[int, int, int]], n: int, length: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-block supports (``_Native.forward``'s list; None: recomputed in backward) as the operators'
+    outputs: start and nnz per row of all N * L rows (start into the concatenated cols and weights), the
+    concatenated cols and weights, and which rows' supports are kept."""
+    start, nnz = (torch.zeros(n * length, dtype=torch.int64, device=device) for _ in range(2))
+    kept = torch.zeros(n * length, dtype=torch.bool, device=device)
+    cols, vals, base = [], [], 0
+    for (s, r0, r1), part in zip(blocks, supports, strict=True):
+        if part is None:
+            continue
+        rows = slice(s * length + r0, s * length + r1)
+        start[rows], nnz[rows], kept[rows] = part[0] + base, part[1], True
+        cols.append(part[2])
+        vals.append(part[3])
+        base += part[2].numel()
+    return (start, nnz, torch.cat(cols) if cols else torch.empty(0, dtype=torch.int32, device=device),
+            torch.cat(vals) if vals else torch.empty(0, dtype=dtype, device=device), kept)
 
-    @staticmethod
-    def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, topk: int, block_size: int,
-                memory_budget: int, backend: str, tiles: native.Tiles | None) -> Tensor:
-        with torch.autocast(device_type=query.device.type, enabled=False):
-            x = _Inputs(query, key, value, block_size)
-            if backend == 'native':
-                out, ctx.supports = _Native(x, native.load(), tiles=tiles).forward(
-                    memory_budget if any(ctx.needs_input_grad[:3]) else 0)
-            else:
-                out = _torch_forward(x, topk)
-        ctx.save_for_backward(query, key, value)
-        ctx.topk, ctx.backend, ctx.block = topk, backend, x.block
-        return out.to(value.dtype)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor):
-        needs = tuple(ctx.needs_input_grad[:3])
-        query, key, value = ctx.saved_tensors
-        with torch.autocast(device_type=grad.device.type, enabled=False):
-            x = _Inputs(query, key, value, ctx.block)
-            if ctx.backend == 'native':
-                grads = _Native(x, native.load(), grad).backward(ctx.supports, needs)
-            else:
-                grads = _torch_backward(x, ctx.topk, grad, needs)
-        dtypes = (query.dtype, key.dtype, value.dtype)
-        grads = tuple(None if d is None else d.to(dtype) for d, dtype in zip(grads, dtypes, strict=True))
-        return (*grads, None, None, None, None, None)
+def unpack_supports(packed: tuple[Tensor, ...], blocks: list[tuple[int, int, int]], length: int,
+                    sample: int = 0) -> list:
+    """``pack_supports``' outputs back as the per-block list ``_Native.backward`` takes (block i's start
+    relative to its own entries); ``sample``: the first sample of ``blocks``' sample 0."""
+    start, nnz, cols, vals, kept = packed
+    supports: list = []
+    for s, r0, r1 in blocks:
+        rows = slice((sample + s) * length + r0, (sample + s) * length + r1)
+        if not bool(kept[rows.start]):
+            supports.append(None)
+            continue
+        first = start[rows]
+        # A block's entries are contiguous in cols/vals, and its first entry starts a row.
+        base, end = int(first.min()), int((first + nnz[rows]).max())
+        supports.append((first - base, nnz[rows], cols[base:end], vals[base:end]))
+    return supports
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _tiles(tiles: list[int]) -> native.Tiles | None:
+    return native.Tiles(*tiles) if tiles else None
+
+
+@torch.library.custom_op('nlsr::hspa_blocked', mutates_args=())
+def _blocked_op(query: Tensor, key: Tensor, value: Tensor, topk: int, block_size: int, memory_budget: int,
+                backend: str, tiles: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """sparsemax(q k^T) v, and with ``memory_budget`` > 0 on the native back-end the supports kept for
+    backward (``pack_supports``)."""
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        x = _Inputs(query, key, value, block_size)
+        if backend == 'native':
+            out, supports = _Native(x, native.load(), tiles=_tiles(tiles)).forward(memory_budget)
+        else:
+            out, supports = _torch_forward(x, topk), [None] * len(x.blocks())
+    return (out.to(value.dtype), *pack_supports(supports, x.blocks(), x.n, x.length, x.q.dtype, query.device))
+
+
+def _fake_supports(n: int, length: int, dtype: torch.dtype, device: torch.device,
+                   keeps: bool) -> tuple[Tensor, ...]:
+    """The shapes of ``pack_supports``' outputs: the number of kept entries is known only from the data."""
+    entries = torch.library.get_ctx().new_dynamic_size() if keeps else 0
+    start, nnz = (torch.empty(n * length, dtype=torch.int64, device=device) for _ in range(2))
+    return (start, nnz, torch.empty(entries, dtype=torch.int32, device=device),
+            torch.empty(entries, dtype=dtype, device=device),
+            torch.empty(n * length, dtype=torch.bool, device=device))
+
+
+@_blocked_op.register_fake
+def _(query, key, value, topk, block_size, memory_budget, backend, tiles):
+    n, length = query.shape[:2]
+    return (value.new_empty(n, length, value.shape[2]),
+            *_fake_supports(n, length, _compute_dtype(query, key, value), query.device,
+                            backend == 'native' and memory_budget > 0))
+
+
+@torch.library.custom_op('nlsr::hspa_blocked_backward', mutates_args=())
+def _blocked_backward_op(grad: Tensor, query: Tensor, key: Tensor, value: Tensor, start: Tensor, nnz: Tensor,
+                         cols: Tensor, vals: Tensor, kept: Tensor, topk: int, block_size: int, backend: str,
+                         needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of query, key and value (empty where ``needs`` says not needed)."""
+    with torch.autocast(device_type=grad.device.type, enabled=False):
+        x = _Inputs(query, key, value, block_size)
+        flags = (needs[0], needs[1], needs[2])
+        if backend == 'native':
+            supports = unpack_supports((start, nnz, cols, vals, kept), x.blocks(), x.length)
+            grads = _Native(x, native.load(), grad).backward(supports, flags)
+        else:
+            grads = _torch_backward(x, topk, grad, flags)
+    return tuple(d.to(t.dtype).contiguous() if d is not None else t.new_empty(0)
+                 for d, t in zip(grads, (query, key, value), strict=True))
+
+
+@_blocked_backward_op.register_fake
+def _(grad, query, key, value, start, nnz, cols, vals, kept, topk, block_size, backend, needs):
+    return tuple(t.new_empty(t.shape) if need else t.new_empty(0)  # contiguous, as the kernels write them
+                 for t, need in zip((query, key, value), needs, strict=True))
+
+
+def _blocked_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    query, key, value, topk, block_size, _, backend, _ = inputs
+    ctx.save_for_backward(query, key, value)
+    # The supports are outputs without gradients: attributes, so saved-tensor hooks count only the inputs.
+    ctx.supports = output[1:]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.topk, ctx.block, ctx.backend = topk, block_size, backend
+
+
+def _blocked_backward(ctx: Any, grad: Tensor, *_: Any) -> tuple:
+    query, key, value = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    grads = torch.ops.nlsr.hspa_blocked_backward(grad, query, key, value, *ctx.supports, ctx.topk, ctx.block,
+                                                 ctx.backend, needs)
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None, None, None)
+
+
+_blocked_op.register_autograd(_blocked_backward, setup_context=_blocked_setup)
+
+
+def needs_grad(*tensors: Tensor) -> bool:
+    """Whether a forward over ``tensors`` is differentiated: it then keeps supports for backward."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def blocked_op(query: Tensor, key: Tensor, value: Tensor, topk: int, block_size: int, memory_budget: int,
+               backend: str, tiles: native.Tiles | None = None) -> Tensor:
+    """The registered operator nlsr::hspa_blocked for a resolved ``backend`` (no planning: safe to trace)."""
+    budget = memory_budget if needs_grad(query, key, value) else 0
+    packed = [] if tiles is None else [tiles.block_rows, tiles.tile_rows, tiles.key_tile, tiles.screen]
+    return torch.ops.nlsr.hspa_blocked(query, key, value, topk, block_size, budget, backend, packed)[0]
 
 
 def hspa_attention(query: Tensor, key: Tensor, value: Tensor, topk: int, block_size: int = 0,
                    memory_budget: int = DEFAULT_MEMORY_BUDGET, backend: str | None = None,
                    tiles: native.Tiles | None = None) -> Tensor:
-    """Exact ``sparsemax(query @ key^T, dim=-1) @ value`` over blocks of query rows.
+    """Exact ``sparsemax(query @ key^T, dim=-1) @ value`` over blocks of query rows (the registered operator
+    nlsr::hspa_blocked, with its backward nlsr::hspa_blocked_backward).
 
     query, key: (N, L, Ck); value: (N, L, C). ``topk`` is where the torch back-end's threshold search
     starts (the native one needs none; neither result depends on it). ``block_size``: query rows per
@@ -265,8 +380,8 @@ def hspa_attention(query: Tensor, key: Tensor, value: Tensor, topk: int, block_s
                          f'{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}')
     if topk < 1 or block_size < 0:
         raise ValueError(f'hspa_attention needs topk >= 1 and block_size >= 0; got {topk}, {block_size}')
-    backend = resolve_backend(backend, query.device)
-    return _HSPAFunction.apply(query, key, value, topk, block_size, memory_budget, backend, tiles)
+    return blocked_op(query, key, value, topk, block_size, memory_budget, resolve_backend(backend, query.device),
+                      tiles)
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:

@@ -7,24 +7,29 @@ device            impl                     runs
 ================  =======================  ==============================================================
 any               any, while exporting     ``export``: fixed-shape exact sparsemax (export.py, ONNX)
 any               dense                    ``dense``: the published (L x L) scores, float32
-CPU               auto, fast               ``layer`` (whole layer, embeddings recomputed in backward) when
-                                           the layer is fusable (published 1x1 conv + PReLU embeddings,
-                                           no hooks, float32/64, autocast off), else ``blocked``; both on
-                                           the ``native`` C kernels, or on ``torch`` where no C compiler
-                                           works (auto says so once; see native.unavailable_reason)
+CPU               auto, blocked            ``blocked``, as the whole layer fused (``fused``: embeddings
+                                           recomputed in backward) when the layer is fusable (published
+                                           1x1 conv + PReLU embeddings, no hooks, float32/64, autocast
+                                           off); on the ``native`` C kernels, or on ``torch`` where no C
+                                           compiler works (auto says so once; native.unavailable_reason)
 CUDA              auto                     ``dense`` while ``dense_fits`` (its peak, counted in float32
                                            (batch, L, L) scores, within DENSE_SHARE of the GPU memory free
                                            now: read on every plan); above it ``triton`` with the triton
                                            package and query/key widths the kernels take, else ``blocked``
                                            on ``torch`` (auto says why once)
-CUDA              fast                     ``layer`` / ``blocked`` on ``torch``
+CUDA              blocked                  ``blocked`` (fused or not) on ``torch``
 CUDA              triton                   ``triton``; ValueError without the triton package or for a
                                            query/key width the kernels do not take
 CPU               triton                   ``triton`` under TRITON_INTERPRET=1 (tests); else ValueError
 ================  =======================  ==============================================================
 
+Impl names are 'auto' and the paths an impl can force (IMPLS); 'fast', the earlier name of 'blocked', is
+read as 'blocked' (``canonical_impl``). MSNLAN's cross-scale attention asks ``plan_cross_scale`` (the same
+impl names; paths dense and blocked).
 An explicit impl that cannot run raises ValueError with one line; ``auto`` never raises, it falls back
-and the plan's ``note`` says why. ``PlanLog`` says each distinct plan once.
+and the plan's ``note`` says why. ``PlanLog`` says each distinct plan once. While torch.compile traces a
+forward, ``plan_constant`` takes the plan instead: it runs then and its result is a constant of the graph
+(no planning or logging inside the compiled code).
 """
 
 from __future__ import annotations
@@ -39,8 +44,18 @@ import torch
 from model.hspa import native
 from model.hspa import triton as fused
 
-IMPLS = ('auto', 'dense', 'fast', 'triton')
-PATHS = ('dense', 'layer', 'blocked', 'triton', 'export')
+# One vocabulary: an impl is 'auto' or the path it forces; a plan's path is one of PATHS, and 'blocked' runs
+# on a back-end (BACKENDS), as the whole layer fused where the layer allows (Plan.fused).
+PATHS = ('dense', 'blocked', 'triton', 'export')
+IMPLS = ('auto', 'dense', 'blocked', 'triton')
+BACKENDS = ('native', 'torch')
+# Earlier names, still read (command lines, saved configurations) and said in the current vocabulary.
+ALIASES = {'fast': 'blocked'}
+# MSNLAN's cross-scale attention takes the same names but has no Triton kernel (plan_cross_scale).
+CROSS_SCALE_IMPLS = ('auto', 'dense', 'blocked')
+# plan_cross_scale with impl 'auto': maps of at most this many scores per image (32 MiB in float32) take the
+# published dense arithmetic (cheap there, and bit-compatible), larger ones the blocked computation.
+CROSS_SCALE_DENSE_MAX = 8 * 2**20
 # impl='auto' on CUDA runs the dense path while its peak takes at most this share of the free memory
 # (the rest: the network's other activations and the allocator's fragmentation).
 DENSE_SHARE = 0.5
@@ -59,24 +74,35 @@ _logger = logging.getLogger('hspa')
 
 @dataclass(frozen=True)
 class Plan:
-    """One forward's algorithm: ``path`` (one of PATHS), the ``backend`` of layer/blocked ('native' or
-    'torch'; '' otherwise), the ``impl`` asked for, the ``device`` type, and a ``note`` on a fallback."""
+    """One forward's algorithm: ``path`` (one of PATHS), the ``backend`` of blocked (one of BACKENDS; ''
+    otherwise), the ``impl`` asked for (one of IMPLS), the ``device`` type, a ``note`` on a fallback, and
+    whether blocked runs as the whole layer fused (``fused``)."""
 
     path: str
     backend: str
     impl: str
     device: str
     note: str = ''
+    fused: bool = False
 
     def describe(self) -> str:
-        """One line, e.g. 'HSPA: auto on cpu -> layer (native CPU kernels)'."""
+        """One line, e.g. 'HSPA: auto on cpu -> blocked (whole layer fused, native CPU kernel ...)'."""
         what = {'dense': 'published dense (L x L) scores', 'triton': 'fused Triton kernels',
                 'export': 'fixed-shape exact sparsemax for export'}.get(self.path)
         if what is None:
             what = native.describe() if self.backend == 'native' else 'torch back-end'
-            what = f'exact blocked, {what}'
+            what = f'whole layer fused, {what}' if self.fused else what
         note = f'; {self.note}' if self.note else ''
         return f'HSPA: {self.impl} on {self.device} -> {self.path} ({what}{note})'
+
+
+def canonical_impl(impl: str, names: tuple[str, ...] = IMPLS, what: str = 'HSPA impl') -> str:
+    """``impl`` in the current vocabulary (ALIASES read as their new names); ValueError naming ``names``
+    for anything else."""
+    impl = ALIASES.get(impl, impl)
+    if impl not in names:
+        raise ValueError(f"{what} must be one of {', '.join(names)}; got {impl!r}")
+    return impl
 
 
 def cuda_free_bytes(index: int) -> int:
@@ -108,8 +134,7 @@ def plan(impl: str, device: torch.device, batch: int, length: int, *, fusable: b
     ``exporting``: the forward is being traced for ONNX export. ``training``: the forward keeps what its
     backward needs. ``widths``: the (query/key, value) widths, checked against what the fused kernels take
     (None: not checked)."""
-    if impl not in IMPLS:
-        raise ValueError(f"HSPA impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    impl = canonical_impl(impl)
     kind = device.type
     if exporting:
         return Plan('export', '', impl, kind)
@@ -135,12 +160,30 @@ def plan(impl: str, device: torch.device, batch: int, length: int, *, fusable: b
             note = f'{fused.unsupported_reason(widths[0])}: the dense peak exceeds its share of GPU memory'
         else:
             return Plan('triton', '', impl, kind)
-    path = 'layer' if fusable else 'blocked'
     if kind == 'cpu' and native.load() is not None:
-        return Plan(path, 'native', impl, kind)
+        return Plan('blocked', 'native', impl, kind, fused=fusable)
     if kind == 'cpu':
         note = f'no native kernels: {native.unavailable_reason()}'
-    return Plan(path, 'torch', impl, kind, note)
+    return Plan('blocked', 'torch', impl, kind, note, fused=fusable)
+
+
+@fused.traced_as_constant
+def plan_constant(impl: str, device: torch.device, batch: int, length: int, *, fusable: bool = False,
+                  exporting: bool = False, training: bool = False, widths: tuple[int, int] | None = None) -> Plan:
+    """``plan`` while torch.compile traces: run then (not traced) and its result kept in the graph, so a
+    compiled forward does not plan again (on CUDA 'auto' the free memory is read once per compiled graph)."""
+    return plan(impl, device, batch, length, fusable=fusable, exporting=exporting, training=training, widths=widths)
+
+
+def plan_cross_scale(impl: str, device: torch.device, scores: int, block_size: int = 0) -> Plan:
+    """The algorithm of MSNLAN's cross-scale (patch) attention over a map of ``scores`` = positions x patches
+    per image, for the same ``impl`` names: 'dense' the published (positions x patches) map; 'blocked' the
+    blocked computation (model.cross_scale, torch back-end); 'auto' 'dense' up to CROSS_SCALE_DENSE_MAX
+    scores per image without a ``block_size``, else 'blocked'; 'triton' ValueError (no fused kernel for
+    patch attention). ``exporting()`` callers run their traced form before asking."""
+    impl = canonical_impl(impl, CROSS_SCALE_IMPLS, "MSNLAN's attention impl (no Triton kernel)")
+    dense = impl == 'dense' or (impl == 'auto' and not block_size and scores <= CROSS_SCALE_DENSE_MAX)
+    return Plan('dense', '', impl, device.type) if dense else Plan('blocked', 'torch', impl, device.type)
 
 
 class PlanLog:

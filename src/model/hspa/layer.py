@@ -1,5 +1,5 @@
-"""The whole HSPA layer (embeddings, exact blocked attention, residual) as one autograd function, run one
-sample at a time.
+"""The whole HSPA layer (embeddings, exact blocked attention, residual) as one registered operator
+(nlsr::hspa_layer, its backward nlsr::hspa_layer_backward), run one sample at a time.
 
 Through autograd, ``HSPA.embed`` keeps every 1x1 convolution's output and every PReLU's output for
 backward: two (N, 2C/r + C, H, W) tensors per layer, more than the attention keeps. ``hspa_layer`` keeps
@@ -21,15 +21,19 @@ from model import common
 from model.hspa import native as kernels
 from model.hspa.blocked import (
     DEFAULT_MEMORY_BUDGET,
+    _fake_supports,
     _Inputs,
     _Native,
     _torch_backward,
     _torch_forward,
+    needs_grad,
+    pack_supports,
     resolve_backend,
     support_bytes,
+    unpack_supports,
 )
 
-__all__ = ['fusable', 'hspa_layer']
+__all__ = ['fusable', 'hspa_layer', 'layer_op']
 
 _EMBEDDINGS = ('conv_match1', 'conv_match2', 'conv_assembly')
 
@@ -110,80 +114,135 @@ def _prelu_backward(d_post: Tensor, pre: Tensor, slope: Tensor, d_slope: Tensor)
     return d_pre
 
 
-class _HSPALayer(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, slope: Tensor, res_scale: float,
-                kwidth: int, topk: int, block_size: int, memory_budget: int, backend: str) -> Tensor:
-        n, c = x.shape[:2]
-        samples = x.reshape(n, c, -1)
-        widths = [kwidth, kwidth, weight.shape[0] - 2 * kwidth]
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        out_samples = out.view(n, c, -1)
-        keep = memory_budget if any(ctx.needs_input_grad[:4]) else 0
-        lib = kernels.load() if backend == 'native' else None
-        supports, entries = [], None
-        for s in range(n):
-            q, k, v = _embed(samples[s], weight, bias, slope, widths)[1]
-            inp = _Inputs(q[None], k[None], v[None], block_size)
-            if lib is not None:
-                native = _Native(inp, lib, entries=entries)
-                attended, kept = native.forward(keep)
-                entries = native.entries  # one support buffer for all samples: no heap churn
-                keep -= sum(support_bytes(part) for part in kept)
-                supports.append(kept)
-            else:
-                attended = _torch_forward(inp, topk)
-            del q, k, v, inp
-            # x + res_scale * attended, written in place: no (C, L) temporaries.
-            torch.add(samples[s], attended[0].t(), alpha=res_scale, out=out_samples[s])
-        ctx.save_for_backward(x, weight, bias, slope)
-        ctx.supports, ctx.block, ctx.lib, ctx.widths = supports, block_size, lib, widths
-        ctx.res_scale, ctx.topk = res_scale, topk
-        return out
+def _layer_out(x: Tensor) -> Tensor:
+    """The layer's output buffer: channels-last where the input is (and not also contiguous)."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor):
-        x, weight, bias, slope = ctx.saved_tensors
-        n, c = x.shape[:2]
-        samples, grads = x.reshape(n, c, -1), grad.reshape(n, c, -1)
-        dx = torch.empty_like(samples) if ctx.needs_input_grad[0] else None
-        dw, db, dslope = torch.zeros_like(weight), torch.zeros_like(bias), torch.zeros_like(slope)
-        parts = [t.split(ctx.widths) for t in (weight, slope, dw, db, dslope)]
-        entries = None
-        for s in range(n):
-            pres, posts = _embed(samples[s], weight, bias, slope, ctx.widths, keep_pre=True)
-            inp = _Inputs(*(t[None] for t in posts), ctx.block)
-            # res_scale * grad, transposed to the (L, C) rows the kernels read, in one pass.
-            g = torch.mul(grads[s].t(), ctx.res_scale, out=grads.new_empty(grads.shape[2], c))[None]
-            if ctx.lib is not None:
-                native = _Native(inp, ctx.lib, g, entries)
-                d_posts = native.backward(ctx.supports[s], (True, True, True))
-                entries = native.entries
-            else:
-                d_posts = _torch_backward(inp, ctx.topk, g, (True, True, True))
-            del posts, inp
+
+@torch.library.custom_op('nlsr::hspa_layer', mutates_args=())
+def _layer_op(x: Tensor, weight: Tensor, bias: Tensor, slope: Tensor, res_scale: float, kwidth: int, topk: int,
+              block_size: int, memory_budget: int, backend: str
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x + res_scale * sparsemax(q k^T) v of the stacked embeddings, one sample at a time, and with
+    ``memory_budget`` > 0 on the native back-end the supports kept for backward (``pack_supports``)."""
+    n, c = x.shape[:2]
+    samples = x.reshape(n, c, -1)
+    length = samples.shape[2]
+    widths = [kwidth, kwidth, weight.shape[0] - 2 * kwidth]
+    out = _layer_out(x)
+    out_samples = out.view(n, c, -1)
+    keep = memory_budget
+    lib = kernels.load() if backend == 'native' else None
+    supports, blocks, entries = [], [], None
+    for s in range(n):
+        q, k, v = _embed(samples[s], weight, bias, slope, widths)[1]
+        inp = _Inputs(q[None], k[None], v[None], block_size)
+        blocks += [(s, r0, r1) for _, r0, r1 in inp.blocks()]
+        if lib is not None:
+            native = _Native(inp, lib, entries=entries)
+            attended, kept = native.forward(keep)
+            entries = native.entries  # one support buffer for all samples: no heap churn
+            keep -= sum(support_bytes(part) for part in kept)
+            supports += kept
+        else:
+            attended = _torch_forward(inp, topk)
+            supports += [None] * len(inp.blocks())
+        del q, k, v, inp
+        # x + res_scale * attended, written in place: no (C, L) temporaries.
+        torch.add(samples[s], attended[0].t(), alpha=res_scale, out=out_samples[s])
+    return (out, *pack_supports(supports, blocks, n, length, x.dtype, x.device))
+
+
+@_layer_op.register_fake
+def _(x, weight, bias, slope, res_scale, kwidth, topk, block_size, memory_budget, backend):
+    n, length = x.shape[0], x.shape[2] * x.shape[3]
+    return (_layer_out(x), *_fake_supports(n, length, x.dtype, x.device, backend == 'native' and memory_budget > 0))
+
+
+@torch.library.custom_op('nlsr::hspa_layer_backward', mutates_args=())
+def _layer_backward_op(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, slope: Tensor, start: Tensor,
+                       nnz: Tensor, cols: Tensor, vals: Tensor, kept: Tensor, res_scale: float, kwidth: int,
+                       topk: int, block_size: int, backend: str, needs_x: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of x (empty unless ``needs_x``), the stacked weight, bias and slope; each sample's
+    embeddings recomputed."""
+    n, c = x.shape[:2]
+    samples, grads = x.reshape(n, c, -1), grad.reshape(n, c, -1)
+    length = samples.shape[2]
+    widths = [kwidth, kwidth, weight.shape[0] - 2 * kwidth]
+    lib = kernels.load() if backend == 'native' else None
+    dx = torch.empty_like(samples) if needs_x else None
+    dw, db, dslope = torch.zeros_like(weight), torch.zeros_like(bias), torch.zeros_like(slope)
+    parts = [t.split(widths) for t in (weight, slope, dw, db, dslope)]
+    entries = None
+    for s in range(n):
+        pres, posts = _embed(samples[s], weight, bias, slope, widths, keep_pre=True)
+        inp = _Inputs(*(t[None] for t in posts), block_size)
+        # res_scale * grad, transposed to the (L, C) rows the kernels read, in one pass.
+        g = torch.mul(grads[s].t(), res_scale, out=grads.new_empty(length, c))[None]
+        if lib is not None:
+            native = _Native(inp, lib, g, entries)
+            d_posts = native.backward(unpack_supports((start, nnz, cols, vals, kept), inp.blocks(), length, s),
+                                      (True, True, True))
+            entries = native.entries
+        else:
+            d_posts = _torch_backward(inp, topk, g, (True, True, True))
+        del posts, inp
+        if dx is not None:
+            dx[s] = grads[s]
+        for pre, d_post, (w, a, dw_i, db_i, da_i) in zip(pres, d_posts, zip(*parts, strict=True), strict=True):
+            d_pre = _prelu_backward(d_post[0], pre, a, da_i)
+            dw_i.addmm_(d_pre.t(), samples[s].t())
+            db_i += d_pre.sum(0)
             if dx is not None:
-                dx[s] = grads[s]
-            for pre, d_post, (w, a, dw_i, db_i, da_i) in zip(pres, d_posts, zip(*parts, strict=True), strict=True):
-                d_pre = _prelu_backward(d_post[0], pre, a, da_i)
-                dw_i.addmm_(d_pre.t(), samples[s].t())
-                db_i += d_pre.sum(0)
-                if dx is not None:
-                    dx[s].addmm_(w.t(), d_pre.t())
-        return (None if dx is None else dx.reshape(x.shape), dw, db, dslope, *([None] * 6))
+                dx[s].addmm_(w.t(), d_pre.t())
+    return (x.new_empty(0) if dx is None else dx.reshape(x.shape), dw, db, dslope)
+
+
+@_layer_backward_op.register_fake
+def _(grad, x, weight, bias, slope, start, nnz, cols, vals, kept, res_scale, kwidth, topk, block_size, backend,
+      needs_x):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_x else x.new_empty(0),
+            torch.empty_like(weight), torch.empty_like(bias), torch.empty_like(slope))
+
+
+def _layer_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, bias, slope, res_scale, kwidth, topk, block_size, _, backend = inputs
+    ctx.save_for_backward(x, weight, bias, slope)
+    # The supports are outputs without gradients: attributes, so saved-tensor hooks count only the inputs.
+    ctx.supports = output[1:]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.args = (res_scale, kwidth, topk, block_size, backend)
+
+
+def _layer_backward(ctx: Any, grad: Tensor, *_: Any) -> tuple:
+    x, weight, bias, slope = ctx.saved_tensors
+    needs_x = ctx.needs_input_grad[0]
+    dx, dw, db, dslope = torch.ops.nlsr.hspa_layer_backward(grad, x, weight, bias, slope, *ctx.supports, *ctx.args,
+                                                            needs_x)
+    return (dx if needs_x else None, dw, db, dslope, *([None] * 6))
+
+
+_layer_op.register_autograd(_layer_backward, setup_context=_layer_setup)
+
+
+def layer_op(x: Tensor, layer: nn.Module, topk: int, block_size: int, memory_budget: int, backend: str) -> Tensor:
+    """The registered operator nlsr::hspa_layer for a fusable ``layer`` and a resolved ``backend`` (no
+    planning: safe to trace)."""
+    weight, bias, slope = _stacked(layer)
+    kwidth = layer.conv_match1[0].out_channels
+    budget = memory_budget if needs_grad(x, weight, bias, slope) else 0
+    return torch.ops.nlsr.hspa_layer(x, weight, bias, slope, float(layer.res_scale), kwidth, topk, block_size,
+                                     budget, backend)[0]
 
 
 def hspa_layer(x: Tensor, layer: nn.Module, topk: int, block_size: int = 0,
                memory_budget: int = DEFAULT_MEMORY_BUDGET, backend: str | None = None) -> Tensor:
-    """``layer(x)`` for an HSPA ``layer`` that ``fusable`` accepts: x + res_scale * sparsemax(q k^T) v.
+    """``layer(x)`` for an HSPA ``layer`` that ``fusable`` accepts: x + res_scale * sparsemax(q k^T) v (the
+    registered operator nlsr::hspa_layer, with its backward nlsr::hspa_layer_backward).
 
     ``topk``, ``block_size`` and ``memory_budget`` as in ``model.hspa.blocked.hspa_attention``; ``backend``
     'native' (the C kernels, CPU) or 'torch' (see ``model.hspa.blocked.resolve_backend``).
     """
-    backend = resolve_backend(backend, x.device)
-    weight, bias, slope = _stacked(layer)
-    kwidth = layer.conv_match1[0].out_channels
-    return _HSPALayer.apply(x, weight, bias, slope, float(layer.res_scale), kwidth, topk, block_size,
-                            memory_budget, backend)
+    return layer_op(x, layer, topk, block_size, memory_budget, resolve_backend(backend, x.device))

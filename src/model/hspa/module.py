@@ -7,10 +7,10 @@ from torch import nn
 
 from model import common
 from model.contract import exporting
-from model.hspa.blocked import hspa_attention
-from model.hspa.dispatch import IMPLS, PlanLog, plan
+from model.hspa.blocked import DEFAULT_MEMORY_BUDGET, blocked_op
+from model.hspa.dispatch import Plan, PlanLog, canonical_impl, plan, plan_constant
 from model.hspa.export import hspa_attention_export
-from model.hspa.layer import fusable, hspa_layer
+from model.hspa.layer import fusable, layer_op
 from model.hspa.reference import dense_attention
 from model.hspa.triton import hspa_triton
 
@@ -43,10 +43,11 @@ class NonLocalEmbeddings(nn.Module):
 class HSPA(NonLocalEmbeddings):
     """High-Similarity-Pass Attention, the published block (channel, reduction=2, res_scale, topk=128).
 
-    impl: 'auto', 'dense', 'fast' or 'triton'; each forward runs what ``model.hspa.dispatch.plan`` returns for
-    it (the table there), and tells ``plan_log`` (shared by a network's layers; set by the Model wrapper)
-    so that each distinct plan is said once. Every path computes exact sparsemax: topk only sets where
-    the dense threshold search starts. block_size: query rows per block of the blocked paths (0: automatic).
+    impl: 'auto', 'dense', 'blocked' or 'triton' (model.hspa.dispatch.IMPLS; 'fast' is read as 'blocked');
+    each forward runs what ``model.hspa.dispatch.plan`` returns for it (the table there), and tells
+    ``plan_log`` (shared by a network's layers; set by the Model wrapper) so that each distinct plan is said
+    once. Every path computes exact sparsemax: topk only sets where the dense threshold search starts.
+    block_size: query rows per block of the blocked path (0: automatic).
     """
 
     def __init__(
@@ -60,28 +61,39 @@ class HSPA(NonLocalEmbeddings):
         block_size: int = 0,
     ) -> None:
         super().__init__(channel, reduction, res_scale, conv)
-        if impl not in IMPLS:
-            raise ValueError(f"HSPA impl must be one of {', '.join(IMPLS)}; got {impl!r}")
         if topk < 1:
             raise ValueError(f'HSPA topk must be a positive integer, got {topk}')
         if block_size < 0:
             raise ValueError(f'HSPA block_size must be >= 0, got {block_size}')
         self.topk = topk
-        self.impl = impl
+        self.impl = canonical_impl(impl)
         self.block_size = block_size
         self.plan_log = PlanLog()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def plan(self, x: torch.Tensor) -> Plan:
+        """How this forward runs (``model.hspa.dispatch.plan``), said once through ``plan_log``. While
+        torch.compile traces, the plan is taken by ``plan_constant`` (run, not traced) and not logged."""
         traced = exporting()
         training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        p = plan(self.impl, x.device, x.shape[0], x.shape[2] * x.shape[3], fusable=not traced and fusable(self, x),
-                 exporting=traced, training=training, widths=(self.key_width, x.shape[1]))
+        fuses = not traced and fusable(self, x)
+        widths = (self.key_width, x.shape[1])
+        if torch.compiler.is_compiling():
+            # Only CUDA's 'auto' reads the sizes (its memory rule): elsewhere they would only specialise the graph.
+            sizes = (int(x.shape[0]), int(x.shape[2] * x.shape[3])) if x.device.type == 'cuda' else (0, 0)
+            return plan_constant(self.impl, x.device, *sizes, fusable=fuses, exporting=traced, training=training,
+                                 widths=widths)
+        p = plan(self.impl, x.device, x.shape[0], x.shape[2] * x.shape[3], fusable=fuses, exporting=traced,
+                 training=training, widths=widths)
         self.plan_log(p)
-        if p.path == 'layer':
-            return hspa_layer(x, self, self.topk, self.block_size, backend=p.backend)
+        return p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.plan(x)
+        if p.fused:
+            return layer_op(x, self, self.topk, self.block_size, DEFAULT_MEMORY_BUDGET, p.backend)
         q, k, v = self.embed(x)
         if p.path == 'blocked':
-            attended = hspa_attention(q, k, v, self.topk, self.block_size, backend=p.backend)
+            attended = blocked_op(q, k, v, self.topk, self.block_size, DEFAULT_MEMORY_BUDGET, p.backend)
         elif p.path == 'triton':
             attended = hspa_triton(q, k, v)
         elif p.path == 'export':

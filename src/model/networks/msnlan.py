@@ -23,23 +23,19 @@ from model import common
 from model.blocks.cross_scale import cross_scale_attention
 from model.contract import ChopRule, SRNetwork, exporting
 from model.hspa import soft_threshold
+from model.hspa.dispatch import ALIASES, CROSS_SCALE_IMPLS, canonical_impl, plan_cross_scale
 from model.hspa.export import TOPK, sparsemax_graph
 
 MSNLAN_MEAN = (0.4025, 0.4482, 0.4264)
 FLAGS = ('n_resgroups', 'n_resblocks', 'n_feats', 'res_scale', 'attention', 'topk', 'hspa_impl', 'hspa_block')
-# --hspa_impl -> CrossScaleAttention impl: fast is its blocked computation (exact; no Triton kernel here).
-IMPLS = {'auto': 'auto', 'dense': 'dense', 'fast': 'blocked'}
 CCA_REDUCTION = 16  # channel reduction of the contrast channel attention in every RMAB
-# CrossScaleAttention impl='auto': images whose score map (positions x patches) has at most this many entries
-# (32 MiB in float32) take the published dense arithmetic, larger ones the blocked computation.
-DENSE_MAX_SCORES = 8 * 2**20
 ATTENTIONS = ('softmax', 'hspa')
 
 
 def make_model(args: argparse.Namespace) -> SRNetwork:
     """MSNLAN from the flags; --attention (None: softmax, the published model) picks the normaliser of
     the multi-scale attention: softmax or hspa (soft thresholding of the same scores); --hspa_impl and
-    --hspa_block choose how its attention is computed (IMPLS, block_size)."""
+    --hspa_block choose how its attention is computed (model.hspa.dispatch.plan_cross_scale, block_size)."""
     if args.n_resgroups < 2 or args.n_resgroups % 2:
         raise ValueError(f'--n_resgroups {args.n_resgroups}: MSNLAN needs an even number of groups, at least 2 '
                          '(half before its attention block, half after)')
@@ -50,9 +46,9 @@ def make_model(args: argparse.Namespace) -> SRNetwork:
     if attention not in ATTENTIONS:
         raise ValueError(f'--attention {attention}: MSNLAN supports softmax (published) or hspa (soft '
                          'thresholding inside its multi-scale attention)')
-    if args.hspa_impl not in IMPLS:
+    if ALIASES.get(args.hspa_impl, args.hspa_impl) not in CROSS_SCALE_IMPLS:
         raise ValueError(f'--hspa_impl {args.hspa_impl}: MSNLAN computes its attention with '
-                         f'{", ".join(IMPLS)} (no Triton kernel)')
+                         f'{", ".join(CROSS_SCALE_IMPLS)} (no Triton kernel)')
     return MSNLAN(
         scale=args.scale[0],
         n_colors=args.n_colors,
@@ -63,7 +59,7 @@ def make_model(args: argparse.Namespace) -> SRNetwork:
         rgb_range=args.rgb_range,
         attention=attention,
         topk=args.topk,
-        msnlab_impl=IMPLS[args.hspa_impl],
+        msnlab_impl=args.hspa_impl,
         msnlab_block=args.hspa_block,
     )
 
@@ -145,13 +141,12 @@ class CrossScaleAttention(nn.Module):
     thresholding of the same scores), and their assembly embeddings pasted back with a transposed
     convolution; plus res_scale * x_l.
 
-    impl='dense' is the published arithmetic: a full (positions x patches) score map per image.
-    impl='blocked' computes the same attention over tiles of `block_size` query positions
-    (model.cross_scale; 0: from a memory budget), in O(tile x patches) extra memory; in float32 it rounds
-    differently from the published kernels (it is as close to the float64 result as they are, or closer).
-    impl='auto' (default) takes 'dense' for maps of at most DENSE_MAX_SCORES scores per image, where the
-    published arithmetic is cheap and bit-compatible, and 'blocked' above; a nonzero block_size forces
-    'blocked'.
+    impl ('auto', 'dense' or 'blocked', the names of --hspa_impl): each forward runs the path that
+    ``model.hspa.dispatch.plan_cross_scale`` returns. Path 'dense' is the published arithmetic: a full
+    (positions x patches) score map per image. Path 'blocked' computes the same attention over tiles of
+    `block_size` query positions (model.cross_scale; 0: from a memory budget), in O(tile x patches) extra
+    memory; in float32 it rounds differently from the published kernels (it is as close to the float64
+    result as they are, or closer).
     """
 
     def __init__(self, channel: int, res_scale: float, ksize: int, padding: int, reduction: int = 2,
@@ -161,8 +156,7 @@ class CrossScaleAttention(nn.Module):
         super().__init__()
         if normalizer not in ('softmax', 'soft_threshold'):
             raise ValueError(f"normalizer must be 'softmax' or 'soft_threshold', got {normalizer!r}")
-        if impl not in ('auto', 'blocked', 'dense'):
-            raise ValueError(f"impl must be 'auto', 'blocked' or 'dense', got {impl!r}")
+        impl = canonical_impl(impl, CROSS_SCALE_IMPLS, 'impl')
         if impl != 'dense' and (ksize % 2 != 1 or padding != ksize // 2):
             raise ValueError(f'impl {impl} needs an odd ksize and padding ksize // 2, got {ksize}, {padding}')
         self.ksize = ksize
@@ -183,8 +177,7 @@ class CrossScaleAttention(nn.Module):
         scores = x_l.shape[2] * x_l.shape[3] * x_s.shape[2] * x_s.shape[3]
         if exporting():  # a traced graph (ONNX): one batched computation, no per-image loop
             return self._batched(match, key, value) + x_l * self.res_scale
-        blocked = self.impl == 'blocked' or (self.impl == 'auto' and (self.block_size or scores > DENSE_MAX_SCORES))
-        if blocked:
+        if plan_cross_scale(self.impl, x_l.device, scores, self.block_size).path == 'blocked':
             out = [cross_scale_attention(mi, ki, vi, self.ksize, self.softmax_scale, self.escape_NaN,
                                          self.normalizer, self.topk, self.block_size)[None]
                    for mi, ki, vi in zip(match, key, value, strict=True)]

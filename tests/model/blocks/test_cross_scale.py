@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model.networks.msnlan as msnlan
 from conftest import shared_path
 from model.blocks.cross_scale import cross_scale_attention, tile_shape
+from model.hspa import dispatch
 from model.networks.msnlan import MSNLAB, MSNLAN, CrossScaleAttention
 from oracles import entmax_sparsemax
 
@@ -53,7 +53,7 @@ def test_blocked_equals_dense_and_unfold_oracle(ksize: int, normalizer: str) -> 
         module.impl = 'dense'
         dense = module(x_l, x_s)
         torch.testing.assert_close(dense, oracle, rtol=0, atol=1e-10)
-        module.impl = 'blocked'
+        module.impl = 'fast'  # the blocked path
         for block in BLOCKS:
             module.block_size = block
             torch.testing.assert_close(module(x_l, x_s), dense, rtol=0, atol=1e-10, msg=f'block {block}')
@@ -70,13 +70,13 @@ def test_blocked_gradients_equal_dense(normalizer: str) -> None:
     module, x_l, x_s = _pair(5, normalizer, seed=1)
     weight = torch.randn(2, 8, 9, 11, dtype=torch.float64)
     grads = {}
-    for impl, block in (('dense', 0), ('blocked', 7), ('blocked', 40)):
+    for impl, block in (('dense', 0), ('fast', 7), ('fast', 40)):
         module.impl, module.block_size = impl, block
         a, b = x_l.clone().requires_grad_(), x_s.clone().requires_grad_()
         module.zero_grad()
         (module(a, b) * weight).sum().backward()
         grads[impl, block] = [a.grad, b.grad] + [p.grad.clone() for p in module.parameters()]
-    for key in (('blocked', 7), ('blocked', 40)):
+    for key in (('fast', 7), ('fast', 40)):
         for got, want in zip(grads[key], grads['dense', 0], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
@@ -112,16 +112,16 @@ def test_auto_takes_dense_for_small_maps_and_blocked_above(monkeypatch: pytest.M
     x = torch.randn(1, 16, 12, 10)
     outs = {}
     with torch.no_grad():
-        for impl in ('auto', 'dense', 'blocked'):
+        for impl in ('auto', 'dense', 'fast'):
             for name in ('atten1', 'atten2', 'atten3'):
                 getattr(block, name).stoL.impl = impl
             outs[impl] = block(x)
         assert torch.equal(outs['auto'], outs['dense'])
-        monkeypatch.setattr(msnlan, 'DENSE_MAX_SCORES', 0)
+        monkeypatch.setattr(dispatch, 'CROSS_SCALE_DENSE_MAX', 0)
         for name in ('atten1', 'atten2', 'atten3'):
             getattr(block, name).stoL.impl = 'auto'
-        assert torch.equal(block(x), outs['blocked'])
-    torch.testing.assert_close(outs['blocked'], outs['dense'], rtol=1e-5, atol=1e-5)
+        assert torch.equal(block(x), outs['fast'])
+    torch.testing.assert_close(outs['fast'], outs['dense'], rtol=1e-5, atol=1e-5)
 
 
 def _reference_net(ref: dict, scale: int, **kw) -> MSNLAN:
@@ -142,7 +142,7 @@ def test_blocked_msnlan_matches_published_model(scale: int) -> None:
         truth = _reference_net(ref, scale, msnlab_impl='dense').double()(x.double())
         published_error = (ref[f'x{scale}_output'].double() - truth).abs().max().item()
         for block in (150, 0):
-            net = _reference_net(ref, scale, msnlab_impl='blocked', msnlab_block=block)
+            net = _reference_net(ref, scale, msnlab_impl='fast', msnlab_block=block)
             torch.testing.assert_close(net.double()(x.double()), truth, rtol=0, atol=1e-9)
             error = (net.float()(x).double() - truth).abs().max().item()
             assert error <= published_error, f'block {block}: {error} > {published_error}'
@@ -160,7 +160,7 @@ def status(field):
 
 torch.manual_seed(0)
 x_l, x_s = torch.randn(1, 16, 64, 64), torch.randn(1, 16, 68, 68)
-for impl, block in (('blocked', 64), ('dense', 0)):
+for impl, block in (('fast', 64), ('dense', 0)):
     module = CrossScaleAttention(16, 1.0, 7, 3, impl=impl, block_size=block).eval()
     with torch.no_grad():
         module(x_l[:, :, :8, :8], x_s[:, :, :12, :12])  # warm-up
@@ -188,4 +188,4 @@ def test_blocked_extra_memory_is_bounded_by_the_tile(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     extra = {line.split()[0]: int(line.split()[1]) for line in r.stdout.splitlines()}
     assert extra['dense'] > 150e6  # two score maps at least: the measurement sees them
-    assert extra['blocked'] < 40e6  # measured 20 MB: four tile buffers of about 196 x 4900 floats and padding
+    assert extra['fast'] < 40e6  # measured 20 MB: four tile buffers of about 196 x 4900 floats and padding

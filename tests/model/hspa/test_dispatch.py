@@ -35,19 +35,23 @@ def no_compiler(monkeypatch):
     monkeypatch.setattr(native, 'unavailable_reason', lambda: "no C compiler found ('cc' is not on PATH; set CC)")
 
 
-def test_cpu_auto_and_fast_run_the_native_kernels():
+def test_cpu_auto_and_blocked_run_the_native_kernels():
     if native.load() is None:
         pytest.skip(f'native HSPA kernels unavailable here: {native.unavailable_reason()}')
-    for impl in ('auto', 'fast'):
-        assert plan(impl, CPU, 16, 2304, fusable=True) == plan_module.Plan('layer', 'native', impl, 'cpu')
+    for impl in ('auto', 'blocked'):
+        fused_plan = plan_module.Plan('blocked', 'native', impl, 'cpu', fused=True)
+        assert plan(impl, CPU, 16, 2304, fusable=True) == fused_plan
         assert plan(impl, CPU, 16, 2304, fusable=False) == plan_module.Plan('blocked', 'native', impl, 'cpu')
+    # 'fast', the earlier name, is read as 'blocked' and said so.
+    assert plan('fast', CPU, 1, 100) == plan('blocked', CPU, 1, 100)
+    assert 'HSPA: blocked on cpu -> blocked' in plan('fast', CPU, 1, 100).describe()
     assert 'native CPU kernel' in plan('auto', CPU, 1, 100, fusable=True).describe()
 
 
 def test_cpu_without_a_compiler_uses_torch_and_says_why(no_compiler):
     for impl in ('auto', 'fast'):
         p = plan(impl, CPU, 1, 100, fusable=True)
-        assert (p.path, p.backend) == ('layer', 'torch')
+        assert (p.path, p.backend, p.fused) == ('blocked', 'torch', True)
         assert 'no C compiler found' in p.note and 'no C compiler found' in p.describe()
     with pytest.raises(ValueError, match='native HSPA kernel needs CPU tensors and a C compiler'):
         x = torch.randn(1, 8, 4, 4)
@@ -73,8 +77,9 @@ def test_cuda_auto_is_dense_while_its_peak_fits_half_of_free_memory(free_memory,
             p = plan('auto', GPU, batch, length)
             assert (p.path, p.backend) == large
             assert ('no triton package' in p.note) == (not has_triton)
-    assert plan('fast', GPU, 1, 100, fusable=True) == plan_module.Plan('layer', 'torch', 'fast', 'cuda')
-    assert plan('fast', GPU, 1, 100) == plan_module.Plan('blocked', 'torch', 'fast', 'cuda')
+    assert plan('blocked', GPU, 1, 100, fusable=True) == plan_module.Plan('blocked', 'torch', 'blocked', 'cuda',
+                                                                          fused=True)
+    assert plan('blocked', GPU, 1, 100) == plan_module.Plan('blocked', 'torch', 'blocked', 'cuda')
     assert len(free_memory) == 7  # read on every auto plan on CUDA, not for fast
 
 
@@ -88,7 +93,7 @@ def test_dense_fits_is_a_memory_rule():
 
 
 def test_explicit_impls_that_cannot_run_say_so_in_one_line(monkeypatch):
-    with pytest.raises(ValueError, match="impl must be one of auto, dense, fast, triton; got 'sparse'"):
+    with pytest.raises(ValueError, match="impl must be one of auto, dense, blocked, triton; got 'sparse'"):
         plan('sparse', CPU, 1, 10)
     monkeypatch.setattr(fused, 'available', lambda: False)
     with pytest.raises(ValueError, match='needs the triton package') as err:
@@ -160,3 +165,19 @@ def test_model_wrapper_logs_each_distinct_plan_once(tmp_path):
         wrapper.model(torch.rand(1, 3, 10, 10))
         wrapper.model(torch.rand(1, 3, 11, 9))
     assert sum(line.startswith('HSPA: ') for line in lines) == 1
+
+
+def test_msnlan_cross_scale_attention_is_planned_here_with_the_same_names():
+    """MSNLAN's attention takes --hspa_impl's names and asks dispatch: fast runs its blocked computation,
+    auto the dense map up to CROSS_SCALE_DENSE_MAX scores per image (and without a block size), triton is
+    refused in one line."""
+    cpu = torch.device('cpu')
+    big = plan_module.CROSS_SCALE_DENSE_MAX + 1
+    assert plan_module.plan_cross_scale('fast', cpu, 10).path == 'blocked'
+    assert plan_module.plan_cross_scale('dense', cpu, big).path == 'dense'
+    assert plan_module.plan_cross_scale('auto', cpu, big - 1).path == 'dense'
+    assert plan_module.plan_cross_scale('auto', cpu, big).path == 'blocked'
+    assert plan_module.plan_cross_scale('auto', cpu, 10, block_size=7).path == 'blocked'
+    with pytest.raises(ValueError, match='no Triton kernel'):
+        plan_module.plan_cross_scale('triton', cpu, 10)
+    assert set(plan_module.CROSS_SCALE_IMPLS) < set(plan_module.IMPLS)

@@ -94,12 +94,11 @@ def test_triton_launches_on_the_device_of_its_tensors(monkeypatch):
     monkeypatch.setattr(launch, '_kernels', lambda: kernels)
     monkeypatch.setattr(torch.cuda, 'device', cuda_device)
     tiles = launch.Tiles(16, 16, 16, 16, 16)
-    ctx = types.SimpleNamespace(save_for_backward=lambda *t: setattr(ctx, 'saved_tensors', t))
     with FakeTensorMode(), Placement() as placement:
         q, k = (torch.zeros(2, 20, 8, device='cuda:1', dtype=torch.bfloat16) for _ in 'qk')
         v = torch.zeros(2, 20, 12, device='cuda:1', dtype=torch.bfloat16)
-        out = launch._HSPATriton.forward(ctx, q, k, v, tiles)
-        grads = launch._HSPATriton.backward(ctx, torch.zeros_like(out))
+        out, tau = launch.triton_forward(q, k, v, tiles)
+        grads = launch.triton_backward(torch.zeros_like(out), q, k, v, tau, tiles)
     assert [name for name, *_ in launches] == ['threshold', 'forward', 'backward_rows', 'backward_keys',
                                                'backward_values']
     for name, device, tensors in launches:
@@ -178,7 +177,7 @@ def test_auto_falls_back_for_a_query_width_the_fused_kernels_do_not_take(gpu_mem
     # The module on fake CUDA tensors: auto runs the blocked path (a stand-in here), it does not raise.
     ran: list[str] = []
     monkeypatch.setattr('model.hspa.module.fusable', lambda layer, x: False)  # the blocked path, not the layer
-    monkeypatch.setattr('model.hspa.module.hspa_attention',
+    monkeypatch.setattr('model.hspa.module.blocked_op',
                         lambda q, k, v, *a, **kw: ran.append('blocked') or torch.zeros_like(v))
     layer = HSPA(1024, reduction=2, topk=8).requires_grad_(False)
     mode = FakeTensorMode()

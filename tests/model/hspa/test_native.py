@@ -3,8 +3,10 @@ the sort-based oracle of tests/oracles.py."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import re
 import signal
 import time
 
@@ -298,3 +300,25 @@ def test_kernel_threads_survive_fork(openmp):
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail('the forked child hung in the HSPA kernel')
+
+
+def test_argument_structures_mirror_the_c_header():
+    """Each ctypes.Structure of the loader has the fields of its C structure in hspa_args.h, in order, with
+    pointers where the header has pointers and int64 elsewhere (no padding on either side)."""
+    text = (native.loader.SOURCE.parent / 'hspa_args.h').read_text()
+    structs = {'hspa_attend_args': native.AttendArgs, 'hspa_grad_rows_args': native.GradRowsArgs,
+               'hspa_grad_keys_args': native.GradKeysArgs}
+    for c_name, py in structs.items():
+        body = re.search(r'typedef struct \{([^}]*)\} ' + c_name + ';', text)[1]
+        fields = []
+        for decl in re.sub(r'/\*.*?\*/', '', body, flags=re.S).split(';'):
+            decl = decl.strip()
+            if not decl:
+                continue
+            kind, names = re.match(r'(?:const )?(\w+)\s*(.*)', decl).groups()
+            for name in names.split(','):
+                pointer = name.strip().startswith('*')
+                fields.append((name.strip().lstrip('*'), 'pointer' if pointer else kind))
+        got = [(name, 'pointer' if t is ctypes.c_void_p else 'int64_t') for name, t in py._fields_]
+        assert got == fields, c_name
+        assert ctypes.sizeof(py) == 8 * len(fields)

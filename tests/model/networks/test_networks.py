@@ -196,7 +196,8 @@ def test_meanshift_frozen_and_values() -> None:
 
 
 def test_msnlan_attention_impl_and_block_from_the_flags() -> None:
-    """--hspa_impl and --hspa_block reach MSNLAN's cross-scale attention (fast = its blocked computation)."""
+    """--hspa_impl and --hspa_block reach MSNLAN's cross-scale attention (fast, the earlier name of blocked,
+    read as blocked); dispatch.plan_cross_scale chooses from them."""
     from model.networks.msnlan import CrossScaleAttention
 
     flags = ['--model', 'MSNLAN', '--n_resgroups', '2', '--n_resblocks', '1', '--n_feats', '16']

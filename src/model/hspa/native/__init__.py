@@ -2,6 +2,9 @@
 
 from model.hspa.native.loader import (
                                       TILE_ROWS,
+                                      AttendArgs,
+                                      GradKeysArgs,
+                                      GradRowsArgs,
                                       Tiles,
                                       cache_sizes,
                                       choose_tiles,
@@ -16,5 +19,6 @@ from model.hspa.native.loader import (
                                       unavailable_reason,
 )
 
-__all__ = ['TILE_ROWS', 'Tiles', 'cache_sizes', 'choose_tiles', 'column_tile', 'describe', 'function', 'load', 'ptr',
-           'screens', 'tiles_for', 'torch_uses_libgomp', 'unavailable_reason']
+__all__ = ['TILE_ROWS', 'AttendArgs', 'GradKeysArgs', 'GradRowsArgs', 'Tiles', 'cache_sizes', 'choose_tiles',
+           'column_tile', 'describe', 'function', 'load', 'ptr', 'screens', 'tiles_for', 'torch_uses_libgomp',
+           'unavailable_reason']

@@ -37,9 +37,9 @@ static void CAT(grad_rows_range, SFX)(void *p, int64_t begin, int64_t end) {
 }
 
 /* Row i's support: entries start[i] .. start[i] + nnz[i] of cols (and of ds, which gets dS there). */
-void CAT(hspa_grad_rows, SFX)(const int64_t *start, const int64_t *nnz, const int32_t *cols, int64_t rows,
-                              const T *g, const T *v, int64_t width, const T *k, int64_t kwidth, T *ds, T *dq,
-                              int n_threads) {
+static void CAT(grad_rows, SFX)(const int64_t *start, const int64_t *nnz, const int32_t *cols, int64_t rows,
+                                const T *g, const T *v, int64_t width, const T *k, int64_t kwidth, T *ds, T *dq,
+                                int n_threads) {
     CAT(rows_ctx, SFX) c = {start, nnz, cols, g, v, k, width, kwidth, ds, dq};
     parallel_for(rows, 8, n_threads, CAT(grad_rows_range, SFX), &c);
 }
@@ -74,9 +74,9 @@ static void CAT(grad_keys_range, SFX)(void *p, int64_t begin, int64_t end) {
 
 /* The supports as in grad_rows (all entries start[i] + [0, nnz[i]) together fill [0, sum of nnz)).
  * Returns 0, or -1 when the transpose's work space cannot be allocated. */
-int CAT(hspa_grad_keys, SFX)(const int64_t *start, const int64_t *nnz, const int32_t *cols, const T *vals,
-                             const T *ds, int64_t rows, int64_t length, const T *q, int64_t kwidth, const T *g,
-                             int64_t width, T *dk, T *dv, int n_threads) {
+static int CAT(grad_keys, SFX)(const int64_t *start, const int64_t *nnz, const int32_t *cols, const T *vals,
+                               const T *ds, int64_t rows, int64_t length, const T *q, int64_t kwidth, const T *g,
+                               int64_t width, T *dk, T *dv, int n_threads) {
     int64_t entries = 0;
     for (int64_t i = 0; i < rows; i++) entries += nnz[i];
     int64_t *kptr = calloc((size_t)length + 1, sizeof(int64_t));
@@ -107,3 +107,13 @@ int CAT(hspa_grad_keys, SFX)(const int64_t *start, const int64_t *nnz, const int
     return status;
 }
 
+/* grad_rows and grad_keys with their arguments in one structure (hspa_args.h): the entry points ctypes calls. */
+void CAT(hspa_grad_rows, SFX)(const hspa_grad_rows_args *a) {
+    CAT(grad_rows, SFX)(a->start, a->nnz, a->cols, a->rows, a->g, a->v, a->width, a->k, a->kwidth, a->ds, a->dq,
+                        (int)a->n_threads);
+}
+
+int CAT(hspa_grad_keys, SFX)(const hspa_grad_keys_args *a) {
+    return CAT(grad_keys, SFX)(a->start, a->nnz, a->cols, a->vals, a->ds, a->rows, a->length, a->q, a->kwidth, a->g,
+                               a->width, a->dk, a->dv, (int)a->n_threads);
+}

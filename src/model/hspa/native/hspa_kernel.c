@@ -22,6 +22,7 @@
  * This file includes itself twice to define every kernel for float (suffix f32) and double (f64).
  */
 #ifndef HSPA_T
+#include "hspa_args.h"
 #include "hspa_pool.h"
 
 #define CAT_(a, b) a##_##b
@@ -384,11 +385,11 @@ void CAT(hspa_pack_keys, SFX)(const T *k, int64_t length, int64_t kwidth, T *kp)
  * particular order; *total is the number of entries all rows need, and where that exceeds capacity the rows
  * that did not fit have start -1.
  * Returns 0; -1 without work space; -2 for a configuration the kernel does not have. */
-int CAT(hspa_attend, SFX)(const T *q, const T *kp, int64_t rows, int64_t length, int64_t kwidth, const T *v,
-                          int64_t width, T *out, int64_t block_rows, int64_t tile_rows, int64_t key_tile,
-                          int screen, const uint32_t *kp16, const float *keys, const float *kbounds,
-                          int32_t *sup_cols, T *sup_vals, int64_t capacity, int64_t *start, int64_t *nnz,
-                          int64_t *total, int n_threads) {
+static int CAT(attend, SFX)(const T *q, const T *kp, int64_t rows, int64_t length, int64_t kwidth, const T *v,
+                            int64_t width, T *out, int64_t block_rows, int64_t tile_rows, int64_t key_tile,
+                            int screen, const uint32_t *kp16, const float *keys, const float *kbounds,
+                            int32_t *sup_cols, T *sup_vals, int64_t capacity, int64_t *start, int64_t *nnz,
+                            int64_t *total, int n_threads) {
     const int64_t lanes = 2 * W, padded = (length + lanes - 1) / lanes * lanes;
     if (block_rows < 1 || key_tile < 1 || key_tile % lanes || !CAT(score_kernel, SFX)(tile_rows)) return -2;
 #ifdef SCREENING
@@ -403,6 +404,13 @@ int CAT(hspa_attend, SFX)(const T *q, const T *kp, int64_t rows, int64_t length,
     run_threads(n_threads < blocks ? n_threads : (int)blocks, CAT(attend_thread, SFX), &c);
     if (total) *total = c.entries;
     return c.failed || c.next < rows ? -1 : 0;
+}
+
+/* attend with its arguments in one structure (hspa_args.h): the entry point ctypes calls. */
+int CAT(hspa_attend, SFX)(const hspa_attend_args *a) {
+    return CAT(attend, SFX)(a->q, a->kp, a->rows, a->length, a->kwidth, a->v, a->width, a->out, a->block_rows,
+                            a->tile_rows, a->key_tile, (int)a->screen, a->kp16, a->keys, a->kbounds, a->sup_cols,
+                            a->sup_vals, a->capacity, a->start, a->nnz, a->total, (int)a->n_threads);
 }
 
 #include "hspa_backward.h"

@@ -32,7 +32,7 @@ import torch
 
 SOURCE = Path(__file__).with_name('hspa_kernel.c')
 HEADERS = tuple(Path(__file__).with_name(name)  # the files SOURCE includes
-                for name in ('hspa_pool.h', 'hspa_backward.h', 'hspa_score.h', 'hspa_screen.h'))
+                for name in ('hspa_args.h', 'hspa_pool.h', 'hspa_backward.h', 'hspa_score.h', 'hspa_screen.h'))
 # -fassociative-math (with the flags it requires) lets the compiler vectorise the masked sums.
 _FLAGS = ['-O3', '-fno-math-errno', '-fno-trapping-math', '-fno-signed-zeros', '-fassociative-math',
           '-shared', '-fPIC', '-pthread']
@@ -41,12 +41,40 @@ _NATIVE = ['-march=native']
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 _int = ctypes.c_int
+
+
+class AttendArgs(ctypes.Structure):
+    """hspa_attend's arguments: hspa_args.h's hspa_attend_args, field by field (pointers: data addresses or
+    None; integers: int64)."""
+
+    _fields_ = [(name, _p if name in ('q', 'kp', 'v', 'out', 'kp16', 'keys', 'kbounds', 'sup_cols', 'sup_vals',
+                                      'start', 'nnz', 'total') else _i64)
+                for name in ('q', 'kp', 'rows', 'length', 'kwidth', 'v', 'width', 'out', 'block_rows', 'tile_rows',
+                             'key_tile', 'screen', 'kp16', 'keys', 'kbounds', 'sup_cols', 'sup_vals', 'capacity',
+                             'start', 'nnz', 'total', 'n_threads')]
+
+
+class GradRowsArgs(ctypes.Structure):
+    """hspa_grad_rows' arguments: hspa_args.h's hspa_grad_rows_args, field by field."""
+
+    _fields_ = [(name, _p if name in ('start', 'nnz', 'cols', 'g', 'v', 'k', 'ds', 'dq') else _i64)
+                for name in ('start', 'nnz', 'cols', 'rows', 'g', 'v', 'width', 'k', 'kwidth', 'ds', 'dq',
+                             'n_threads')]
+
+
+class GradKeysArgs(ctypes.Structure):
+    """hspa_grad_keys' arguments: hspa_args.h's hspa_grad_keys_args, field by field."""
+
+    _fields_ = [(name, _p if name in ('start', 'nnz', 'cols', 'vals', 'ds', 'q', 'g', 'dk', 'dv') else _i64)
+                for name in ('start', 'nnz', 'cols', 'vals', 'ds', 'rows', 'length', 'q', 'kwidth', 'g', 'width',
+                             'dk', 'dv', 'n_threads')]
+
+
 _SIGNATURES = {
     'hspa_pack_keys': (None, [_p, _i64, _i64, _p]),
-    'hspa_attend': (_int, [_p, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _i64, _int, _p, _p, _p, _p, _p, _i64,
-                           _p, _p, _p, _int]),
-    'hspa_grad_rows': (None, [_p, _p, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, _int]),
-    'hspa_grad_keys': (_int, [_p, _p, _p, _p, _p, _i64, _i64, _p, _i64, _p, _i64, _p, _p, _int]),
+    'hspa_attend': (_int, [ctypes.POINTER(AttendArgs)]),
+    'hspa_grad_rows': (None, [ctypes.POINTER(GradRowsArgs)]),
+    'hspa_grad_keys': (_int, [ctypes.POINTER(GradKeysArgs)]),
 }
 
 

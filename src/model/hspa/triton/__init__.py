@@ -7,8 +7,9 @@ from model.hspa.triton.launch import (
     choose_tiles,
     hspa_triton,
     supports,
+    traced_as_constant,
     unsupported_reason,
 )
 
 __all__ = ['SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton', 'supports',
-           'unsupported_reason']
+           'traced_as_constant', 'unsupported_reason']

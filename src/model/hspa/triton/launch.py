@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 __all__ = ['SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton', 'supports',
-           'unsupported_reason']
+           'traced_as_constant', 'unsupported_reason']
 
 # Opt-in shared memory per thread block (bytes), CUDA C Programming Guide, "Technical Specifications per
 # Compute Capability". A capability not listed gets the smallest entry of its major version, else 64 KiB.
@@ -120,6 +121,15 @@ def supports(device: torch.device, kw: int, width: int) -> bool:
     return True
 
 
+def traced_as_constant(fn: Callable) -> Callable:
+    """``fn`` marked as torch.compiler.assume_constant_result marks it (Dynamo calls it while tracing and
+    keeps its result as a constant of the graph), without importing torch._dynamo (and with it triton)
+    when this module is imported."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@traced_as_constant
 @functools.cache
 def available() -> bool:
     """True when triton can be imported."""
@@ -158,14 +168,9 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class _HSPATriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, tiles: Tiles) -> Tensor:
-        with _on_device(query.device):
-            return _HSPATriton._forward(ctx, query, key, value, tiles)
-
-    @staticmethod
-    def _forward(ctx: Any, query: Tensor, key: Tensor, value: Tensor, tiles: Tiles) -> Tensor:
+def triton_forward(query: Tensor, key: Tensor, value: Tensor, tiles: Tiles) -> tuple[Tensor, Tensor]:
+    """(out in value's dtype, tau per row): the threshold and forward kernels on float32 copies."""
+    with _on_device(query.device):
         kern = _kernels()
         q, k, v = (t.float().contiguous() for t in (query, key, value))
         n, length, kw = q.shape
@@ -177,22 +182,15 @@ class _HSPATriton(torch.autograd.Function):
         out = torch.empty(n, length, width, device=q.device, dtype=torch.float32)
         kern.forward[(_cdiv(length, tiles.block_m), _cdiv(width, tiles.block_c), n)](
             q, k, v, tau, out, length, kw, width, **_pick(const, kern.forward), **opts)
-        ctx.save_for_backward(q, k, v, tau)
-        ctx.tiles = tiles
-        ctx.dtypes = (query.dtype, key.dtype, value.dtype)
-        return out.to(value.dtype)
+        return out.to(value.dtype), tau
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor):
-        with _on_device(grad.device):
-            return _HSPATriton._backward(ctx, grad)
 
-    @staticmethod
-    def _backward(ctx: Any, grad: Tensor) -> tuple:
+def triton_backward(grad: Tensor, query: Tensor, key: Tensor, value: Tensor, tau: Tensor,
+                    tiles: Tiles) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of query, key and value (in their dtypes) from the forward's ``tau``."""
+    with _on_device(grad.device):
         kern = _kernels()
-        q, k, v, tau = ctx.saved_tensors
-        tiles = ctx.tiles
+        q, k, v = (t.float().contiguous() for t in (query, key, value))
         const, opts = tiles.constexprs(), tiles.options()
         n, length, kw = q.shape
         width = v.shape[2]
@@ -207,7 +205,50 @@ class _HSPATriton(torch.autograd.Function):
         dv = torch.empty(n, length, width, device=q.device, dtype=torch.float32)
         kern.backward_values[(_cdiv(length, tiles.block_n), _cdiv(width, tiles.block_c), n)](
             q, k, g, tau, dv, length, kw, width, **_pick(const, kern.backward_values), **opts)
-        return (*(t.to(dtype) for t, dtype in zip((dq, dk, dv), ctx.dtypes, strict=True)), None)
+        return tuple(t.to(s.dtype) for t, s in zip((dq, dk, dv), (query, key, value), strict=True))
+
+
+@torch.library.custom_op('nlsr::hspa_triton', mutates_args=())
+def _triton_op(query: Tensor, key: Tensor, value: Tensor, tiles: list[int]) -> tuple[Tensor, Tensor]:
+    """sparsemax(q k^T) v and the threshold tau of every row (kept for backward)."""
+    return triton_forward(query, key, value, Tiles(*tiles))
+
+
+@_triton_op.register_fake
+def _(query, key, value, tiles):
+    n, length = query.shape[:2]
+    return value.new_empty(n, length, value.shape[2]), query.new_empty(n, length, dtype=torch.float32)
+
+
+@torch.library.custom_op('nlsr::hspa_triton_backward', mutates_args=())
+def _triton_backward_op(grad: Tensor, query: Tensor, key: Tensor, value: Tensor, tau: Tensor,
+                        tiles: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of query, key and value."""
+    return triton_backward(grad, query, key, value, tau, Tiles(*tiles))
+
+
+@_triton_backward_op.register_fake
+def _(grad, query, key, value, tau, tiles):
+    return tuple(t.new_empty(t.shape) for t in (query, key, value))  # contiguous, as the kernels write them
+
+
+def _triton_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(*inputs[:3], output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.tiles = inputs[3]
+
+
+def _triton_grad(ctx: Any, grad: Tensor, _: Any) -> tuple:
+    return (*torch.ops.nlsr.hspa_triton_backward(grad, *ctx.saved_tensors, ctx.tiles), None)
+
+
+_triton_op.register_autograd(_triton_grad, setup_context=_triton_setup)
+
+
+@traced_as_constant
+def _default_tiles(device: torch.device, kw: int, width: int) -> Tiles:
+    """`choose_tiles` for the device's capability: a constant to torch.compile (no device query traced)."""
+    return choose_tiles(_capability(device), kw, width)
 
 
 def _pick(constexprs: dict[str, int], kernel: Any) -> dict[str, int]:
@@ -218,16 +259,17 @@ def _pick(constexprs: dict[str, int], kernel: Any) -> dict[str, int]:
 def hspa_triton(query: Tensor, key: Tensor, value: Tensor, tiles: Tiles | None = None) -> Tensor:
     """Exact ``sparsemax(query @ key^T, dim=-1) @ value``; query, key (N, L, Ck), value (N, L, C).
 
-    tiles: the launch configuration (default: `choose_tiles` for the device's capability and the widths)."""
+    tiles: the launch configuration (default: `choose_tiles` for the device's capability and the widths).
+    The registered operator nlsr::hspa_triton, with its backward nlsr::hspa_triton_backward."""
     if not available():
         raise ValueError("HSPA impl 'triton' needs the triton package: pip install -r requirements-gpu.txt")
     if query.dim() != 3 or key.shape != query.shape or value.dim() != 3 or value.shape[:2] != query.shape[:2]:
         raise ValueError(f'hspa_triton expects query/key (N, L, Ck) and value (N, L, C); got '
                          f'{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}')
     if tiles is None:
-        tiles = choose_tiles(_capability(query.device), query.shape[2], value.shape[2])
+        tiles = _default_tiles(query.device, query.shape[2], value.shape[2])
     elif any(b < 16 or b & (b - 1) for b in dataclasses.astuple(tiles)[:5]) or tiles.block_q < query.shape[2]:
         raise ValueError(f'hspa_triton tiles must be powers of two >= 16 with block_q >= {query.shape[2]}, '
                          f'got {tiles}')
     with torch.autocast(device_type=query.device.type, enabled=False):
-        return _HSPATriton.apply(query, key, value, tiles)
+        return torch.ops.nlsr.hspa_triton(query, key, value, list(dataclasses.astuple(tiles)))[0]
