@@ -9,9 +9,31 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import template
 from errors import UserError
+
+if TYPE_CHECKING:
+    from model.checkpoint import Configured
+
+
+class Config(argparse.Namespace):
+    """A run's configuration, frozen once built (build/parse): the layers below main read it and never set
+    it; `config.replace(flag=value)` is a changed copy (for tests and tools that vary one setting)."""
+
+    def __init__(self, **values: object) -> None:
+        self.__dict__.update(values)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f'the configuration is built once and frozen: cannot set {name!r} '
+                             f'(make a changed copy with .replace({name}=...))')
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f'the configuration is built once and frozen: cannot delete {name!r}')
+
+    def replace(self, **changes: object) -> Config:
+        return Config(**{**vars(self), **changes})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,15 +214,29 @@ def given_flags(argv: Sequence[str] | None) -> frozenset[str]:
     return frozenset(vars(parser.parse_args(argv)))
 
 
-def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse argv (sys.argv[1:] when None), apply the template's defaults, normalise and validate values.
+def build(argv: Sequence[str] | None = None) -> tuple[Config, Configured]:
+    """The run's configuration, built once in this order: the command line (sys.argv[1:] when argv is None),
+    the --template preset for the flags it leaves, the --pre_train checkpoint's configuration for the flags
+    the command line leaves; normalised, validated and frozen. Also returns the checkpoint file it read
+    (handed to model.Model, so the file is read once). The resume point is the experiment's to decide
+    (runs.experiment.Experiment.resume_point).
 
-    `args.cli_flags` holds the flags written on the command line: they win over the template and over the
-    configuration a --pre_train checkpoint carries.
+    `config.cli_flags` holds the flags written on the command line: they win over the template and over the
+    configuration a --pre_train checkpoint carries (a contradiction is refused).
     """
-    args = build_parser().parse_args(argv)
-    args.cli_flags = given_flags(argv)
-    template.set_template(args, args.cli_flags)
+    return _with_checkpoint(_parse_flags(argv))
+
+
+def parse(argv: Sequence[str] | None = None) -> Config:
+    """build(argv)'s configuration (for callers that let the model read --pre_train itself)."""
+    return build(argv)[0]
+
+
+def _parse_flags(argv: Sequence[str] | None) -> Config:
+    """The command line over the template's values over the defaults: normalised, validated, frozen."""
+    parsed = build_parser().parse_args(argv)
+    given = given_flags(argv)
+    args = argparse.Namespace(**{**vars(parsed), **template.preset(parsed.template, given), 'cli_flags': given})
 
     args.scale = _int_list(args.scale, '+', '--scale')
     if any(s < 1 for s in args.scale):
@@ -216,7 +252,30 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.template != '.' and not template.template_values(args.template):
         raise UserError(f'--template {args.template}: unknown; known: {", ".join(template.known_names())}')
     validate(args)
-    return args
+    return Config(**vars(args))
+
+
+def _with_checkpoint(config: Config) -> tuple[Config, Configured]:
+    """`config` completed from the --pre_train checkpoint's configuration (model.checkpoint.checkpoint_flags),
+    and the file as read; model flags --model does not read are refused. Errors are decided alike by every
+    process (reported once under torchrun)."""
+    import distributed
+    from model.checkpoint import Configured, checkpoint_flags, read_checkpoint
+    from model.registry import check_model_flags
+
+    out = Configured()
+    pre_train = str(config.pre_train)
+    try:
+        if pre_train not in ('', '.'):
+            path = pre_train.replace('{scale}', str(config.scale[0]))
+            out.files[path] = read_checkpoint(path)
+            changes, out.adopted = checkpoint_flags(config, out.files[path][1] or {}, f'--pre_train {pre_train}',
+                                                    flag_accepts)
+            config = config.replace(**changes)
+        check_model_flags(config)
+    except UserError as e:
+        raise distributed.RankZeroError(str(e)) from None
+    return config, out
 
 
 def flag_type(dest: str) -> type | None:
@@ -230,6 +289,22 @@ AT_LEAST = {'patch_size': 1, 'batch_size': 1, 'test_every': 1, 'rgb_range': 1, '
             'tile_overlap': 0, 'split_batch': 1, 'n_GPUs': 1, 'gan_k': 1, 'warmup': 0, 'n_threads': 0,
             'epochs': 0, 'resume': -1, 'dist_timeout': 1, 'max_skips': 1, 'accumulate': 1, 'ema_start': 0,
             'G0': 1, 'RDNkSize': 1, 'depth': 1, 'chunk_size': 1, 'n_hashes': 1}
+
+
+def flag_accepts(flag: str, value: object, current: object) -> bool:
+    """Whether --flag can take `value` (a stored configuration's entry; `current` is the flag's value now): its
+    declared type, and at least AT_LEAST for integers; scale: one positive integer or a list of them."""
+    kind = flag_type(flag)
+    if flag == 'scale':  # one int, or the list of a multi-scale network
+        values = value if isinstance(value, list) and value else [value]
+        return all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+    if isinstance(current, bool):
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= AT_LEAST.get(flag, value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, str)  # strings, and flags whose default is None (--attention)
 
 
 def validate(args: argparse.Namespace) -> None:

@@ -28,8 +28,6 @@ from model.checkpoint import (
     CHECKPOINT_SUFFIXES,
     Configured,
     check_state_fits,
-    configuration_note,
-    configure,
     fit_into,
     load_into,
     plain_state_dict,
@@ -53,10 +51,7 @@ class Model(nn.Module):
         super().__init__()
         self.log = log
         self.plan_log = PlanLog(log)
-        if configured is None:  # built outside main (tests, tools): complete the flags here
-            configured = configure(args)
-            if configured.adopted:
-                log(configuration_note(configured.adopted))
+        configured = configured if configured is not None else Configured()  # else --pre_train is read here
         self.name = resolve_model_name(args.model)
         pre_train = str(args.pre_train)
         self.scales = list(args.scale)
