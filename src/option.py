@@ -224,7 +224,7 @@ def build(argv: Sequence[str] | None = None) -> tuple[Config, Configured]:
     `config.cli_flags` holds the flags written on the command line: they win over the template and over the
     configuration a --pre_train checkpoint carries (a contradiction is refused).
     """
-    return _with_checkpoint(_parse_flags(argv))
+    return _with_checkpoint(parse_flags(argv))
 
 
 def parse(argv: Sequence[str] | None = None) -> Config:
@@ -232,8 +232,9 @@ def parse(argv: Sequence[str] | None = None) -> Config:
     return build(argv)[0]
 
 
-def _parse_flags(argv: Sequence[str] | None) -> Config:
-    """The command line over the template's values over the defaults: normalised, validated, frozen."""
+def parse_flags(argv: Sequence[str] | None) -> Config:
+    """The command line over the template's values over the defaults: normalised, validated, frozen (the first
+    steps of build: no file is read)."""
     parsed = build_parser().parse_args(argv)
     given = given_flags(argv)
     args = argparse.Namespace(**{**vars(parsed), **template.preset(parsed.template, given), 'cli_flags': given})
