@@ -218,18 +218,19 @@ def build(argv: Sequence[str] | None = None) -> tuple[Config, Configured]:
     """The run's configuration, built once in this order: the command line (sys.argv[1:] when argv is None),
     the --template preset for the flags it leaves, the --pre_train checkpoint's configuration for the flags
     the command line leaves; normalised, validated and frozen. Also returns the checkpoint file it read
-    (handed to model.Model, so the file is read once). The resume point is the experiment's to decide
-    (runs.experiment.Experiment.resume_point).
+    (handed to model.Model, so the file is read once), and refuses model flags --model does not read. The
+    resume point is the experiment's to decide (runs.experiment.Experiment.resume_point).
 
     `config.cli_flags` holds the flags written on the command line: they win over the template and over the
     configuration a --pre_train checkpoint carries (a contradiction is refused).
     """
-    return _with_checkpoint(parse_flags(argv))
+    return _with_checkpoint(parse_flags(argv), check_model_flags=True)
 
 
 def parse(argv: Sequence[str] | None = None) -> Config:
-    """build(argv)'s configuration (for callers that let the model read --pre_train itself)."""
-    return build(argv)[0]
+    """build(argv)'s configuration, model flags unchecked (model.Model checks them; tests build networks
+    from generic flags): for callers that let the model read --pre_train itself."""
+    return _with_checkpoint(parse_flags(argv), check_model_flags=False)[0]
 
 
 def parse_flags(argv: Sequence[str] | None) -> Config:
@@ -256,13 +257,13 @@ def parse_flags(argv: Sequence[str] | None) -> Config:
     return Config(**vars(args))
 
 
-def _with_checkpoint(config: Config) -> tuple[Config, Configured]:
+def _with_checkpoint(config: Config, check_model_flags: bool) -> tuple[Config, Configured]:
     """`config` completed from the --pre_train checkpoint's configuration (model.checkpoint.checkpoint_flags),
-    and the file as read; model flags --model does not read are refused. Errors are decided alike by every
-    process (reported once under torchrun)."""
+    and the file as read; with check_model_flags, model flags --model does not read are refused. Errors are
+    decided alike by every process (reported once under torchrun)."""
     import distributed
     from model.checkpoint import Configured, checkpoint_flags, read_checkpoint
-    from model.registry import check_model_flags
+    from model.registry import check_model_flags as check
 
     out = Configured()
     pre_train = str(config.pre_train)
@@ -273,7 +274,8 @@ def _with_checkpoint(config: Config) -> tuple[Config, Configured]:
             changes, out.adopted = checkpoint_flags(config, out.files[path][1] or {}, f'--pre_train {pre_train}',
                                                     flag_accepts)
             config = config.replace(**changes)
-        check_model_flags(config)
+        if check_model_flags:
+            check(config)
     except UserError as e:
         raise distributed.RankZeroError(str(e)) from None
     return config, out

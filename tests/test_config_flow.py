@@ -106,3 +106,11 @@ def test_a_restarted_group_resumes_its_run_without_changing_the_flags(tmp_path: 
     # Another configuration in the folder: refused, as without a restart.
     with pytest.raises(UserError, match='another configuration'):
         _experiment(tmp_path, '--save', 'r', '--lr', '0.001', restart=2)
+
+
+def test_build_refuses_a_model_flag_the_model_does_not_read() -> None:
+    with pytest.raises(UserError, match='^--res_scale is not used by --model RCAN'):
+        option.build(['--model', 'RCAN', '--res_scale', '0.1'])
+    config = option.parse(['--model', 'RCAN', '--res_scale', '0.1'])  # the flags only; model.Model checks
+    with pytest.raises(UserError, match='^--res_scale is not used by --model RCAN'):
+        model.Model(config, log=lambda s: None)

@@ -36,7 +36,7 @@ from model.checkpoint import (
 from model.compiled import compile_network
 from model.contract import ChopRule, SRNetwork
 from model.hspa import HSPA, PlanLog
-from model.registry import make_network, resolve_model_name
+from model.registry import check_model_flags, make_network, resolve_model_name
 
 
 class Model(nn.Module):
@@ -51,7 +51,9 @@ class Model(nn.Module):
         super().__init__()
         self.log = log
         self.plan_log = PlanLog(log)
-        configured = configured if configured is not None else Configured()  # else --pre_train is read here
+        if configured is None:  # built outside main (tests, tools): --pre_train is read here
+            check_model_flags(args)
+            configured = Configured()
         self.name = resolve_model_name(args.model)
         pre_train = str(args.pre_train)
         self.scales = list(args.scale)
