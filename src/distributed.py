@@ -139,7 +139,9 @@ def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     if get_world_size() == 1:
         return net
     ids = [device.index] if device.type == 'cuda' else None
-    return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    # A multi-scale network (MDSR) trains one scale's branches per batch: the others get no gradient that step.
+    unused = bool(getattr(net, 'multi_scale', False))
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids, find_unused_parameters=unused)
 
 
 def check_batch_split(batch_size: int, accumulate: int, world_size: int) -> None:

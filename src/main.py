@@ -26,12 +26,13 @@ import option
 from errors import UserError
 
 if TYPE_CHECKING:
+    from config import Config
     from model.checkpoint import Configured
 
 RANK_ZERO_GRACE = 1.0  # seconds
 
 
-def parse_args(argv: Sequence[str]) -> tuple[option.Config, Configured]:
+def parse_args(argv: Sequence[str]) -> tuple[Config, Configured]:
     """option.build (the configuration, built once, and the --pre_train file it read), with argparse's own
     usage-and-exit errors turned into a one-line UserError."""
     captured = io.StringIO()
@@ -47,7 +48,7 @@ def parse_args(argv: Sequence[str]) -> tuple[option.Config, Configured]:
         raise UserError(f'{message} (see --help)') from None
 
 
-def run(args: option.Config, configured: Configured | None = None) -> None:
+def run(args: Config, configured: Configured | None = None) -> None:
     """Train or evaluate with the configuration `args` (option.build) and the --pre_train file it read."""
     import data
     import distributed

@@ -8,32 +8,17 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import template
+from config import Config, normalised, with_checkpoint
 from errors import UserError
 
 if TYPE_CHECKING:
     from model.checkpoint import Configured
-
-
-class Config(argparse.Namespace):
-    """A run's configuration, frozen once built (build/parse): the layers below main read it and never set
-    it; `config.replace(flag=value)` is a changed copy (for tests and tools that vary one setting)."""
-
-    def __init__(self, **values: object) -> None:
-        self.__dict__.update(values)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f'the configuration is built once and frozen: cannot set {name!r} '
-                             f'(make a changed copy with .replace({name}=...))')
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f'the configuration is built once and frozen: cannot delete {name!r}')
-
-    def replace(self, **changes: object) -> Config:
-        return Config(**{**vars(self), **changes})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,16 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int_list(text: str, sep: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(sep) if v != '']
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected integers separated by '{sep}'") from None
-    if not values:
-        raise UserError(f'{flag} {text!r}: expected at least one integer')
-    return values
-
-
 def given_flags(argv: Sequence[str] | None) -> frozenset[str]:
     """The destinations of the flags written on the command line (defaults and templates excluded)."""
     parser = build_parser()
@@ -215,70 +190,26 @@ def given_flags(argv: Sequence[str] | None) -> frozenset[str]:
 
 
 def build(argv: Sequence[str] | None = None) -> tuple[Config, Configured]:
-    """The run's configuration, built once in this order: the command line (sys.argv[1:] when argv is None),
-    the --template preset for the flags it leaves, the --pre_train checkpoint's configuration for the flags
-    the command line leaves; normalised, validated and frozen. Also returns the checkpoint file it read
-    (handed to model.Model, so the file is read once), and refuses model flags --model does not read. The
-    resume point is the experiment's to decide (runs.experiment.Experiment.resume_point).
-
-    `config.cli_flags` holds the flags written on the command line: they win over the template and over the
-    configuration a --pre_train checkpoint carries (a contradiction is refused).
-    """
-    return _with_checkpoint(parse_flags(argv), check_model_flags=True)
+    """The run's configuration, built once (config.py: the command line, the --template preset, the --pre_train
+    checkpoint's configuration; validated, frozen), and the checkpoint file it read (for model.Model)."""
+    return with_checkpoint(parse_flags(argv), flag_type, AT_LEAST, check_model_flags=True)
 
 
 def parse(argv: Sequence[str] | None = None) -> Config:
-    """build(argv)'s configuration, model flags unchecked (model.Model checks them; tests build networks
-    from generic flags): for callers that let the model read --pre_train itself."""
-    return _with_checkpoint(parse_flags(argv), check_model_flags=False)[0]
+    """build's configuration, model flags unchecked (model.Model checks them)."""
+    return with_checkpoint(parse_flags(argv), flag_type, AT_LEAST, check_model_flags=False)[0]
 
 
 def parse_flags(argv: Sequence[str] | None) -> Config:
-    """The command line over the template's values over the defaults: normalised, validated, frozen (the first
-    steps of build: no file is read)."""
+    """The command line over the template's values over the defaults, validated (no file is read)."""
     parsed = build_parser().parse_args(argv)
     given = given_flags(argv)
     args = argparse.Namespace(**{**vars(parsed), **template.preset(parsed.template, given), 'cli_flags': given})
-
-    args.scale = _int_list(args.scale, '+', '--scale')
-    if any(s < 1 for s in args.scale):
-        raise UserError(f'--scale {args.scale}: scales must be positive integers')
-    args.data_train = [d for d in str(args.data_train).split('+') if d]
-    args.data_test = [d for d in str(args.data_test).split('+') if d]
-    if not args.data_test:
-        raise UserError('--data_test: expected at least one dataset name')
-    args.decay_milestones = _int_list(args.decay, '-', '--decay') if str(args.decay).strip() else []
-    if args.epochs == 0:
-        args.epochs = int(1e8)
-    args.betas = tuple(args.betas)
+    args = Config(**{**vars(args), **normalised(args)})
     if args.template != '.' and not template.template_values(args.template):
         raise UserError(f'--template {args.template}: unknown; known: {", ".join(template.known_names())}')
     validate(args)
-    return Config(**vars(args))
-
-
-def _with_checkpoint(config: Config, check_model_flags: bool) -> tuple[Config, Configured]:
-    """`config` completed from the --pre_train checkpoint's configuration (model.checkpoint.checkpoint_flags),
-    and the file as read; with check_model_flags, model flags --model does not read are refused. Errors are
-    decided alike by every process (reported once under torchrun)."""
-    import distributed
-    from model.checkpoint import Configured, checkpoint_flags, read_checkpoint
-    from model.registry import check_model_flags as check
-
-    out = Configured()
-    pre_train = str(config.pre_train)
-    try:
-        if pre_train not in ('', '.'):
-            path = pre_train.replace('{scale}', str(config.scale[0]))
-            out.files[path] = read_checkpoint(path)
-            changes, out.adopted = checkpoint_flags(config, out.files[path][1] or {}, f'--pre_train {pre_train}',
-                                                    flag_accepts)
-            config = config.replace(**changes)
-        if check_model_flags:
-            check(config)
-    except UserError as e:
-        raise distributed.RankZeroError(str(e)) from None
-    return config, out
+    return args
 
 
 def flag_type(dest: str) -> type | None:
@@ -291,61 +222,41 @@ AT_LEAST = {'patch_size': 1, 'batch_size': 1, 'test_every': 1, 'rgb_range': 1, '
             'n_resgroups': 1, 'n_resblocks': 0, 'reduction': 1, 'topk': 1, 'hspa_block': 0, 'tile': 0,
             'tile_overlap': 0, 'split_batch': 1, 'n_GPUs': 1, 'gan_k': 1, 'warmup': 0, 'n_threads': 0,
             'epochs': 0, 'resume': -1, 'dist_timeout': 1, 'max_skips': 1, 'accumulate': 1, 'ema_start': 0,
-            'G0': 1, 'RDNkSize': 1, 'depth': 1, 'chunk_size': 1, 'n_hashes': 1}
-
-
-def flag_accepts(flag: str, value: object, current: object) -> bool:
-    """Whether --flag can take `value` (a stored configuration's entry; `current` is the flag's value now): its
-    declared type, and at least AT_LEAST for integers; scale: one positive integer or a list of them."""
-    kind = flag_type(flag)
-    if flag == 'scale':  # one int, or the list of a multi-scale network
-        values = value if isinstance(value, list) and value else [value]
-        return all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
-    if isinstance(current, bool):
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= AT_LEAST.get(flag, value)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, str)  # strings, and flags whose default is None (--attention)
+            'G0': 1, 'RDNkSize': 1, 'depth': 1, 'chunk_size': 1, 'n_hashes': 1, 'seed': 0, 'attention_every': 1}
+# The largest: no size, count or number of seconds a run reaches exceeds INT_MAX, which keeps products of flags
+# within 64-bit integers; --seed is a 64-bit number to which the trainer adds epochs and ranks.
+AT_MOST = {'seed': 2**63 - 1}
+INT_MAX = 2**31 - 1
+# What each floating-point flag takes besides being finite (a kind of FLOAT_KINDS).
+FLOAT_RANGE = {'res_scale': 'any', 'lr': 'positive', 'gamma': 'positive', 'epsilon': 'positive',
+               'skip_threshold': 'positive', 'charbonnier_eps': 'positive', 'min_lr': 'non-negative',
+               'momentum': 'non-negative', 'weight_decay': 'non-negative', 'gclip': 'non-negative',
+               'ema_decay': 'fraction', 'betas': 'fraction'}
+FLOAT_KINDS: dict[str, tuple[Callable[[float], bool], str]] = {
+    'positive': (lambda v: v > 0, 'a positive number'), 'non-negative': (lambda v: v >= 0, '0 or a positive number'),
+    'fraction': (lambda v: 0 <= v < 1, 'a number in [0, 1)'), 'any': (lambda v: True, 'a finite number')}
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Refuse values no run can use, naming the flag (combinations a network cannot use are refused where it
-    is built: model/<name>.make_model)."""
-    for flag, low in AT_LEAST.items():
-        if getattr(args, flag) < low:
-            raise UserError(f'--{flag} {getattr(args, flag)}: expected an integer >= {low}')
-    for flag in ('res_scale', 'lr', 'min_lr', 'gamma', 'epsilon', 'momentum', 'weight_decay'):
-        if not math.isfinite(getattr(args, flag)):
-            raise UserError(f'--{flag} {getattr(args, flag)}: expected a finite number')
-    for flag in ('lr', 'gamma', 'epsilon', 'skip_threshold', 'charbonnier_eps'):
-        if not getattr(args, flag) > 0:
-            raise UserError(f'--{flag} {getattr(args, flag)}: expected a positive number')
-    for flag in ('gclip', 'weight_decay', 'momentum'):
-        if not getattr(args, flag) >= 0:
-            raise UserError(f'--{flag} {getattr(args, flag)}: expected 0 or a positive number')
-    if not 0 <= args.ema_decay < 1:
-        raise UserError(f'--ema_decay {args.ema_decay}: expected a number in [0, 1) (0: no averaging)')
+    """Refuse values no run can use, naming the flag, whether or not this run reads them (combinations a
+    network cannot use are refused where it is built: model/<name>.make_model)."""
+    _check_numbers(args)
+    for check in TEXT_CHECKS.values():
+        check(args)
     import distributed
 
     distributed.check_batch_split(args.batch_size, args.accumulate, 1)
-    if args.accumulate > 1 and not args.test_only and 'GAN' in str(args.loss).upper():
-        from loss import parse_loss
-
-        if any(t.name == 'GAN' for t in parse_loss(args.loss)):
-            raise UserError(f'--accumulate {args.accumulate}: the GAN term steps its discriminator at every forward; '
-                            'train it without --accumulate')
-    if not all(0 <= b < 1 for b in args.betas):
-        raise UserError(f'--betas {" ".join(map(str, args.betas))}: expected two numbers in [0, 1)')
-    if args.min_lr < 0 or args.min_lr > args.lr:
+    if args.accumulate > 1 and any(t.name == 'GAN' for t in _loss_terms(args)):
+        raise UserError(f'--accumulate {args.accumulate}: the GAN term steps its discriminator at every forward; '
+                        'train it without --accumulate')
+    if args.min_lr > args.lr:
         raise UserError(f'--min_lr {args.min_lr}: expected 0 <= min_lr <= --lr {args.lr}')
     if args.tile and args.chop:
         raise UserError('--chop and --tile are two ways to cut the test input: choose one (--no_chop drops a '
                         "template's --chop)")
     if args.tile and args.tile_overlap >= args.tile:
         raise UserError(f'--tile_overlap {args.tile_overlap}: expected less than --tile {args.tile}')
-    if args.lr_schedule == 'cosine' and args.epochs >= int(1e8) and not args.test_only:
+    if args.lr_schedule == 'cosine' and args.epochs >= int(1e8):
         raise UserError('--lr_schedule cosine needs --epochs > 0: the curve spans --epochs x --test_every batches')
     if args.model.lower() == 'bicubic' and not args.test_only:
         raise UserError('--model Bicubic has no parameters to train: add --test_only')
@@ -353,6 +264,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f'--attention_every {args.attention_every}: only --model EDSR places attentions by it')
     if args.attention is not None and args.model.lower() == 'bicubic':
         raise UserError(f'--attention {args.attention}: --model Bicubic has no attention')
+    if args.RDNkSize % 2 == 0:
+        raise UserError(f'--RDNkSize {args.RDNkSize}: expected an odd kernel size (an even one changes the '
+                        'image size)')
     if args.resume != 0 and not args.load:
         raise UserError(f'--resume {args.resume} needs --load <experiment name> to say what to resume')
     if not args.test_only and 'GAN' in str(args.loss).upper():
@@ -361,9 +275,109 @@ def validate(args: argparse.Namespace) -> None:
         from runs.tensorboard_log import check_available
 
         check_available()
+    # A training run cuts patches at every scale; --patch_size written for an evaluation is checked alike.
+    if not args.test_only or 'patch_size' in getattr(args, 'cli_flags', ()):
+        for s in args.scale:
+            if args.patch_size % s:
+                raise UserError(f'--patch_size {args.patch_size} is not a multiple of --scale {s}')
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Integer flags within [AT_LEAST, AT_MOST or INT_MAX]; floating-point flags finite and in FLOAT_RANGE."""
+    for flag, low in AT_LEAST.items():
+        value, high = getattr(args, flag), AT_MOST.get(flag, INT_MAX)
+        if value is not None and not low <= value <= high:  # None: the model's choice (--attention_every)
+            raise UserError(f'--{flag} {value}: expected an integer {f">= {low}" if value < low else f"<= {high}"}')
+    for flag, kind in FLOAT_RANGE.items():
+        values = tuple(getattr(args, flag)) if flag == 'betas' else (getattr(args, flag),)
+        fits, expected = FLOAT_KINDS[kind]
+        shown = ' '.join(map(str, values))
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f'--{flag} {shown}: expected {"finite numbers" if len(values) > 1 else "a finite number"}')
+        if not all(fits(v) for v in values):
+            raise UserError(f'--{flag} {shown}: expected {"two numbers in [0, 1)" if len(values) > 1 else expected}')
+
+
+def _folder_flag(flag: str, value: str, optional: bool = False) -> None:
+    """A folder path: not empty (unless optional, where '' means the default) and not an existing file."""
+    if value == '':
+        if optional:
+            return
+        raise UserError(f"--{flag} '': expected a folder path ('.' for the current folder)")
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise UserError(f'--{flag} {value}: exists and is not a folder; expected a folder')
+
+
+def _experiment_name(flag: str, value: str) -> None:
+    """--save and --load name a folder directly under the experiment root."""
+    if not value or Path(value).name != value or value in ('.', '..'):
+        raise UserError(f'--{flag} {value!r}: expected a plain folder name (experiment/<name>/)')
+
+
+def _check_pre_train(args: argparse.Namespace) -> None:
+    if str(args.pre_train) in ('', '.'):
+        return
     for s in args.scale:
-        if not args.test_only and args.patch_size % s:
-            raise UserError(f'--patch_size {args.patch_size} is not a multiple of --scale {s}')
+        path = str(args.pre_train).replace('{scale}', str(s))
+        if os.path.isdir(path):
+            raise UserError(f'--pre_train {path}: is a folder; expected a checkpoint file (.pt or .safetensors)')
+
+
+def _check_data_train(args: argparse.Namespace) -> None:
+    if not args.data_train:
+        raise UserError('--data_train: expected at least one dataset name')
+    if any(name.lower() == 'demo' for name in args.data_train):
+        raise UserError('--data_train Demo: Demo images have no ground truth; use it with --data_test')
+
+
+def _check_scale(args: argparse.Namespace) -> None:
+    if len(set(args.scale)) < len(args.scale):
+        raise UserError(f'--scale {"+".join(map(str, args.scale))}: expected each scale once')
+    if max(args.scale) > INT_MAX:
+        raise UserError(f'--scale {max(args.scale)}: expected an integer <= {INT_MAX}')
+
+
+def _check_decay(args: argparse.Namespace) -> None:
+    for epoch in args.decay_milestones:
+        if not 1 <= epoch <= INT_MAX:
+            raise UserError(f"--decay {args.decay}: expected epochs from 1 separated by '-'")
+
+
+def _check_data_range(args: argparse.Namespace) -> None:
+    from data.div2k import data_ranges
+
+    data_ranges(args.data_range)
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    from model.registry import resolve_model_name
+
+    resolve_model_name(args.model)
+
+
+def _loss_terms(args: argparse.Namespace) -> list:
+    from loss import parse_loss
+
+    return parse_loss(args.loss)
+
+
+# The checks of the text flags, each run whether or not this run reads the flag. --template is checked by
+# parse() before its values apply; flags with choices are checked by argparse.
+TEXT_CHECKS: dict[str, Callable[[argparse.Namespace], None]] = {
+    'dir_data': lambda a: _folder_flag('dir_data', a.dir_data),
+    'dir_demo': lambda a: _folder_flag('dir_demo', a.dir_demo),
+    'dir_cache': lambda a: _folder_flag('dir_cache', a.dir_cache, optional=True),
+    'data_train': _check_data_train,
+    'data_test': lambda a: None,  # parse() refuses an empty list; each name is a folder found when the run starts
+    'data_range': _check_data_range,
+    'scale': _check_scale,
+    'model': _check_model,
+    'pre_train': _check_pre_train,
+    'decay': _check_decay,
+    'loss': _loss_terms,
+    'save': lambda a: _experiment_name('save', a.save),
+    'load': lambda a: a.load and _experiment_name('load', a.load),
+}
 
 
 def _refuse_gan_under_torchrun(spec: str) -> None:

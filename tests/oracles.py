@@ -5,6 +5,7 @@ tests bound, and the feature maps they draw."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,18 @@ def inference_inputs(case: str, dtype: torch.dtype):
         q, k, v = features(1, 2304, 8, 6, scale=1.0, seed=5)
         q = q * torch.logspace(-4, 1, 2304)[torch.randperm(2304, generator=torch.Generator().manual_seed(0))][:, None]
     return tuple(t.to(dtype) for t in (q, k, v))
+
+
+def to_uint8(t: torch.Tensor, rgb_range: float) -> np.ndarray:
+    """The first image of (N, C, H, W) values on 0..rgb_range as HxWxC uint8, as main.py quantises outputs."""
+    return (t[0].permute(1, 2, 0) * 255 / rgb_range).clamp(0, 255).round().to(torch.uint8).numpy()
+
+
+def assert_published(out: torch.Tensor, expected: torch.Tensor, rgb_range: float, label: str = '') -> None:
+    """`out` is the published output `expected` within float32 rounding: at most 1e-4 * rgb_range apart, and as
+    8-bit images at most one level apart on under 0.2% of the values."""
+    assert out.shape == expected.shape, label
+    assert (out - expected).abs().max().item() <= 1e-4 * rgb_range, label
+    levels = [(t.detach() * 255 / rgb_range).clamp(0, 255).round() for t in (out, expected)]  # every image
+    diff = (levels[0] - levels[1]).abs()
+    assert diff.max().item() <= 1 and (diff > 0).float().mean().item() < 0.002, label

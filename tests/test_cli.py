@@ -63,7 +63,7 @@ def test_main_returns_instead_of_exiting(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path))
     assert main.main(['--save', '../escape']) == 1
-    assert capsys.readouterr().err.startswith('error: --save/--load')
+    assert capsys.readouterr().err.startswith('error: --save')
 
 
 def test_experiment_root_ignores_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,6 +111,20 @@ def test_reset_deletes_in_python(tmp_path: Path) -> None:
     (['--template', 'HSPAN_custom'], '--template HSPAN_custom'),
     (['--dilation'], 'unrecognized arguments: --dilation'),
     (['--act', 'relu'], 'unrecognized arguments: --act'),
+    # values an evaluation never reads are refused alike
+    (['--decay', 'x'], "--decay 'x': expected integers"),
+    (['--loss', '1*L1+0.1*L3'], "unknown term 'L3'"),
+    (['--data_range', '10-1'], "--data_range '10-1'"),
+    (['--betas', '0.9', 'inf'], '--betas 0.9 inf: expected finite numbers'),
+    (['--charbonnier_eps', '-1'], '--charbonnier_eps -1.0: expected a positive number'),
+    (['--tile_overlap', '-2'], '--tile_overlap -2'),
+    (['--scale', '3+3'], '--scale 3+3: expected each scale once'),
+    (['--dir_demo', ''], "--dir_demo '': expected a folder path"),
+    (['--G0', '0'], '--G0 0: expected an integer >= 1'),
+    (['--RDNconfig', 'C'], "argument --RDNconfig: invalid choice: 'C'"),
+    (['--seed', '-5'], '--seed -5: expected an integer >= 0'),
+    (['--gamma', 'nan'], '--gamma nan: expected a finite number'),
+    (['--model', 'SRCNN'], '--model SRCNN: unknown model'),
 ])
 def test_values_a_run_cannot_use_are_one_line(argv: list[str], expected: str, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

@@ -11,6 +11,7 @@ import torch
 
 import model
 import option
+from config import Config
 from errors import UserError
 from runs.experiment import Experiment, ResumePoint, read_config
 from training.training_state import TrainingState
@@ -28,7 +29,7 @@ def test_the_configuration_is_frozen() -> None:
     with pytest.raises(AttributeError, match='frozen'):
         setattr(config, 'load', 'x')  # noqa: B010 (the call a layer would write)
     changed = config.replace(n_feats=8)
-    assert (changed.n_feats, config.n_feats) == (8, 192) and isinstance(changed, option.Config)
+    assert (changed.n_feats, config.n_feats) == (8, 192) and isinstance(changed, Config)
     assert pickle.loads(pickle.dumps(config)) == config  # data-loader workers started with spawn get a copy
 
 

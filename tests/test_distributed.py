@@ -81,6 +81,21 @@ def trained(world: dict) -> dict:
 
 
 @pytest.mark.slow
+def test_multi_scale_network_trains_under_torchrun(world: dict) -> None:
+    """MDSR trains one scale's branches per batch; DDP must not wait for the other branches' gradients."""
+    env = dict(os.environ, SR_EXPERIMENT_ROOT=str(world['exp']), OMP_NUM_THREADS='1')
+    for k in distributed.TORCHRUN_VARS:
+        env.pop(k, None)
+    cmd = [*TORCHRUN, str(ROOT / 'src' / 'main.py'), '--model', 'MDSR', '--n_resblocks', '1', '--n_feats', '8',
+           '--scale', '2+3', '--patch_size', '12', '--batch_size', '2', '--test_every', '4', '--epochs', '1',
+           '--n_threads', '0', '--cpu', '--data_train', 'Tiny', '--data_test', 'Set5', '--dir_data',
+           str(world['data']), '--dir_cache', str(world['cache']), '--save', 'mdsr_ddp']
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {(r['dataset'], r['scale']) for r in _results(world['exp'] / 'mdsr_ddp')} == {('Set5', 2), ('Set5', 3)}
+
+
+@pytest.mark.slow
 def test_ddp_training_equals_single_process(trained: dict, world: dict) -> None:
     single, ddp = trained['single'], trained['ddp']
     diff = _max_diff(_weights(ddp / 'model' / 'model_latest.pt'), _weights(single / 'model' / 'model_latest.pt'))

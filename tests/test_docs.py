@@ -29,3 +29,18 @@ def test_the_check_sees_a_missing_path(tmp_path) -> None:
     found = [m.group(1).rstrip('.,:;)') for m in PATH_WORD.finditer(text)]
     assert found == ['src/nowhere.py', 'src/main.py', 'tests/<name>.py']
     assert not (ROOT / found[0]).exists() and (ROOT / found[1]).exists()
+
+
+MAX_BENCHMARKS_README_LINES = 300
+
+
+def test_benchmarks_readme_is_a_summary() -> None:
+    """Per script its command and headline table; design notes live in docs/, history in git."""
+    lines = (ROOT / 'benchmarks' / 'README.md').read_text(encoding='utf-8').splitlines()
+    assert len(lines) <= MAX_BENCHMARKS_README_LINES
+
+
+def test_benchmarks_readme_gives_every_script_its_command() -> None:
+    text = (ROOT / 'benchmarks' / 'README.md').read_text(encoding='utf-8')
+    scripts = sorted(p.name for p in (ROOT / 'benchmarks').glob('*.py') if p.name != 'harness.py')  # a library
+    assert [s for s in scripts if f'python benchmarks/{s}' not in text] == []

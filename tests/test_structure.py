@@ -2,7 +2,7 @@
 modules of src/ (imports inside functions and `if TYPE_CHECKING:` blocks count: both are dependencies), the
 layer rule (main -> training -> (runs, data, model, loss) -> (imageops, distributed): nothing imports a
 layer above its own, and data/, model/ and loss/ never import runs/; nothing below main imports the
-command-line parser or sets an attribute of the configuration it built), at most 8 modules directly in src/, a
+command-line parser or sets an attribute of the configuration it built), at most 9 modules directly in src/, a
 short model/__init__.py, a README of a user's manual's length, and tests that never import benchmarks/
 (benchmarks may use the tests' helpers, not the other way round) and have unique file names."""
 
@@ -18,7 +18,7 @@ from conftest import SRC
 MAX_LINES = 400
 MAX_TRAINER_LINES = 200
 MAX_README_LINES = 240
-MAX_TOP_LEVEL_MODULES = 8
+MAX_TOP_LEVEL_MODULES = 9  # main, option, template, config (the configuration), two tool shims, ground floor
 MAX_MODEL_INIT_LINES = 120
 ROOT = SRC.parent
 # Files over the limit that other branches own today: each must shrink (strict xfail flips when it does).
@@ -26,8 +26,8 @@ OVER_LIMIT_ELSEWHERE: set[str] = set()
 # tests/test_benchmarks_harness.py tests the benchmarks' own harness, so it imports it by design.
 IMPORT_BENCHMARKS_ELSEWHERE = {'tests/test_benchmarks_harness.py'}
 # The layers of src/, top first (by top-level module or package); a module imports its own layer or below.
-# option and template build the configuration (with main): nothing below imports the command-line parser.
-LAYERS = (('main', 'tools', 'export', 'upscale', 'option', 'template'),
+# option, template and config build the configuration (with main): nothing below imports the command-line parser.
+LAYERS = (('main', 'tools', 'export', 'upscale', 'option', 'template', 'config'),
           ('training',),
           ('runs', 'data', 'model', 'loss'),
           ('imageops', 'distributed', 'errors', 'fileio'))
@@ -146,7 +146,7 @@ def test_layer_rule_checker_can_fail() -> None:
 
 
 # The modules that build the configuration (option.build); every other module of src/ only reads it.
-CONFIG_BUILDERS = {'main', 'option', 'template'}
+CONFIG_BUILDERS = {'main', 'option', 'template', 'config'}
 CONFIG_NAMES = {'args', 'margs'}  # what the configuration is called where it is passed down
 CONFIG_TYPES = ('Namespace', 'Config')  # ... and how a parameter holding it is annotated
 

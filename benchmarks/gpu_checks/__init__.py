@@ -107,8 +107,9 @@ def rel(a: Any, b: Any) -> float:
 def compare(ctx: Context, case: str, got: Any, ref: Any, limit: float, got64: Any = None, ref32: Any = None,
             exact: Any = None) -> None:
     """A row for ``got`` against ``ref``. With ``exact`` (the float64 result) and ``ref32`` (a float32
-    reference path, or ``ref`` itself when that is float32), an excess that both float32 sides share
-    against float64 is a support-boundary 'flip'."""
+    reference path, or ``ref`` itself when that is float32), an excess is a support-boundary 'flip' when
+    ``got`` is no farther than twice the reference side (or ``limit``) from float64: both float32 sides then
+    differ from the exact result alike, by where an entry within rounding of the threshold falls."""
     err = rel(got, ref)
     if err <= limit:
         ctx.row(case, 'pass', f'rel err {err:.1e} (limit {limit:.0e})')

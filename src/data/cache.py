@@ -39,7 +39,7 @@ def check(path: Path, sources: Sequence[Path]) -> str | None:
     """Why `path` cannot be used ('' when it does not exist), or None when it is good."""
     try:
         mtime = path.stat().st_mtime_ns
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file stands where a folder would
         return ''
     for src in sources:
         if os.stat(src).st_mtime_ns > mtime:

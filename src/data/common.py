@@ -39,15 +39,44 @@ class TestItem(NamedTuple):
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.gif')
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in `folder`, sorted by name (hidden files skipped)."""
+def scan_images(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files directly in `folder`, sorted by name, and every other file there with why it is
+    skipped, sorted by name (sub-folders are neither; an unreadable folder gives two empty lists)."""
     try:
         entries = list(os.scandir(folder))
     except OSError:
-        return []
-    return sorted((Path(e.path) for e in entries
-                   if e.is_file() and not e.name.startswith('.') and Path(e.name).suffix.lower() in IMAGE_SUFFIXES),
-                  key=lambda p: p.name)
+        return [], []
+    images, skipped = [], []
+    for e in sorted(entries, key=lambda e: e.name):
+        if e.is_dir():
+            continue
+        suffix = Path(e.name).suffix.lower()
+        if not e.is_file():
+            skipped.append((Path(e.path), 'a link to nothing' if e.is_symlink() else 'not a regular file'))
+        elif e.name.startswith('.'):
+            skipped.append((Path(e.path), 'hidden'))
+        elif suffix not in IMAGE_SUFFIXES:
+            skipped.append((Path(e.path), f'not an image suffix: {suffix}' if suffix else 'no image suffix'))
+        else:
+            images.append(Path(e.path))
+    return images, skipped
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name (the first list of scan_images)."""
+    return scan_images(folder)[0]
+
+
+SKIPS_NAMED = 5  # skipped files named in a log line; the rest are counted
+
+
+def skip_note(dataset: str, skipped: list[tuple[Path, str]], what: str = 'file(s)') -> str:
+    """One log line naming the first SKIPS_NAMED skipped files with the reason and counting all of them."""
+    folders = {p.parent for p, _ in skipped}
+    where = f' in {next(iter(folders))}' if len(folders) == 1 else ''
+    named = '; '.join(f'{p.name if where else p} ({why})' for p, why in skipped[:SKIPS_NAMED])
+    more = f'; and {len(skipped) - SKIPS_NAMED} more' if len(skipped) > SKIPS_NAMED else ''
+    return f'{dataset}: skipped {len(skipped)} {what}{where}: {named}{more}'
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""Demo: every image in --dir_demo is an LR input; no ground truth (has_gt False), so no metrics.
+"""Demo: every image in --dir_demo is an LR input; no ground truth (has_gt False), so no metrics. Other
+files there are named in the log and not read.
 
 Items are (lr, empty tensor, stem); the trainer saves results as <stem>_x<s>_SR.png.
 """
@@ -30,10 +31,12 @@ class Demo(Dataset):
         folder = Path(args.dir_demo)
         if not folder.is_dir():
             raise UserError(f'--dir_demo {folder}: folder not found (expected a folder of LR images)')
-        self.files = common.list_images(folder)
+        self.files, skipped = common.scan_images(folder)
         if not self.files:
             raise UserError(f'--dir_demo {folder}: no images in it '
                             f'(expected files ending in {", ".join(common.IMAGE_SUFFIXES)})')
+        if skipped:
+            log(common.skip_note(name, skipped))
         # An unreadable header stops here, in the main process.
         self.gray_stems = frozenset(f.stem for f in self.files if common.image_header(f)[2])
 

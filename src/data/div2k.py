@@ -17,15 +17,21 @@ from errors import UserError
 EXPECTED = 'DIV2K/DIV2K_train_HR/0001.png and DIV2K/DIV2K_train_LR_bicubic/X{s}/0001x{s}.png (or x{s}/)'
 
 
-def parse_range(text: str, train: bool, test_only: bool) -> tuple[int, int]:
-    """The (begin, end) pair of --data_range that applies, 1-based inclusive."""
+def data_ranges(text: str) -> list[tuple[int, int]]:
+    """The one or two (begin, end) pairs of --data_range, 1-based inclusive; UserError when malformed."""
     try:
         ranges = [tuple(int(v) for v in r.split('-')) for r in str(text).split('/')]
-        if not ranges or any(len(r) != 2 or r[0] < 1 or r[1] < r[0] for r in ranges):
+        if not 1 <= len(ranges) <= 2 or any(len(r) != 2 or r[0] < 1 or r[1] < r[0] for r in ranges):
             raise ValueError
     except ValueError:
         raise UserError(f"--data_range {text!r}: expected 'first-last' or 'first-last/first-last' "
                         "(1-based image numbers, e.g. 1-800/801-810)") from None
+    return ranges
+
+
+def parse_range(text: str, train: bool, test_only: bool) -> tuple[int, int]:
+    """The (begin, end) pair of --data_range that applies, 1-based inclusive."""
+    ranges = data_ranges(text)
     if train or (test_only and len(ranges) == 1):
         return ranges[0]
     if len(ranges) < 2:
@@ -45,10 +51,10 @@ class DIV2K(SRData):
         if not hr_dir.is_dir():
             raise UserError(f'{self.flag} {self.name}: {hr_dir} not found (--dir_data {args.dir_data}); '
                             f'expected {EXPECTED}')
-        all_hr = common.list_images(hr_dir)
+        all_hr, skipped = common.scan_images(hr_dir)
         hr = all_hr[self.begin - 1:self.end]
         if not hr:
             raise UserError(f'--data_range {args.data_range}: images {self.begin}-{self.end} of {hr_dir} '
                             f'requested, but it has {len(all_hr)}')
         lr = pair_lr(hr, self.scales, lambda s: scale_folders(root / 'DIV2K_train_LR_bicubic', s))
-        return Layout(root=root, hr=hr, lr=lr)
+        return Layout(root=root, hr=hr, lr=lr, skipped=skipped)

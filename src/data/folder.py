@@ -26,18 +26,18 @@ EXPECTED = ('<name>/HR/*.png with LR_bicubic/X{s}/<stem>x{s}.png (EDSR), '
             'or <name>/*.png (HR only; LR made and cached)')
 
 
-def scan_folder(root: Path, scales: list[int]) -> Layout | None:
-    """The layout of `root`, or None when it holds no images in any known layout."""
+def scan_folder(root: Path, scales: list[int]) -> Layout:
+    """The layout of `root`; its `hr` is empty when it holds no images in any known layout."""
     if (root / 'HR').is_dir():
-        hr = common.list_images(root / 'HR')
+        hr, skipped = common.scan_images(root / 'HR')
         lr = pair_lr(hr, scales, lambda s: scale_folders(root / 'LR_bicubic', s))
     elif (root / 'GTmod12').is_dir():
-        hr = common.list_images(root / 'GTmod12')
+        hr, skipped = common.scan_images(root / 'GTmod12')
         lr = pair_lr(hr, scales, lambda s: [*scale_folders(root / f'LRbicx{s}', s), root / f'LRbicx{s}'])
     else:
-        hr = common.list_images(root)
+        hr, skipped = common.scan_images(root)
         lr = pair_lr(hr, scales, lambda s: scale_folders(root / 'LR_bicubic', s))
-    return Layout(root=root, hr=hr, lr=lr) if hr else None
+    return Layout(root=root, hr=hr, lr=lr, skipped=skipped)
 
 
 class Folder(SRData):
@@ -46,9 +46,12 @@ class Folder(SRData):
     def _scan(self, args: Any) -> Layout:
         tried = [Path(args.dir_data) / sub / self.name if sub else Path(args.dir_data) / self.name
                  for sub in SEARCH_SUBDIRS]
+        skipped: list[tuple[Path, str]] = []
         for root in find_dataset_dir(args.dir_data, self.name, SEARCH_SUBDIRS):
             layout = scan_folder(root, self.scales)
-            if layout is not None:
+            if layout.hr:
                 return layout
+            skipped += layout.skipped
+        seen = f'; {common.skip_note(self.name, skipped)}' if skipped else ''
         raise UserError(f'{self.flag} {self.name}: no images found (--dir_data {args.dir_data}); tried '
-                        f'{", ".join(str(p) for p in tried)}; expected {EXPECTED}')
+                        f'{", ".join(str(p) for p in tried)}; expected {EXPECTED}{seen}')

@@ -16,8 +16,10 @@ A subclass only says where the files are (`_scan` -> `Layout`); everything else 
 - Where `bin/` goes: `args.dir_cache` (optional) moves it to `<dir_cache>/<name>-<hash of the dataset
   path>/`; a read-only dataset folder (no write permission bit, e.g. ../shared) gets the same layout under
   `$XDG_CACHE_HOME/sr-data-cache/` (default ~/.cache), with a one-line notice. If even that cannot be
-  written, a warning says so and images are decoded (and LR made) on every read.
-- Training images smaller than `--patch_size` are skipped with one warning line per dataset.
+  written, a log line says so and images are decoded (and LR made) on every read.
+- Training images smaller than `--patch_size` are skipped, and files in an image folder that are not images
+  (see common.scan_images) are not read: one log line per dataset names the first few of each with the
+  reason and counts them all.
 - Training items are keyed `(index, scale_index, seed)`: the batch sampler (data/__init__.py) picks the
   scale per batch and one seed per sample, so patches are reproducible from --seed and independent of
   the number of workers. A plain integer index uses the current `set_scale` and fresh OS randomness.
@@ -26,7 +28,6 @@ A subclass only says where the files are (`_scan` -> `Layout`); everything else 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -42,16 +43,16 @@ from data import cache, common
 from errors import UserError
 from imageops.imresize import imresize
 
-logger = logging.getLogger('data')
-
 
 @dataclass
 class Layout:
-    """Where a dataset's files are. `lr[s][i]` is the LR file of HR image i at scale s, or None (made)."""
+    """Where a dataset's files are. `lr[s][i]` is the LR file of HR image i at scale s, or None (made);
+    `skipped`: the other files in the image folder, each with why it is not read."""
 
     root: Path
     hr: list[Path]
     lr: dict[int, list[Path | None]] = field(default_factory=dict)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def lr_candidates(hr: Path, scale: int, folders: Sequence[Path]) -> Path | None:
@@ -100,11 +101,13 @@ class SRData(Dataset):
         self.lr_files = {s: list(layout.lr.get(s, [None] * len(self.hr_files))) for s in self.scales}
         if not self.hr_files:
             raise UserError(f'{self.flag} {name}: no images in {self.root}')
+        if layout.skipped:
+            log(common.skip_note(name, layout.skipped))
         self.bin_dir = self._bin_dir(args, log)
         self.use_decode_cache = args.ext.startswith('sep') and self.decode_cache
         self.cache_ok = True
 
-        self._check_sizes()
+        self._check_sizes(log)
         self._prepare_cache(reset=args.ext == 'sep_reset', log=log)
         if train:
             # Published epoch bookkeeping: each training set repeats to about batch*test_every/len(sets) items.
@@ -143,9 +146,9 @@ class SRData(Dataset):
         return self.bin_dir / 'LR_bicubic_made' / f'X{scale}' / f'{self.hr_files[i].stem}x{scale}.npy'
 
     # --- checks ---------------------------------------------------------------------------------------
-    def _check_sizes(self) -> None:
+    def _check_sizes(self, log: Callable[[str], None]) -> None:
         keep = []
-        too_small = 0
+        too_small = []
         gray = set()
         sizes = []
         for i, hr in enumerate(self.hr_files):
@@ -164,7 +167,7 @@ class SRData(Dataset):
                     raise UserError(f'{lr}: LR image is {lw}x{lh} but HR {hr} is {w}x{h}, '
                                     f'so x{s} LR must be {w // s}x{h // s}')
             if self.train and min(h, w) < self.patch_size:
-                too_small += 1
+                too_small.append((hr, f'{w}x{h}'))
                 continue
             keep.append(i)
         self.gray_stems = frozenset(gray)
@@ -174,8 +177,8 @@ class SRData(Dataset):
             if not keep:
                 raise UserError(f'{self.flag} {self.name}: every image in {self.root} is smaller than '
                                 f'--patch_size {self.patch_size}')
-            logger.warning('%s: skipping %d of %d images smaller than --patch_size %d',
-                           self.name, too_small, len(self.hr_files), self.patch_size)
+            log(common.skip_note(self.name, too_small, f'of {len(self.hr_files)} images smaller than '
+                                                       f'--patch_size {self.patch_size}'))
             self.hr_files = [self.hr_files[i] for i in keep]
             self.lr_files = {s: [v[i] for i in keep] for s, v in self.lr_files.items()}
 
@@ -208,8 +211,8 @@ class SRData(Dataset):
             try:
                 cache.rebuild(path, problem, build)
             except OSError as exc:
-                logger.warning('%s: cannot write the cache under %s (%s); decoding images on every read instead',
-                               self.name, self.bin_dir, type(exc).__name__)
+                log(f'{self.name}: cannot write the cache under {self.bin_dir} ({type(exc).__name__}); decoding '
+                    'images on every read instead')
                 self.cache_ok = False
                 return
 

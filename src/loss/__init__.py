@@ -10,6 +10,7 @@ values, its plots and its files belong to the training loop (runs/loss_log.py).
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from dataclasses import dataclass
 
@@ -42,8 +43,8 @@ def parse_loss(text: str) -> list[Term]:
         name = {t.upper(): t for t in KNOWN_TERMS}.get(m.group(2).upper())
         if name is None:
             raise UserError(f'--loss {text!r}: unknown term {m.group(2)!r}; known: {", ".join(KNOWN_TERMS)}')
-        if weight <= 0:
-            raise UserError(f'--loss {text!r}: the weight of {name} must be positive')
+        if not 0 < weight < math.inf:  # '1e999*L1' reads as inf
+            raise UserError(f'--loss {text!r}: the weight of {name} must be a finite positive number')
         if any(t.name == name for t in terms):
             raise UserError(f'--loss {text!r}: {name} appears twice')
         terms.append(Term(weight, name))

@@ -77,6 +77,8 @@ class SRNetwork(nn.Module):
     """Base class of the networks: defaults for everything the contract lets a network leave out."""
 
     multi_scale = False
+    # Why torch.onnx.export cannot record this network (a loop over the image size, random draws); '' if it can.
+    export_refusal = ''
     random_draws = False  # True: forward draws random numbers, from drawing_from's generator when given
 
     def __init__(self) -> None:

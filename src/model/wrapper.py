@@ -241,7 +241,7 @@ class Model(nn.Module):
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """One network call at the evaluation precision; float32 out. A network with random draws runs on one
         device: DataParallel's replicas would draw from one generator in thread order."""
-        runner = self.model if self.model.random_draws else self._runners[self._index()]
+        runner = self.model if self.model.random_draws and self.n_parallel > 1 else self._runners[self._index()]
         x = x.contiguous(memory_format=self.memory_format)
         if self.half_weights:
             return runner(x.half()).float()

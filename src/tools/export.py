@@ -108,6 +108,9 @@ def main(argv: Sequence[str]) -> None:
     _require('onnxruntime')
     margs = model_args(args.pre_train, flags, ['--cpu'])
     net = load_network(margs)
+    if net.export_refusal:
+        raise UserError(f'--pre_train {args.pre_train}: {type(net).__name__} cannot be exported to ONNX '
+                        f'({net.export_refusal})')
     config = configuration(margs, net)
     start = time.perf_counter()
     data = export_onnx(net, config, margs.n_colors, margs.rgb_range, args.sample_size, args.opset)

@@ -18,6 +18,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
 
 if __package__ in (None, ''):  # run as a script (python src/tools/X.py): imports start at src/
@@ -53,9 +54,22 @@ def scale_of(path: Path) -> int | None:
     return found.pop() if found else None
 
 
+def serves_every_scale(name: str) -> bool:
+    """Whether --model `name` is one network for several scales (MDSR), as its module's network class says."""
+    from inspect import getmembers, isclass
+
+    from model.contract import SRNetwork
+    from model.registry import NETWORKS, resolve_model_name
+
+    module = import_module(NETWORKS[resolve_model_name(name)])
+    return any(issubclass(c, SRNetwork) and c.multi_scale for _, c in getmembers(module, isclass)
+               if c.__module__ == module.__name__)
+
+
 def find_evaluations(folder: Path, scales: Sequence[int]) -> list[Evaluation]:
     """The runs a checkpoint folder asks for: per network folder (a registered --model name), each checkpoint at
-    the scale in its name (among `scales`), or at all `scales` when its name states none."""
+    the scale in its name (among `scales`), or, for a network serving every scale (MDSR), at all `scales` when
+    its name states none."""
     from model.registry import resolve_model_name
 
     if not folder.is_dir():
@@ -69,8 +83,12 @@ def find_evaluations(folder: Path, scales: Sequence[int]) -> list[Evaluation]:
         files = sorted(p for p in sub.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
         if not files:
             raise UserError(f'{sub}: no checkpoint ({", ".join(CHECKPOINT_SUFFIXES)}) in it')
+        multi_scale = serves_every_scale(sub.name)
         for f in files:
             s = scale_of(f)
+            if s is None and not multi_scale:
+                raise UserError(f'{f}: no scale in the file name (x2, X4, BIX3, 4x, ...), and {sub.name} is one '
+                                'network per scale')
             if s is None:
                 runs.append(Evaluation(sub.name, f, '+'.join(map(str, scales))))
             elif s in scales:

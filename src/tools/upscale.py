@@ -13,7 +13,8 @@ The model file describes its network (no architecture flags). Each image goes th
 - an alpha channel is upscaled with bicubic interpolation (MATLAB's imresize), as chaiNNer does;
 - EXIF orientation is applied on reading.
 - a network with random draws (NLSN) takes them, per image, from --seed and the file name (without
-  suffix), as main.py's evaluation does: the same image gives the same output in both.
+  suffix), as main.py's evaluation does for the files it names (a benchmark set names an image by its HR file);
+- a model file serving several scales (MDSR) upscales by `--scale`.
 
 A file that cannot be read or written costs one line naming it; the others go on (exit status 1 then).
 """
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--precision', default='single', choices=('single', 'half', 'bf16'),
                    help='half: float16 weights (CUDA); bf16: bfloat16 convolutions')
     p.add_argument('--cpu', action='store_true', help='use the CPU even when CUDA is available')
+    p.add_argument('--scale', type=int, default=None,
+                   help="the scale to upscale by, for a model file serving several (MDSR); default: the model's")
     p.add_argument('--seed', type=int, default=1,
                    help="seed of a network's random draws (NLSN), per image with its file name, as main.py's")
     p.add_argument('--debug', action='store_true', help='show full tracebacks for user errors')
@@ -93,9 +96,9 @@ def _upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
 
 
 def upscale_pixels(net: model.Model, pixels: np.ndarray, n_colors: int, rgb_range: float, scale: int,
-                   seed: int | None = None) -> np.ndarray:
+                   seed: int | None = None, idx_scale: int = 0) -> np.ndarray:
     """The super-resolved image of HxWxC pixels (C 1 to 4), in the same layout and bit depth; `seed`: the
-    seed of a network's random draws (None: the model's --seed)."""
+    seed of a network's random draws (None: the model's --seed); `idx_scale`: which of the model's scales."""
     gray = pixels.shape[2] <= 2
     colour = pixels[..., :1] if gray else pixels[..., :3]
     if n_colors == 3 and gray:
@@ -103,13 +106,25 @@ def upscale_pixels(net: model.Model, pixels: np.ndarray, n_colors: int, rgb_rang
     elif n_colors == 1 and not gray:
         raise UserError('the model works on one channel (--n_colors 1): give grayscale images')
     with torch.no_grad():
-        sr = net(_to_tensor(colour, rgb_range).to(net.device), seed=seed).float()
+        sr = net(_to_tensor(colour, rgb_range).to(net.device), idx_scale, seed=seed).float()
     if gray and n_colors == 3:
         sr = (sr * torch.tensor(LUMA, dtype=sr.dtype, device=sr.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     out = _quantize(sr, rgb_range, pixels.dtype == np.uint16)
     if pixels.shape[2] in (2, 4):
         out = np.concatenate([out, _upscale_alpha(pixels[..., -1], scale)[..., None]], axis=2)
     return out
+
+
+def chosen_scale(scales: Sequence[int], given: int | None) -> int:
+    """The index of --scale among the model's scales (the only one when not given); UserError otherwise."""
+    listed = ', '.join(f'x{s}' for s in scales)
+    if given is None:
+        if len(scales) > 1:
+            raise UserError(f'--scale: the model file serves {listed}; choose one')
+        return 0
+    if given not in scales:
+        raise UserError(f'--scale {given}: the model file serves {listed}')
+    return list(scales).index(given)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -121,9 +136,10 @@ def main(argv: Sequence[str]) -> int:
     device_flags = ['--tile', str(args.tile), '--tile_overlap', str(args.tile_overlap), '--precision', args.precision,
                     '--seed', str(args.seed)]
     margs = model_args(args.pre_train, (), device_flags + (['--cpu'] if args.cpu else []))
+    idx_scale = chosen_scale(margs.scale, args.scale)
     net = model.Model(margs, log=lambda line: print(line, file=sys.stderr))
     net.eval()
-    scale, out_dir = margs.scale[0], Path(args.out)
+    scale, out_dir = margs.scale[idx_scale], Path(args.out)
     files, problems = collect_images(args.inputs)
     for line in problems:
         print(f'error: {line}', file=sys.stderr)
@@ -137,7 +153,7 @@ def main(argv: Sequence[str]) -> int:
             pixels = read_image(path)
             try:
                 result = upscale_pixels(net, pixels, margs.n_colors, margs.rgb_range, scale,
-                                        image_seed(margs.seed, path.stem))
+                                        image_seed(margs.seed, path.stem), idx_scale)
             except UserError as e:
                 raise UserError(f'{path}: {e}') from None
             write_png(target, result)

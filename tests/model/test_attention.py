@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import main
 import model
 import option
 from conftest import write_blocky_folders
 from model import checkpoint
-from model.attention import HSPA, NonLocalAttention
+from model.attention import HSPA, NonLocalAttention, softmax_attention
 from model.checkpoint import read_state_dict
 from model.networks.edsr import EDSR
 from model.networks.hspan import HSPAN
@@ -181,3 +182,18 @@ def test_hspan_attention_variants_unchanged() -> None:
     assert isinstance(nets['hspa'], HSPAN)
     assert list(nets['hspa'].state_dict()) == list(nets['softmax'].state_dict())
     assert len(nets['none'].state_dict()) < len(nets['hspa'].state_dict())
+
+
+@pytest.mark.parametrize('e,ev', [(4, 8), (8, 8), (8, 3), (1, 1)])
+def test_softmax_attention_widths_and_memory_efficient_kernel(e: int, ev: int) -> None:
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 50, e, dtype=torch.float64), torch.randn(2, 50, e, dtype=torch.float64)
+    v = torch.randn(2, 50, ev, dtype=torch.float64)
+    expected = F.softmax(q @ k.transpose(1, 2), -1) @ v
+    torch.testing.assert_close(softmax_attention(q, k, v), expected, rtol=0, atol=1e-12)
+    # non-contiguous rows (as the block's transposed embeddings are) still take the flash kernel
+    qt = torch.randn(1, e, 64).transpose(1, 2)
+    with torch.profiler.profile() as prof:
+        softmax_attention(qt, qt, torch.randn(1, ev, 64).transpose(1, 2))
+    names = {event.key for event in prof.key_averages()}
+    assert not any('math' in name for name in names), names  # the math path holds the L x L scores

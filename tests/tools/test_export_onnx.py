@@ -180,3 +180,26 @@ def test_export_command(tmp_path, capsys) -> None:
     assert export.main(['--pre_train', str(model_file), str(bad), '--n_feats', '8']) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and '--n_feats 8 contradicts' in err[0] and not bad.exists()
+
+
+@pytest.mark.parametrize('name,flags', [
+    ('NLSN', ['--n_resblocks', '2', '--n_feats', '8', '--chunk_size', '16', '--n_hashes', '1']),
+    ('PAEDSR', ['--n_resblocks', '2', '--n_feats', '8']),
+    ('CSNLN', ['--n_feats', '8', '--depth', '1']),
+    ('MDSR', ['--n_resblocks', '1', '--n_feats', '8', '--scale', '2+3']),
+    ('SAN', ['--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '16', '--reduction', '4']),
+])
+def test_networks_a_trace_cannot_record_are_refused_before_writing(tmp_path, capsys, name: str,
+                                                                  flags: list[str]) -> None:
+    import export
+    import option
+    from model import make_network
+
+    args = option.parse(['--model', name, '--test_only', '--cpu', *flags])
+    net = make_network(args)
+    model_file = tmp_path / 'tiny.pt'
+    write_checkpoint(model_file, net.state_dict(), {'model': name, **net.config})
+    out = tmp_path / 'tiny.onnx'
+    assert export.main(['--pre_train', str(model_file), str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f'{name} cannot be exported to ONNX' in err[0] and not out.exists(), err

@@ -40,6 +40,11 @@ def test_scale_read_from_authors_file_names(name: str, scale: int | None) -> Non
     assert paper_table.scale_of(Path(name)) == scale
 
 
+def test_only_a_multi_scale_network_takes_a_file_without_scale() -> None:
+    assert paper_table.serves_every_scale('MDSR') and paper_table.serves_every_scale('mdsr')
+    assert not paper_table.serves_every_scale('RCAN') and not paper_table.serves_every_scale('HSPAN')
+
+
 def test_several_scales_in_a_name_refused() -> None:
     with pytest.raises(UserError, match='states several scales'):
         paper_table.scale_of(Path('RCAN_x2_to_x4.pt'))
@@ -78,6 +83,7 @@ def test_table_of_three_networks_on_two_sets(tmp_path: Path, monkeypatch: pytest
     ({}, 'no network folder'),
     ({'NotANet': ['x.pt']}, 'NotANet: the folder name is not a --model name'),
     ({'RCAN': []}, 'RCAN: no checkpoint'),
+    ({'RCAN': ['RCAN_best.pt']}, 'RCAN_best.pt: no scale in the file name'),
 ])
 def test_bad_folders_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, layout: dict,
                                          expected: str) -> None:

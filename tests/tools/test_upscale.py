@@ -160,3 +160,30 @@ def test_refuses_a_model_file_without_configuration(edsr, tmp_path: Path, capsys
     assert _run(bare, [tmp_path / 'x.png'], tmp_path / 'out') == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'bare.pt' in err[0] and 'weights only' in err[0]
+
+
+def test_multi_scale_model_upscales_by_the_chosen_scale(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An MDSR file serves x2 and x3: --scale picks the branch (the output equals that branch's forward);
+    without it, or with a scale the file does not serve, one line names the scales."""
+    from model.networks.mdsr import MDSR
+
+    torch.manual_seed(0)
+    net = MDSR(scales=(2, 3), n_feats=8, n_resblocks=1).eval()
+    model_file = tmp_path / 'mdsr.pt'
+    write_checkpoint(model_file, net.state_dict(), {'model': 'mdsr', **net.config})
+    rgb = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    iio.imwrite(tmp_path / 'im.png', rgb)
+    assert upscale.main(['--pre_train', str(model_file), '--cpu', '--scale', '3', str(tmp_path / 'im.png'),
+                         '--out', str(tmp_path / 'out')]) == 0
+    got = iio.imread(tmp_path / 'out' / 'im.png')
+    net.set_scale(1)
+    with torch.no_grad():
+        expected = tensor_to_image(net(torch.from_numpy(rgb.transpose(2, 0, 1)).float()[None]), 255)
+    assert got.shape == (30, 36, 3) and np.array_equal(got, expected)
+    for extra, message in (([], '--scale: the model file serves x2, x3; choose one'),
+                           (['--scale', '4'], '--scale 4: the model file serves x2, x3')):
+        capsys.readouterr()
+        assert upscale.main(['--pre_train', str(model_file), '--cpu', *extra, str(tmp_path / 'im.png'),
+                             '--out', str(tmp_path / 'o2')]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

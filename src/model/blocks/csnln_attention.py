@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import common
+from model.attention import softmax_attention
 from model.blocks.cross_scale import auto_block_size, cross_scale_attention
 
 # Query tiles of the cross-scale attention hold at most this many (query, key) scores (64 MiB in float32):
@@ -32,20 +33,6 @@ from model.blocks.cross_scale import auto_block_size, cross_scale_attention
 CSNLN_BLOCK_SCORES = 2**24
 # The published division of the pasted patches (overlapping 3s x 3s patches at stride s: 9 cover a pixel).
 PASTE_DIVISOR = 6.0
-
-
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T) v for q, k (N, L, E) and v (N, L, Ev), without the L x L matrix.
-
-    The CPU kernel of scaled_dot_product_attention keeps memory linear in L only for contiguous inputs with
-    E == Ev (otherwise it falls back to the quadratic math path): a narrower q/k is zero-padded to Ev (the
-    dot products are unchanged), a narrower v to E (the extra outputs dropped).
-    """
-    ev = v.shape[-1]
-    width = max(q.shape[-1], ev)
-    q, k, v = (F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t.contiguous() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=1.0)
-    return out[:, 0, :, :ev]
 
 
 class InScaleAttention(nn.Module):

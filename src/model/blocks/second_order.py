@@ -13,8 +13,9 @@ memory that grows linearly with the feature map.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from model.attention import softmax_attention
 
 # SOCA's covariance window: a side of at least this many pixels is cropped to it (centred), as published.
 COVARIANCE_WINDOW = 1000
@@ -97,8 +98,8 @@ class EmbeddedGaussianNonLocal(nn.Module):
     theta on every position, phi and g max-pooled 2x2 (the published block pools although SAN asks it not to:
     its 2-D branch rebinds `sub_sample` to a class, which is true). Unscaled scores.
 
-    Computed by scaled_dot_product_attention (scale 1), whose CPU and CUDA kernels never hold the
-    (h*w) x (h*w/4) score matrix, so a whole image runs in memory linear in its size."""
+    Computed by model.attention.softmax_attention (scaled_dot_product_attention on inputs its memory-efficient
+    kernels take), which never holds the (h*w) x (h*w/4) score matrix: a whole image runs in linear memory."""
 
     def __init__(self, in_channels: int, inter_channels: int) -> None:
         super().__init__()
@@ -116,11 +117,10 @@ class EmbeddedGaussianNonLocal(nn.Module):
         if h < 2 or w < 2:  # no key survives the pooling (the published block fails): an empty sum, 0
             y = x.new_zeros(b, self.inter_channels, h, w)
         else:
-            query = self.theta(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (b, 1, h*w, c')
-            key = self.phi(x).flatten(2).transpose(1, 2).unsqueeze(1)  # (b, 1, h*w/4, c')
-            value = self.g(x).flatten(2).transpose(1, 2).unsqueeze(1)
-            y = F.scaled_dot_product_attention(query, key, value, scale=1.0)
-            y = y.squeeze(1).transpose(1, 2).reshape(b, self.inter_channels, h, w)
+            query = self.theta(x).flatten(2).transpose(1, 2)  # (b, h*w, c')
+            key = self.phi(x).flatten(2).transpose(1, 2)  # (b, h*w/4, c')
+            value = self.g(x).flatten(2).transpose(1, 2)
+            y = softmax_attention(query, key, value).transpose(1, 2).reshape(b, self.inter_channels, h, w)
         return self.W(y) + x
 
 

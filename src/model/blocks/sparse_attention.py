@@ -33,7 +33,7 @@ from torch import nn
 from model import common
 from model.hspa import soft_threshold
 
-NORMALIZERS = ('softmax', 'sparsemax')
+NORMALIZERS = ('softmax', 'soft_threshold')
 # Scores (query x key entries) computed at once; larger maps are done in groups of chunks.
 GROUP_SCORES = 2**22
 MAX_BUCKETS = 128
@@ -51,7 +51,7 @@ class NonLocalSparseAttention(nn.Module):
     """x + res_scale * (LSH-bucketed attention of x); see the module docstring.
 
     channels: input and output channels (the match embeddings have channels // reduction); k_size: kernel of
-    the match convolution; normalizer: 'softmax' (published) or 'sparsemax'; group_scores: the most scores
+    the match convolution; normalizer: 'softmax' (published) or 'soft_threshold'; group_scores: the most scores
     held at once. A map smaller than one chunk (where the published code fails: no buckets) is one chunk of
     all its positions, attending to itself as its own neighbours.
     """
@@ -61,7 +61,7 @@ class NonLocalSparseAttention(nn.Module):
                  conv: common.ConvFactory = common.default_conv, group_scores: int = GROUP_SCORES) -> None:
         super().__init__()
         if normalizer not in NORMALIZERS:
-            raise ValueError(f"normalizer must be 'softmax' or 'sparsemax', got {normalizer!r}")
+            raise ValueError(f"normalizer must be 'softmax' or 'soft_threshold', got {normalizer!r}")
         if channels % reduction or channels < reduction:
             raise ValueError(f'channels ({channels}) must be a positive multiple of reduction ({reduction})')
         self.chunk_size = chunk_size

@@ -111,6 +111,8 @@ class CSNLN(SRNetwork):
     """sub_mean -> head (two 3x3 conv + PReLU) -> SEM applied `depth` times -> 3x3 conv over the `depth`
     HR estimates -> add_mean."""
 
+    export_refusal = 'its attention loops over tiles of the image, which a trace would fix to one size'
+
     def __init__(self, scale: int = 2, n_colors: int = 3, n_feats: int = 128, depth: int = 12,
                  rgb_range: float = 1, rgb_mean: tuple[float, float, float] = CSNLN_MEAN) -> None:
         super().__init__()

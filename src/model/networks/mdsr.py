@@ -35,6 +35,7 @@ class MDSR(SRNetwork):
     upsample[i] -> tail conv -> add_mean, for the scale index i chosen by set_scale."""
 
     multi_scale = True
+    export_refusal = 'one model serves several scales, an ONNX graph one'
 
     def __init__(self, scales: Sequence[int] = (2, 3, 4), n_colors: int = 3, n_feats: int = 64,
                  n_resblocks: int = 80, rgb_range: float = 255,

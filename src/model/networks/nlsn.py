@@ -56,6 +56,7 @@ class NLSN(SRNetwork):
     upsampler + conv -> add_mean."""
 
     random_draws = True
+    export_refusal = 'its hash rotations are random draws and its chunks follow the image size'
 
     def __init__(self, scale: int = 2, n_colors: int = 3, n_feats: int = 256, n_resblocks: int = 32,
                  res_scale: float = 0.1, chunk_size: int = 144, n_hashes: int = 4, rgb_range: float = 1,
@@ -67,7 +68,7 @@ class NLSN(SRNetwork):
                            res_scale=res_scale, chunk_size=chunk_size, n_hashes=n_hashes, rgb_range=rgb_range,
                            attention=attention)
         conv = common.default_conv
-        normalizer = 'softmax' if attention == 'softmax' else 'sparsemax'
+        normalizer = 'softmax' if attention == 'softmax' else 'soft_threshold'
 
         def sparse_attention() -> NonLocalSparseAttention:
             return NonLocalSparseAttention(channels=n_feats, n_hashes=n_hashes, chunk_size=chunk_size,

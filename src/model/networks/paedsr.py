@@ -70,6 +70,8 @@ class PAEDSR(SRNetwork):
     block_size: query positions per tile of the attention (0: from a memory budget).
     """
 
+    export_refusal = 'its attention loops over tiles of the image, which a trace would fix to one size'
+
     def __init__(
         self,
         scale: int = 2,

@@ -74,6 +74,8 @@ class SAN(SRNetwork):
     non-local output (share-source skip) -> the same region non-local -> + head output -> upsampler + conv
     -> add_mean."""
 
+    export_refusal = 'its region split and covariance crop follow the image size, which a trace would fix'
+
     def __init__(
         self,
         scale: int = 2,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import load_reference
-from model.blocks.csnln_attention import CrossScaleAttention, InScaleAttention, softmax_attention
+from model.blocks.csnln_attention import CrossScaleAttention, InScaleAttention
 
 
 def _published_cross_scale(module: CrossScaleAttention, x: torch.Tensor) -> torch.Tensor:
@@ -82,21 +82,6 @@ def test_in_scale_attention_float32_and_gradients() -> None:
     (g,) = torch.autograd.grad(out.sum(), x)
     (g_expected,) = torch.autograd.grad(expected.sum(), x)
     torch.testing.assert_close(g, g_expected, rtol=0, atol=1e-4)
-
-
-@pytest.mark.parametrize('e,ev', [(4, 8), (8, 8), (8, 3)])
-def test_softmax_attention_widths_and_memory_efficient_kernel(e: int, ev: int) -> None:
-    torch.manual_seed(0)
-    q, k = torch.randn(2, 50, e, dtype=torch.float64), torch.randn(2, 50, e, dtype=torch.float64)
-    v = torch.randn(2, 50, ev, dtype=torch.float64)
-    expected = F.softmax(q @ k.transpose(1, 2), -1) @ v
-    torch.testing.assert_close(softmax_attention(q, k, v), expected, rtol=0, atol=1e-12)
-    # non-contiguous rows (as the block's transposed embeddings are) still take the flash kernel
-    qt = torch.randn(1, e, 64).transpose(1, 2)
-    with torch.profiler.profile() as prof:
-        softmax_attention(qt, qt, torch.randn(1, ev, 64).transpose(1, 2))
-    names = {event.key for event in prof.key_averages()}
-    assert not any('math' in name for name in names), names  # the math path holds the L x L scores
 
 
 def test_cross_scale_attention_needs_multiples_of_its_factor() -> None:

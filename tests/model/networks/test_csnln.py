@@ -25,6 +25,7 @@ from errors import UserError
 from model import checkpoint
 from model.contract import ChopRule
 from model.networks.csnln import CSNLN
+from oracles import assert_published, to_uint8
 
 SCALES = (2, 3, 4)
 
@@ -45,15 +46,8 @@ def _small_flags(scale: int) -> list[str]:
             '--rgb_range', str(a['rgb_range'])]
 
 
-def _to_uint8(t: torch.Tensor) -> np.ndarray:
-    return (t[0].permute(1, 2, 0) * 255).clamp(0, 255).round().to(torch.uint8).numpy()
 
 
-def _assert_published(out: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert out.shape == expected.shape, what
-    assert (out - expected).abs().max().item() <= 1e-4, what
-    diff = np.abs(_to_uint8(out).astype(int) - _to_uint8(expected).astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.002, what
 
 
 @pytest.mark.parametrize('scale', SCALES)
@@ -77,7 +71,7 @@ def test_reproduces_published_outputs(scale: int) -> None:
     net.load_state_dict(ref[f'x{scale}_state'], strict=True)
     with torch.no_grad():
         out = net.eval()(ref['input'])
-    _assert_published(out, ref[f'x{scale}_output'], f'x{scale}')
+    assert_published(out, ref[f'x{scale}_output'], 1, f'x{scale}')
 
 
 def test_weights_change_the_output() -> None:
@@ -111,7 +105,7 @@ def test_wrapper_chop_reproduces_published_forward_chop(tmp_path: Path, scale: i
         out = m(ref[key], 0)
         if scale == 3:  # (once: the whole x2 input is slow) the quarters matter, the unchopped output differs
             assert (m.model(ref[key]) - ref['x3_chop_output']).abs().max().item() > 1e-3
-    _assert_published(out, ref[f'x{scale}_chop_output'], f'x{scale} chop')
+    assert_published(out, ref[f'x{scale}_chop_output'], 1, f'x{scale} chop')
 
 
 @pytest.mark.parametrize('scale', SCALES)
@@ -184,14 +178,14 @@ def test_cli_demo_reproduces_published_output(monkeypatch: pytest.MonkeyPatch, t
     ref = _ref()
     demo = tmp_path / 'demo'
     demo.mkdir()
-    iio.imwrite(demo / 'crop.png', _to_uint8(ref['input']))
+    iio.imwrite(demo / 'crop.png', to_uint8(ref['input'], 1))
     torch.save(ref['x3_state'], tmp_path / 'weights.pt')
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path / 'experiment'))
     argv = [*_small_flags(3), '--test_only', '--data_test', 'Demo', '--dir_demo', str(demo), '--pre_train',
             str(tmp_path / 'weights.pt'), '--save_results', '--n_threads', '0', '--save', 'ref', '--reset', '--cpu']
     assert main.main(argv) == 0
     sr = iio.imread(tmp_path / 'experiment' / 'ref' / 'results-Demo' / 'crop_x3_SR.png')
-    expected = _to_uint8(ref['x3_output'])  # the input is the reference crop, already on the uint8 grid
+    expected = to_uint8(ref['x3_output'], 1)  # the input is the reference crop, already on the uint8 grid
     diff = np.abs(sr.astype(int) - expected.astype(int))
     assert sr.shape == expected.shape and diff.max() <= 1 and (diff > 0).mean() < 0.002
 

@@ -209,7 +209,7 @@ def _published_attention_with(attn: NonLocalSparseAttention, x: torch.Tensor, se
 @pytest.mark.parametrize('group_scores', [2**22, 50])
 def test_hspa_attention_equals_sparsemax_oracle_in_float64(group_scores: int) -> None:
     torch.manual_seed(0)
-    attn = NonLocalSparseAttention(channels=8, n_hashes=3, chunk_size=16, res_scale=0.5, normalizer='sparsemax',
+    attn = NonLocalSparseAttention(channels=8, n_hashes=3, chunk_size=16, res_scale=0.5, normalizer='soft_threshold',
                                    group_scores=group_scores).double()
     x = torch.randn(2, 8, 9, 11, dtype=torch.float64) * 3  # 99 positions: 6 buckets, 7 chunks, padding 13
     with torch.no_grad():
@@ -228,7 +228,7 @@ def test_hspa_trains_saves_and_resumes(tmp_path) -> None:
     flags = ['--model', 'NLSN', '--attention', 'hspa', '--n_resblocks', '1', '--n_feats', '8', '--chunk_size', '16',
              '--n_hashes', '2', '--scale', '2']
     m = model.Model(option.parse(['--cpu', *flags]), log=lambda line: None)
-    assert {x.normalizer for x in m.modules() if isinstance(x, NonLocalSparseAttention)} == {'sparsemax'}
+    assert {x.normalizer for x in m.modules() if isinstance(x, NonLocalSparseAttention)} == {'soft_threshold'}
     m.train()
     torch.manual_seed(0)
     lr, hr = torch.rand(2, 3, 12, 12), torch.rand(2, 3, 24, 24)

@@ -26,7 +26,7 @@ from model import checkpoint, tiling
 from model.blocks.pyramid import PYRAMID_FACTORS, PyramidAttention, level_sizes
 from model.contract import ChopRule
 from model.networks.paedsr import PAEDSR
-from oracles import sparsemax_ref
+from oracles import assert_published, sparsemax_ref, to_uint8
 
 PUBLISHED = dict(n_feats=256, n_resblocks=32, res_scale=0.1)
 
@@ -41,15 +41,8 @@ def _small(scale: int, **kwargs: object) -> PAEDSR:
                   res_scale=a['res_scale'], rgb_range=a['rgb_range'], **kwargs)
 
 
-def _uint8(t: torch.Tensor) -> np.ndarray:
-    return (t[0].permute(1, 2, 0) * 255).clamp(0, 255).round().to(torch.uint8).numpy()
 
 
-def _assert_published(out: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert out.shape == expected.shape, what
-    assert (out - expected).abs().max().item() <= 1e-4, what
-    diff = np.abs(_uint8(out).astype(int) - _uint8(expected).astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.002, what
 
 
 @pytest.mark.parametrize('scale', [2, 3, 4])
@@ -79,7 +72,7 @@ def test_reproduces_published_outputs(scale: int, block: int) -> None:
     net = _small(scale, block_size=block).eval()
     checkpoint.fit_into(net, ref[f'x{scale}_state'], None, 'reference')  # strict; msa.* dropped
     with torch.no_grad():
-        _assert_published(net(ref['input']), ref[f'x{scale}_output'], f'x{scale}')
+        assert_published(net(ref['input']), ref[f'x{scale}_output'], 1, f'x{scale}')
 
 
 def test_weights_change_output() -> None:
@@ -111,12 +104,12 @@ def test_chop_reproduces_published_forward_chop(tmp_path: Path, scale: int) -> N
     assert m.chop_rule() == ChopRule(shave=10, min_size=6400, h_mult=scale, w_mult=scale, add_remainder=True)
     with torch.no_grad():
         out = m(ref['chop_input'], 0)
-        _assert_published(out, ref[f'x{scale}_chop_output'], f'x{scale} chop')
+        assert_published(out, ref[f'x{scale}_chop_output'], 1, f'x{scale} chop')
         # the quarters change the attention: the whole image gives another output
         assert (m.model(ref['chop_input']) - out).abs().max().item() > 1e-3
         if scale == 3:  # two levels of quarters, sizes grown by their remainder (not to a multiple)
             deep = m.forward_chop(ref['chop_input'], min_size=ref['chop_deep_min_size'])
-            _assert_published(deep, ref['x3_chop_deep_output'], 'x3 deep chop')
+            assert_published(deep, ref['x3_chop_deep_output'], 1, 'x3 deep chop')
 
 
 def test_chop_grows_quarters_by_their_remainder() -> None:
@@ -187,7 +180,7 @@ def test_cli_reproduces_published_forward_chop(monkeypatch: pytest.MonkeyPatch, 
     ref = load_reference('paedsr')
     a = ref['small_args']
     (tmp_path / 'demo').mkdir()
-    iio.imwrite(tmp_path / 'demo' / 'crop.png', _uint8(ref['chop_input']))
+    iio.imwrite(tmp_path / 'demo' / 'crop.png', to_uint8(ref['chop_input'], 1))
     torch.save(ref['x2_state'], tmp_path / 'weights.pt')
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path / 'experiment'))
     assert main.main(['--template', 'PAEDSR', '--scale', '2', '--n_resblocks', str(a['n_resblocks']),
@@ -195,7 +188,7 @@ def test_cli_reproduces_published_forward_chop(monkeypatch: pytest.MonkeyPatch, 
                       '--dir_demo', str(tmp_path / 'demo'), '--pre_train', str(tmp_path / 'weights.pt'),
                       '--save_results', '--n_threads', '0', '--save', 'ref', '--reset', '--cpu']) == 0
     sr = iio.imread(tmp_path / 'experiment' / 'ref' / 'results-Demo' / 'crop_x2_SR.png')
-    diff = np.abs(sr.astype(int) - _uint8(ref['x2_chop_output']).astype(int))
+    diff = np.abs(sr.astype(int) - to_uint8(ref['x2_chop_output'], 1).astype(int))
     assert sr.shape == (64, 56, 3) and diff.max() <= 1 and (diff > 0).mean() < 0.002
 
 
