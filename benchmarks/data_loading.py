@@ -28,8 +28,7 @@ def run(ext: str, dir_data: Path, cache_dir: Path, workers: int, batches: int, b
     args = option.parse(['--data_train', 'T91+BSD200', '--data_test', 'T91', '--dir_data', str(dir_data),
                          '--ext', ext, '--scale', str(scale), '--patch_size', str(patch), '--cpu',
                          '--n_threads', str(workers), '--batch_size', str(batch_size),
-                         '--test_every', str(batches + 1)])
-    args.dir_cache = str(cache_dir)
+                         '--test_every', str(batches + 1), '--dir_cache', str(cache_dir)])
     t0 = time.perf_counter()
     train = data.TrainSet([data.make_dataset(n, args, train=True, log=lambda _m: None) for n in ('T91', 'BSD200')])
     sampler = data.PatchBatchSampler(len(train), batch_size, batches + 1, 1, seed=1)

@@ -3,13 +3,16 @@
 The only place that exits the process. Mistakes a user can make end as one line, `error: <message>`,
 and exit status 1; --debug adds the traceback.
 
+The flow: option.build(argv) is the configuration, built once (the command line, the --template preset, the
+--pre_train checkpoint's configuration) and frozen; the experiment decides what the run resumes from
+(Experiment.resume_point); both are passed down to the parts, which read them and never change them.
+
 `torchrun --nproc_per_node N main.py ...` runs the same program in N processes (DistributedDataParallel,
 see distributed.init_distributed); an error every process hits alike is printed by rank 0 only.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -17,19 +20,25 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import option
 from errors import UserError
 
+if TYPE_CHECKING:
+    from config import Config
+    from model.checkpoint import Configured
+
 RANK_ZERO_GRACE = 1.0  # seconds
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """option.parse, with argparse's own usage-and-exit errors turned into a one-line UserError."""
+def parse_args(argv: Sequence[str]) -> tuple[Config, Configured]:
+    """option.build (the configuration, built once, and the --pre_train file it read), with argparse's own
+    usage-and-exit errors turned into a one-line UserError."""
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return option.parse(argv)
+            return option.build(argv)
     except SystemExit as e:
         if e.code in (0, None):  # --help (printed on stdout)
             raise
@@ -39,7 +48,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise UserError(f'{message} (see --help)') from None
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: Config, configured: Configured | None = None) -> None:
+    """Train or evaluate with the configuration `args` (option.build) and the --pre_train file it read."""
     import data
     import distributed
     import loss
@@ -53,10 +63,7 @@ def run(args: argparse.Namespace) -> None:
         rank, world = (dist_env.rank, dist_env.world_size) if dist_env else (0, 1)
         # The same seed everywhere while the network is built (DDP also broadcasts rank 0's weights).
         seed_everything(args.seed)
-        try:  # the checkpoint's architecture flags, before config.txt is written
-            configured = model.configure(args)
-        except UserError as e:  # decided alike by every process: reported once under torchrun
-            raise distributed.RankZeroError(str(e)) from None
+        configured = configured if configured is not None else model.Configured()
         experiment = Experiment(args, restart=distributed.restart_count())
         try:
             experiment.write_log(f'Experiment folder: {experiment.dir}')
@@ -72,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
             if not args.test_only:
                 criterion = loss.Loss(args, device=net.device)
                 experiment.write_log(f'Loss: {criterion.describe()}')
-            t = Trainer(args, loader, net, criterion, experiment)
+            t = Trainer(args, loader, net, criterion, experiment, resume=experiment.resume_point)
             while not t.terminate():
                 t.train()
                 t.test()
@@ -89,8 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = '--debug' in argv
     try:
-        args = parse_args(argv)
-        run(args)
+        run(*parse_args(argv))
     except UserError as e:
         # torchrun: an error all processes raise alike (distributed.RankZeroError) is reported by rank 0.
         if getattr(e, 'rank_zero_only', False) and os.environ.get('RANK', '0') != '0':

@@ -11,9 +11,14 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import template
+from config import Config, normalised, with_checkpoint
 from errors import UserError
+
+if TYPE_CHECKING:
+    from model.checkpoint import Configured
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,16 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int_list(text: str, sep: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in str(text).split(sep) if v != '']
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected integers separated by '{sep}'") from None
-    if not values:
-        raise UserError(f'{flag} {text!r}: expected at least one integer')
-    return values
-
-
 def given_flags(argv: Sequence[str] | None) -> frozenset[str]:
     """The destinations of the flags written on the command line (defaults and templates excluded)."""
     parser = build_parser()
@@ -194,27 +189,23 @@ def given_flags(argv: Sequence[str] | None) -> frozenset[str]:
     return frozenset(vars(parser.parse_args(argv)))
 
 
-def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse argv (sys.argv[1:] when None), apply the template's defaults, normalise and validate values.
+def build(argv: Sequence[str] | None = None) -> tuple[Config, Configured]:
+    """The run's configuration, built once (config.py: the command line, the --template preset, the --pre_train
+    checkpoint's configuration; validated, frozen), and the checkpoint file it read (for model.Model)."""
+    return with_checkpoint(parse_flags(argv), flag_type, AT_LEAST, check_model_flags=True)
 
-    `args.cli_flags` holds the flags written on the command line: they win over the template and over the
-    configuration a --pre_train checkpoint carries.
-    """
-    args = build_parser().parse_args(argv)
-    args.cli_flags = given_flags(argv)
-    template.set_template(args, args.cli_flags)
 
-    args.scale = _int_list(args.scale, '+', '--scale')
-    if any(s < 1 for s in args.scale):
-        raise UserError(f'--scale {args.scale}: scales must be positive integers')
-    args.data_train = [d for d in str(args.data_train).split('+') if d]
-    args.data_test = [d for d in str(args.data_test).split('+') if d]
-    if not args.data_test:
-        raise UserError('--data_test: expected at least one dataset name')
-    args.decay_milestones = _int_list(args.decay, '-', '--decay') if str(args.decay).strip() else []
-    if args.epochs == 0:
-        args.epochs = int(1e8)
-    args.betas = tuple(args.betas)
+def parse(argv: Sequence[str] | None = None) -> Config:
+    """build's configuration, model flags unchecked (model.Model checks them)."""
+    return with_checkpoint(parse_flags(argv), flag_type, AT_LEAST, check_model_flags=False)[0]
+
+
+def parse_flags(argv: Sequence[str] | None) -> Config:
+    """The command line over the template's values over the defaults, validated (no file is read)."""
+    parsed = build_parser().parse_args(argv)
+    given = given_flags(argv)
+    args = argparse.Namespace(**{**vars(parsed), **template.preset(parsed.template, given), 'cli_flags': given})
+    args = Config(**{**vars(args), **normalised(args)})
     if args.template != '.' and not template.template_values(args.template):
         raise UserError(f'--template {args.template}: unknown; known: {", ".join(template.known_names())}')
     validate(args)

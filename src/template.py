@@ -5,7 +5,6 @@ A flag written on the command line keeps its value; the template fills in the ot
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Collection
 
 TEMPLATES: dict[str, dict[str, object]] = {
@@ -52,8 +51,6 @@ def known_names() -> list[str]:
     return [*TEMPLATES, *(alias.upper() for alias, target in ALIASES.items() if target.upper() in TEMPLATES)]
 
 
-def set_template(args: argparse.Namespace, given: Collection[str] = ()) -> None:
-    """Set the preset's values on args, except for the flags in `given` (written on the command line)."""
-    for flag, value in template_values(args.template).items():
-        if flag not in given:
-            setattr(args, flag, value)
+def preset(name: str, given: Collection[str] = ()) -> dict[str, object]:
+    """The values the preset `name` gives, less the flags in `given` (written on the command line)."""
+    return {flag: value for flag, value in template_values(name).items() if flag not in given}

@@ -116,7 +116,7 @@ def test_wrong_shaped_tensor_is_named(tmp_path: Path) -> None:
 
 
 def test_test_only_pre_train_reads_the_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A --test_only --pre_train run reads the checkpoint with torch.load exactly once (configure reads it,
+    """A --test_only --pre_train run reads the checkpoint with torch.load exactly once (option.build reads it,
     the wrapper takes what was read)."""
     import main
     from conftest import write_blocky_folders

@@ -63,7 +63,7 @@ def test_seed_commands_verbatim() -> None:
 
 @pytest.mark.parametrize('function, argv', _main_commands(), ids=lambda v: v if isinstance(v, str) else '')
 def test_every_main_command_parses(function: str, argv: list[str]) -> None:
-    args = option.parse(argv)
+    args = option.parse_flags(argv)  # the flags alone: the demos' checkpoints are downloads
     model.check_model_flags(args)  # no model flag the model would ignore
     if function in ('quick', 'cpu_recipe', 'ablation', 'ablation_run') and not args.test_only:
         # The CPU demos anneal to the end of their own budget.

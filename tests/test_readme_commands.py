@@ -2,11 +2,11 @@
 
 Commands are the lines of its fenced bash blocks and its inline code spans that start a command (`python`, `bash
 demo.sh`, `pip`, `torchrun`, `cd src && ...`, with environment assignments in front). Each is checked without doing
-its work: main.py's arguments go through option.parse and the model flag check (as tests/test_demo_sh.py does for
-demo.sh); tools and scripts answer `--help` from where the README runs them; a demo.sh target must exist and its
-main.py commands parse with the extra arguments given; pip's requirement files must exist; pytest's markers must be
-declared. A command that cannot be checked this way is listed in UNCHECKED with the reason, so that none is
-skipped silently.
+its work: main.py's arguments go through option.parse_flags (no file is read) and the model flag check (as
+tests/test_demo_sh.py does for demo.sh); tools and scripts answer `--help` from where the README runs them; a
+demo.sh target must exist and its main.py commands parse with the extra arguments given; pip's requirement files
+must exist; pytest's markers must be declared. A command that cannot be checked this way is listed in UNCHECKED with
+the reason, so that none is skipped silently.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _demo_targets() -> set[str]:
 
 
 def _check_main(argv: list[str]) -> None:
-    args = option.parse([a for a in argv if not PLACEHOLDER.match(a)])
+    args = option.parse_flags([a for a in argv if not PLACEHOLDER.match(a)])
     model.check_model_flags(args)
 
 

@@ -1,18 +1,18 @@
 """The networks and what surrounds them (EDSR shape).
 
-    configure(args)              the flags a --pre_train file's configuration sets (the file is read once)
     Model(args, log, configured) the network(s) of --model on their device: checkpoint I/O, test-time forwards
+                                 (configured: the --pre_train file option.build read, so it is read once)
 
     registry.py    --model names -> network modules (networks/: one file each, following contract.py)
     wrapper.py     Model: device, DataParallel/DDP, precision, one network per scale, save/load, --chop/--tile
-    checkpoint.py  model files: read, fit strictly, write atomically; configure
+    checkpoint.py  model files: read, fit strictly, write atomically; the flags a file's configuration states
     contract.py    what a network provides; tiling.py: the test-time cuts; blocks/, common.py: building blocks
     attention.py   HSPA's published import path and the softmax non-local attention; hspa/: the operator
 """
 
-from model.checkpoint import Configured, configuration_note, configure
+from model.checkpoint import Configured, configuration_note
 from model.registry import check_model_flags, make_network, registered_models, resolve_model_name
 from model.wrapper import Model
 
-__all__ = ['Configured', 'Model', 'check_model_flags', 'configuration_note', 'configure', 'make_network',
+__all__ = ['Configured', 'Model', 'check_model_flags', 'configuration_note', 'make_network',
            'registered_models', 'resolve_model_name']

@@ -1,5 +1,5 @@
 """Model files: reading (bare or wrapped state dicts, .pt or .safetensors), strict fitting, writing, and the
-flags a --pre_train file's configuration sets (configure: the file is read once and handed to the wrapper).
+flag values a --pre_train file's configuration states (checkpoint_flags: option.build applies them).
 
 The model files this project writes carry the network's configuration (contract.SRNetwork.config plus the
 model name): in a .pt file as {'config': {...}, 'state_dict': {...}}, in a .safetensors file as the
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from torch import nn
 from errors import UserError
 from fileio import atomic_write, atomic_write_bytes
 from model.contract import HOW_FLAGS, SRNetwork
-from model.registry import check_model_flags, resolve_model_name
+from model.registry import resolve_model_name
 
 # Checkpoint containers: a state dict is looked for under these keys, in this order.
 WRAPPER_KEYS = ('params_ema', 'params', 'state_dict', 'model')
@@ -182,19 +181,24 @@ def load_into(net: nn.Module, path: str | Path, flag: str = '--pre_train') -> No
     fit_into(net, state, config, f'{flag} {path}')
 
 
-def adopt_checkpoint_config(args: argparse.Namespace, config: Mapping[str, object], source: str) -> list[str]:
-    """Set the flags a checkpoint's configuration states, so `--pre_train X` rebuilds its network; a flag
-    given on the command line that contradicts it is refused, naming both values, except a flag of HOW_FLAGS
-    (how the network computes: the command line wins). Returns the flags set ('--n_feats 64', ...). With
-    several --scale values the scale of a single-scale network's checkpoint is left to the per-scale files (a
+def checkpoint_flags(args: argparse.Namespace, config: Mapping[str, object], source: str,
+                     accepts: Callable[[str, object, object], bool]) -> tuple[dict[str, object], list[str]]:
+    """The flag values a checkpoint's configuration states where they differ from args, so `--pre_train X`
+    rebuilds its network: (flag -> value, the same as '--n_feats 64' texts). args is not changed: the caller
+    builds the configuration. A flag given on the command line (args.cli_flags) that contradicts the file is
+    refused, naming both values, except a flag of HOW_FLAGS (how the network computes: the command line
+    wins); an entry the flag cannot take (`accepts(flag, value, current)` is False) is refused. With several
+    --scale values the scale of a single-scale network's checkpoint is left to the per-scale files (a
     multi-scale network's list of scales is adopted or checked like any flag)."""
+    changes: dict[str, object] = {}
     adopted = []
     for key, value in config.items():
         if key not in vars(args) or (key == 'scale' and len(args.scale) > 1 and not isinstance(value, list)):
             continue
         if key in HOW_FLAGS and key in args.cli_flags:
             continue
-        _check_config_value(key, value, getattr(args, key), source)
+        if not accepts(key, value, getattr(args, key)):
+            raise UserError(f'{source}: its configuration entry {key!r} = {value!r} is not a value --{key} can take')
         if key == 'model':
             given, current = args.model, resolve_model_name(args.model)
             value = resolve_model_name(str(value))
@@ -208,29 +212,9 @@ def adopt_checkpoint_config(args: argparse.Namespace, config: Mapping[str, objec
         if key in args.cli_flags:
             shown = '+'.join(map(str, value)) if key == 'scale' else value
             raise UserError(f'--{key} {given} contradicts {source}, which was saved with --{key} {shown}')
-        setattr(args, key, value)
+        changes[key] = value
         adopted.append(f'--{key} {"+".join(map(str, value)) if key == "scale" else value}')
-    return adopted
-
-
-def _check_config_value(key: str, value: object, current: object, source: str) -> None:
-    """Refuse a configuration entry whose type the flag cannot take, or a number no run can use."""
-    from option import AT_LEAST, flag_type  # the flags' declared types and integer lower bounds
-
-    kind = flag_type(key)
-    if key == 'scale':  # one int, or the list of a multi-scale network
-        values = value if isinstance(value, list) and value else [value]
-        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
-    elif isinstance(current, bool):
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= AT_LEAST.get(key, value)
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    else:  # strings, and flags whose default is None (--attention)
-        ok = isinstance(value, str)
-    if not ok:
-        raise UserError(f'{source}: its configuration entry {key!r} = {value!r} is not a value --{key} can take')
+    return changes, adopted
 
 
 def configuration_note(adopted: list[str]) -> str:
@@ -239,28 +223,16 @@ def configuration_note(adopted: list[str]) -> str:
 
 @dataclass
 class Configured:
-    """What configure() decided: the flags a checkpoint set, and the --pre_train file it read, kept until the
+    """What option.build read from --pre_train: the flags its configuration set, and the file, kept until the
     wrapper takes it (path -> (state dict, configuration)), so the file is read once."""
 
     adopted: list[str] = field(default_factory=list)
     files: dict[str, tuple[dict[str, torch.Tensor], dict | None]] = field(default_factory=dict)
 
     def take(self, path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
-        """The checkpoint at `path`: the one configure() read (handed over once), else read now."""
+        """The checkpoint at `path`: the one read while building the configuration (handed over once), else
+        read now."""
         return self.files.pop(path, None) or read_checkpoint(path)
-
-
-def configure(args: argparse.Namespace) -> Configured:
-    """Complete args from the --pre_train checkpoint's configuration and refuse model flags --model does not
-    read. Called once, before anything is written (main); Model takes what it returns."""
-    out = Configured()
-    pre_train = str(args.pre_train)
-    if pre_train not in ('', '.'):
-        path = pre_train.replace('{scale}', str(args.scale[0]))
-        out.files[path] = read_checkpoint(path)
-        out.adopted = adopt_checkpoint_config(args, out.files[path][1] or {}, f'--pre_train {pre_train}')
-    check_model_flags(args)
-    return out
 
 
 def plain_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:

@@ -29,8 +29,6 @@ from model.checkpoint import (
     CHECKPOINT_SUFFIXES,
     Configured,
     check_state_fits,
-    configuration_note,
-    configure,
     fit_into,
     load_into,
     plain_state_dict,
@@ -38,7 +36,7 @@ from model.checkpoint import (
 )
 from model.contract import ChopRule, SRNetwork
 from model.hspa import HSPA, PlanLog
-from model.registry import make_network, resolve_model_name
+from model.registry import check_model_flags, make_network, resolve_model_name
 
 
 class Model(nn.Module):
@@ -53,10 +51,9 @@ class Model(nn.Module):
         super().__init__()
         self.log = log
         self.plan_log = PlanLog(log)
-        if configured is None:  # built outside main (tests, tools): complete the flags here
-            configured = configure(args)
-            if configured.adopted:
-                log(configuration_note(configured.adopted))
+        if configured is None:  # built outside main (tests, tools): --pre_train is read here
+            check_model_flags(args)
+            configured = Configured()
         self.name = resolve_model_name(args.model)
         pre_train = str(args.pre_train)
         self.scales = list(args.scale)

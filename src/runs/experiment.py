@@ -24,6 +24,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +55,31 @@ def encode_png(img: np.ndarray) -> bytes:
     return iio.imwrite('<bytes>', img, extension='.png')
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """What a run continues from: experiment/<name>/'s training state (epoch -1 or 0: the latest, else its
+    model_latest files) or its model_<epoch> files (epoch > 0: --resume N)."""
+
+    name: str
+    epoch: int = -1
+
+
+def resume_point(args: argparse.Namespace, name: str, restarted: bool = False) -> ResumePoint | None:
+    """The resume decision: a restarted torchrun group continues its own run from the latest state; else
+    --load NAME continues NAME at --resume; --reset (or no --load) starts afresh."""
+    if restarted:
+        return ResumePoint(name, -1)
+    if args.load and not args.reset:
+        return ResumePoint(args.load, args.resume)
+    return None
+
+
 class Experiment:
     """The experiment folder of one run: paths, the log, config.txt, images, results.json and plots.
 
     Rank 0 writes; it also reads what decides whether the folder may be used (its lock, config.txt, whether a
-    training state or model files exist) and hands the verdict to the other ranks. What goes into a
+    training state or model files exist) and hands the verdict to the other ranks. `resume_point` is what the
+    run continues from (None: it starts afresh); the configuration is read, never changed. What goes into a
     checkpoint and how a run resumes is the training state's business (training/training_state.py).
     """
 
@@ -78,17 +99,14 @@ class Experiment:
             if problem is None and restart and not args.test_only and has_training_state(self.dir):
                 problem, resume_epoch = self._restart_point(restart)
         problem, resume_epoch = broadcast_object((problem, resume_epoch))
-        if problem is None and resume_epoch is not None:  # continue this run (every process alike)
-            args.load, args.resume, args.reset = name, -1, False
-        elif args.reset:
-            args.load = ''
-            args.resume = 0
+        # Every process alike: a restarted group continues its run, else --load/--resume/--reset decide.
+        self.resume_point = resume_point(args, name, restarted=problem is None and resume_epoch is not None)
         if self.is_main and problem is None:
-            if args.reset and self.dir.exists():
+            if args.reset and self.resume_point is None and self.dir.exists():
                 shutil.rmtree(self.dir)  # in Python, never through a shell: a name with ';' cannot do harm
             for tmp in self.dir.rglob('.*.tmp'):  # left by a killed write (fileio.atomic_write); never read
                 tmp.unlink()
-            problem = self._folder_problem(args)
+            problem = self._folder_problem()
         # Barrier: the other processes wait for rank 0's reset and checks, and fail with its message.
         problem = broadcast_object(problem)
         if problem is not None:
@@ -101,7 +119,7 @@ class Experiment:
             self._log_file = open(self.path('log.txt'), 'a', encoding='utf-8')  # noqa: SIM115 (kept open)
             self._run_start = self._log_file.tell()  # where this run's lines begin
             self._write_config()
-            if restart and resume_epoch is None and not args.load:  # the dead group's lines before any checkpoint
+            if restart and self.resume_point is None:  # the dead group's lines before any checkpoint
                 self.rewind_log(0, f'restart {restart}: starting afresh (no checkpoint yet)')
         if resume_epoch is not None:
             self.write_log(f'restart {restart}: resuming from epoch {resume_epoch}')
@@ -149,17 +167,18 @@ class Experiment:
         except UserError as e:
             return str(e), None
 
-    def _folder_problem(self, args: argparse.Namespace) -> str | None:
+    def _folder_problem(self) -> str | None:
         """Why the experiment folder cannot serve this run (None when it can)."""
-        if args.load and not has_training_state(self.dir) and not _has_models(self.dir):
-            return f'--load {args.load}: {self.dir} holds no checkpoint to continue from'
-        if args.load and not args.test_only and not has_training_state(self.dir) and _trained_here(self.dir):
+        load, name, test_only = self.resume_point is not None, self.dir.name, self.args.test_only
+        if load and not has_training_state(self.dir) and not _has_models(self.dir):
+            return f'--load {name}: {self.dir} holds no checkpoint to continue from'
+        if load and not test_only and not has_training_state(self.dir) and _trained_here(self.dir):
             # Its model files may be of an epoch whose training state was never written.
-            return (f'--load {args.load}: {self.dir} stopped before its first complete checkpoint (no '
-                    f'training state); start it again with --save {args.load} --reset')
-        if not args.load and not args.test_only and has_training_state(self.dir):
-            return (f'--save {args.save}: {self.dir} already holds a training run; continue it with '
-                    f'--load {args.save} --resume -1, start over with --reset, or choose another --save')
+            return (f'--load {name}: {self.dir} stopped before its first complete checkpoint (no '
+                    f'training state); start it again with --save {name} --reset')
+        if not load and not test_only and has_training_state(self.dir):
+            return (f'--save {name}: {self.dir} already holds a training run; continue it with '
+                    f'--load {name} --resume -1, start over with --reset, or choose another --save')
         return None
 
     # ------------------------------------------------------------------ paths and log

@@ -22,8 +22,7 @@ def model_args(pre_train: str, flags: Sequence[str] = (), device_flags: Sequence
     argv = [*flags, *device_flags, '--test_only', '--n_threads', '0']
     if pre_train:
         argv += ['--pre_train', pre_train]
-    args = main.parse_args(argv)
-    model.configure(args)
+    args = main.parse_args(argv)[0]  # completed from the file's configuration
     if not pre_train and model.resolve_model_name(args.model) != 'bicubic':
         raise UserError(f'--model {args.model} needs --pre_train MODEL (its weights)')
     return args

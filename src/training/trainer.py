@@ -29,7 +29,7 @@ import distributed
 from errors import UserError
 from loss import Loss
 from model.checkpoint import plain_state_dict
-from runs.experiment import Experiment
+from runs.experiment import Experiment, ResumePoint
 from runs.loss_log import LossLog
 from runs.watch import Watch
 from training.ema import WeightAverage, average_from_flags, restore_average, share_average, weights_in_use
@@ -107,7 +107,7 @@ class Trainer:
     and a checkpoint (model files, logs, plots, then the training state)."""
 
     def __init__(self, args: argparse.Namespace, loader: object, model: torch.nn.Module,
-                 loss: Loss | None, experiment: Experiment) -> None:
+                 loss: Loss | None, experiment: Experiment, resume: ResumePoint | None = None) -> None:
         self.args, self.exp, self.model, self.loss = args, experiment, model, loss
         self.loss_log = LossLog(loss.columns) if loss is not None else None  # the epoch means, saved and resumed
         self.loader_train = loader.loader_train
@@ -134,8 +134,8 @@ class Trainer:
         if self.amp_dtype is not None and not args.test_only:
             experiment.write_log(f'Mixed precision: {args.amp} autocast on {self.device.type}'
                                  + (' with a GradScaler' if self.scaler.is_enabled() else ''))
-        if args.load:
-            self.resume()
+        if resume is not None:  # the experiment's decision (Experiment.resume_point)
+            self.resume(resume)
         self.watch = Watch(args, experiment, self.loss_log, self.tty, self.epoch, self.evaluator.history)
 
     def _set_lr(self, batch: int) -> float:
@@ -227,13 +227,14 @@ class Trainer:
                       log_marks=list(self.log_marks),
                       ema=self.ema.state_dict() if self.ema is not None else {}).save(exp.dir)
 
-    def resume(self) -> None:
-        """--load NAME: rank 0 reads the experiment folder (the others may not see it) and loads the weights;
-        the weights and the rest of the state are broadcast, and every process applies the same state."""
+    def resume(self, point: ResumePoint) -> None:
+        """Continue from `point` (--load NAME): rank 0 reads the experiment folder (the others may not see it) and
+        loads the weights; the weights and the rest of the state are broadcast, and every process applies the
+        same state."""
         state, problem = None, None
         if distributed.get_rank() == 0:
             try:
-                state = self._read_resume_point()
+                state = self._read_resume_point(point)
             except UserError as e:
                 problem = str(e)
         problem = distributed.broadcast_object(problem)
@@ -243,21 +244,21 @@ class Trainer:
             distributed.broadcast_tensors(self.model.state_dict().values())
         state = distributed.broadcast_object(state)
         share_average(self.ema, stored=bool(state.ema))  # rank 0's stored average, else the resumed weights
-        self._apply(state)
+        self._apply(state, point)
 
-    def _read_resume_point(self) -> TrainingState:
+    def _read_resume_point(self, point: ResumePoint) -> TrainingState:
         """Load the weights of the epoch to resume from into the model; the state of that epoch, without weights."""
         args, exp = self.args, self.exp
         stored = TrainingState.load(exp.dir)
-        if args.resume > 0:
-            self.model.load_state(self.model.checkpoint_path(exp.dir, f'model_{args.resume}'), flag='--resume')
-            epoch = args.resume
+        if point.epoch > 0:
+            self.model.load_state(self.model.checkpoint_path(exp.dir, f'model_{point.epoch}'), flag='--resume')
+            epoch = point.epoch
         elif stored is not None:
             average = stored.ema.get('weights', {}) if args.test_only else {}  # evaluate what the run evaluated
             self.model.load_weights({**stored.model, **average}, f'{exp.dir} training state')
             epoch = stored.epoch
         else:
-            self.model.load_state(self.model.checkpoint_path(exp.dir, 'model_latest'), flag=f'--load {args.load}')
+            self.model.load_state(self.model.checkpoint_path(exp.dir, 'model_latest'), flag=f'--load {point.name}')
             epoch = 0
         if stored is None or stored.epoch < epoch:
             return TrainingState(epoch=epoch)
@@ -265,13 +266,13 @@ class Trainer:
         state.ema = restore_average(self.ema, state.ema, f'{exp.dir} training state')
         return state
 
-    def _apply(self, state: TrainingState) -> None:
+    def _apply(self, state: TrainingState, point: ResumePoint) -> None:
         """Continue from `state` (every process alike)."""
         args = self.args
         self.epoch = state.epoch
         self.evaluator.history = list(state.history)
         if args.test_only:
-            self.exp.write_log(f'Evaluating experiment {args.load} at epoch {state.epoch}')
+            self.exp.write_log(f'Evaluating experiment {point.name} at epoch {state.epoch}')
             return
         if state.optimizer is not None and state.optimizer_name == args.optimizer:
             self.optimizer.load_state_dict(state.optimizer)
@@ -281,7 +282,7 @@ class Trainer:
             note = f'Resumed at epoch {state.epoch} (learning rate {self._set_lr(state.epoch * args.test_every):.2e})'
         else:
             # Only the latest epoch's optimizer moments are kept: start them afresh on the scheduled LR.
-            source = f'model_{state.epoch}.pt' if args.resume > 0 else 'the latest weights'
+            source = f'model_{state.epoch}.pt' if point.epoch > 0 else 'the latest weights'
             note = (f'Resumed at epoch {state.epoch} from {source} with fresh {args.optimizer} moments '
                     f'(learning rate {self._set_lr(state.epoch * args.test_every):.2e})')
         if state.loss is not None:

@@ -22,9 +22,7 @@ def make_args(dir_data: Path | str, *extra: str, dir_cache: Path | None = None):
     argv = ['--dir_data', str(dir_data), '--n_threads', '0', '--cpu', '--batch_size', '4', '--test_every', '3',
             '--patch_size', '24', '--scale', '2', '--seed', '1', '--data_test', 'Set5', *extra]
     args = option.parse(argv)
-    if dir_cache is not None:
-        args.dir_cache = str(dir_cache)
-    return args
+    return args.replace(dir_cache=str(dir_cache)) if dir_cache is not None else args
 
 
 def rand_image(h: int, w: int, c: int = 3, seed: int = 0) -> np.ndarray:

@@ -80,7 +80,7 @@ def test_workers_give_the_same_batches(tmp_path):
     ref = batches(data.Data(args, log=quiet).loader_train)
     first = ref[0][1]
     assert not any(torch.equal(first[0], first[j]) for j in range(1, 4))  # patches differ within a batch
-    args.n_threads = 18
+    args = args.replace(n_threads=18)
     d = data.Data(args, log=quiet)
     assert d.loader_train.num_workers == min(18, os.cpu_count() or 1)
     if d.loader_train.num_workers == 0:
@@ -94,7 +94,7 @@ def test_spawn_workers(tmp_path):
         write(tmp_path / 'Tiny' / f'{k}.png', rand_image(40, 40, seed=k))
     args = make_args(tmp_path, '--data_train', 'Tiny', '--data_test', 'Tiny', '--ext', 'sep')
     ref = batches(data.Data(args, log=quiet).loader_train, 2)
-    args.n_threads = 1  # one spawned worker: each one re-imports torch (seconds on a busy machine)
+    args = args.replace(n_threads=1)  # one spawned worker: each one re-imports torch (seconds on a busy machine)
     d = data.Data(args, log=quiet)
     d.loader_train.multiprocessing_context = 'spawn'  # workers re-import everything: no parse-at-import
     d.loader_train.batch_sampler.set_epoch(0)
@@ -192,8 +192,7 @@ def test_demo(tmp_path):
     assert [b[2] for b in items] == [('a',), ('b',)] and ds.is_gray('a') and not ds.is_gray('b')
     assert items[0][0].shape == (1, 3, 8, 9) and items[0][1].numel() == 0
     with pytest.raises(UserError, match='--dir_demo'):
-        args.dir_demo = str(tmp_path / 'missing')
-        data.Data(args, log=quiet)
+        data.Data(args.replace(dir_demo=str(tmp_path / 'missing')), log=quiet)
 
 
 def test_pixel_conversions(tmp_path):

@@ -100,8 +100,7 @@ def test_sep_cache_layout_fresh_stale_truncated_reset(tmp_path, caplog):
     assert np.array_equal(ds._hr(0), iio.imread(base / 'HR' / 'img_0.png'))
 
     inode = made.stat().st_ino
-    args.ext = 'sep_reset'
-    data.make_dataset('Set5', args, train=True, log=quiet)
+    data.make_dataset('Set5', args.replace(ext='sep_reset'), train=True, log=quiet)
     assert made.stat().st_ino != inode  # rewritten (atomic rename gives a new file)
 
 

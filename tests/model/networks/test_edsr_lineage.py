@@ -279,10 +279,9 @@ def test_cli_mdsr_serves_every_scale_from_one_checkpoint(monkeypatch, tmp_path: 
     wrapper.model.load_state_dict(ref['state'])
     wrapper.save(tmp_path / 'saved', epoch=1)
     saved = str(tmp_path / 'saved' / 'model' / 'model_latest.pt')
-    args = _args('--model', 'MDSR', '--pre_train', saved)
-    notes: list[str] = []
-    loaded = model.Model(args, log=notes.append)
-    assert args.scale == [2, 3, 4] and '--scale 2+3+4' in ' '.join(notes)
+    args, configured = option.build(['--cpu', '--test_only', '--model', 'MDSR', '--pre_train', saved])
+    assert args.scale == [2, 3, 4] and '--scale 2+3+4' in configured.adopted
+    loaded = model.Model(args, log=lambda s: None, configured=configured)
     assert torch.equal(loaded.model.upsample[1][0].weight, ref['state']['upsample.1.0.weight'])
     with pytest.raises(UserError, match=r'^--scale 4 contradicts --pre_train .*saved with --scale 2\+3\+4$'):
         model.Model(_args('--model', 'MDSR', '--scale', '4', '--pre_train', saved), log=lambda s: None)

@@ -198,7 +198,7 @@ def test_make_model_flags_and_template() -> None:
             model.make_network(parse(*argv))
         assert '\n' not in str(err.value)
     with pytest.raises(UserError, match='--res_scale is not used by --model SAN'):
-        checkpoint.configure(parse('--res_scale', '0.1'))
+        model.check_model_flags(parse('--res_scale', '0.1'))
     a = option.parse(['--template', 'SAN'])
     assert (a.model, a.n_resgroups, a.n_resblocks, a.n_feats, a.reduction, a.rgb_range, a.chop) == (
         'SAN', 20, 10, 64, 16, 255, True)
