@@ -63,7 +63,10 @@ def _compare(net: nn.Module, x: torch.Tensor, backend: str) -> None:
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
+def fresh_dynamo(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    # A private inductor cache: its keys do not cover the ops' Python fakes, so a cache left by other code could
+    # hand back a graph compiled against another version of them.
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path_factory.getbasetemp() / 'inductor'))
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
