@@ -103,6 +103,17 @@ class ResBlock(nn.Module):
         return self.body(x).mul(self.res_scale) + x
 
 
+def squeeze_excitation(channel: int, reduction: int) -> nn.Sequential:
+    """conv 1x1 to channel // reduction, ReLU, conv 1x1 back, sigmoid: the gate of the channel attentions (RCAN's,
+    MSNLAN's, SAN's second-order one), saved as conv_du.0.* and conv_du.2.*."""
+    return nn.Sequential(
+        nn.Conv2d(channel, channel // reduction, 1, padding=0, bias=True),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(channel // reduction, channel, 1, padding=0, bias=True),
+        nn.Sigmoid(),
+    )
+
+
 class Upsampler(nn.Sequential):
     """Sub-pixel upsampling: log2(scale) x (conv to 4C, PixelShuffle(2)) for powers of two, or conv to 9C,
     PixelShuffle(3) for scale 3. (The published MSNLAN passes `bias` into the groups slot at x3; its

@@ -23,12 +23,7 @@ class ChannelAttention(nn.Module):
     def __init__(self, n_feats: int, reduction: int) -> None:
         super().__init__()
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.conv_du = nn.Sequential(
-            nn.Conv2d(n_feats, n_feats // reduction, 1, padding=0, bias=True),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(n_feats // reduction, n_feats, 1, padding=0, bias=True),
-            nn.Sigmoid(),
-        )
+        self.conv_du = common.squeeze_excitation(n_feats, reduction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.conv_du(self.avg_pool(x))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model import common
 from model.attention import softmax_attention
 
 # SOCA's covariance window: a side of at least this many pixels is cropped to it (centred), as published.
@@ -76,12 +77,7 @@ class SecondOrderChannelAttention(nn.Module):
     def __init__(self, channel: int, reduction: int = 8, iters: int = SQRT_ITERATIONS) -> None:
         super().__init__()
         self.iters = iters
-        self.conv_du = nn.Sequential(
-            nn.Conv2d(channel, channel // reduction, 1, padding=0, bias=True),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(channel // reduction, channel, 1, padding=0, bias=True),
-            nn.Sigmoid(),
-        )
+        self.conv_du = common.squeeze_excitation(channel, reduction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c = x.shape[:2]

@@ -79,12 +79,7 @@ class ChannelAttention(nn.Module):
     def __init__(self, channel: int, reduction: int = 16, contrast: bool = False) -> None:
         super().__init__()
         self.contrast = contrast
-        self.conv_du = nn.Sequential(
-            nn.Conv2d(channel, channel // reduction, 1, padding=0, bias=True),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(channel // reduction, channel, 1, padding=0, bias=True),
-            nn.Sigmoid(),
-        )
+        self.conv_du = common.squeeze_excitation(channel, reduction)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.adaptive_avg_pool2d(x, 1)
