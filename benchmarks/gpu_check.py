@@ -4,11 +4,11 @@
     python benchmarks/gpu_check.py --quick            # smaller sizes
     python benchmarks/gpu_check.py --list             # the checks, what each covers and its estimate
 
-The checks (benchmarks/gpu_checks/): environment; the HSPA operator (dense, fast, triton against a float64
+The checks (benchmarks/gpu_checks/): environment; the HSPA operator (dense, blocked, triton against a float64
 oracle, output and q/k/v gradients, L = 777, 2304, 16384; fp16/bf16 inputs; the Triton forward at
 L = 196,608 on sampled rows); the HSPA block per impl (fp32 with gradients, autocast fp16/bf16,
 channels_last, half weights then a convolution); a small HSPAN training step equal across dense, triton
-and fast, 5 AMP steps with fp16 + GradScaler and with bf16; GPU against the CPU's native kernels; the Model
+and blocked, 5 AMP steps with fp16 + GradScaler and with bf16; GPU against the CPU's native kernels; the Model
 wrapper's --precision half/bf16, --chop, --tile, --self_ensemble and channels_last; --compile; impl 'auto'
 near the dense memory limit; the autocast dtype in DataParallel's threads; a 2-process DDP step (gloo, both
 ranks on cuda:0) against one process; main.py train, resume, safetensors and --pre_train --test_only;

@@ -43,7 +43,7 @@ def sparsemax64(scores: torch.Tensor) -> torch.Tensor:
 
 def _impls() -> dict:
     impls = {'dense': lambda q, k, v: dense_attention(q, k, v, 128),
-             'fast': lambda q, k, v: hspa_attention(q, k, v, 128, backend='torch')}
+             'blocked': lambda q, k, v: hspa_attention(q, k, v, 128, backend='torch')}
     if triton_available():
         impls['triton'] = hspa_triton
     return impls
@@ -58,7 +58,7 @@ def _run(fn, leaves: list[torch.Tensor], weight: torch.Tensor) -> list[torch.Ten
 
 @check('operator', 45)
 def operator(ctx: Context) -> None:
-    """dense, fast and triton against the float64 oracle (output, dq, dk, dv), then fp16/bf16 inputs."""
+    """dense, blocked and triton against the float64 oracle (output, dq, dk, dv), then fp16/bf16 inputs."""
     strict_float32()
     impls = _impls()
     if 'triton' not in impls:
@@ -73,7 +73,7 @@ def operator(ctx: Context) -> None:
                      weight.double())
         results = {name: _run(fn, [q, k, v], weight) for name, fn in impls.items()}
         for name, got in results.items():
-            other = results['fast' if name == 'dense' else 'dense']
+            other = results['blocked' if name == 'dense' else 'dense']
             for part, g, o, e in zip(('out', 'dq', 'dk', 'dv'), got, other, exact, strict=True):
                 compare(ctx, f'L={length} {name} fp32 {part} vs float64', g, e, FP32, ref32=o, exact=e)
             del got
@@ -127,15 +127,15 @@ def _layer_run(layer: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 def block(ctx: Context) -> None:
     """The HSPA block per impl: fp32 with gradients, autocast fp16/bf16, channels_last, half weights + a conv."""
     strict_float32()
-    impls = ['dense', 'fast', 'auto'] + (['triton'] if triton_available() else [])
+    impls = ['dense', 'blocked', 'auto'] + (['triton'] if triton_available() else [])
     x = torch.randn(2, 64, 24, 20, device=ctx.device, generator=torch.Generator(ctx.device).manual_seed(3))
     exact = _layer_run(_layer(ctx, 'dense').double(), x.double())
-    # The float32 reference side of a support-boundary flip: dense, and for dense itself fast.
-    refs = {name: _layer_run(_layer(ctx, name), x) for name in ('dense', 'fast')}
+    # The float32 reference side of a support-boundary flip: dense, and for dense itself blocked.
+    refs = {name: _layer_run(_layer(ctx, name), x) for name in ('dense', 'blocked')}
     for impl in impls:
         layer = _layer(ctx, impl)
         got = _layer_run(layer, x)
-        ref32 = refs['fast' if impl == 'dense' else 'dense']
+        ref32 = refs['blocked' if impl == 'dense' else 'dense']
         worst = max(range(len(got)), key=lambda i: rel(got[i], exact[i]))
         compare(ctx, f'{impl} fp32 output, input and parameter gradients vs float64 (worst: #{worst})',
                 got[worst], exact[worst], FP32, ref32=ref32[worst], exact=exact[worst])

@@ -37,12 +37,12 @@ def step(net: torch.nn.Module, lr_img: torch.Tensor, hr: torch.Tensor) -> tuple[
 
 @check('training step across impls', 20)
 def training_impls(ctx: Context) -> None:
-    """A small HSPAN training step: loss and parameter gradients of triton and fast equal dense's."""
+    """A small HSPAN training step: loss and parameter gradients of triton and blocked equal dense's."""
     strict_float32()
     lr_img, hr = batch(ctx.device)
     exact = step(small_hspan('dense', ctx.device).double(), lr_img.double(), hr.double())
     ref = step(small_hspan('dense', ctx.device), lr_img, hr)
-    for impl in ('triton', 'fast') if triton_available() else ('fast',):
+    for impl in ('triton', 'blocked') if triton_available() else ('blocked',):
         got = step(small_hspan(impl, ctx.device), lr_img, hr)
         for part, g, r, e in zip(('loss', 'parameter gradients'), got, ref, exact, strict=True):
             compare(ctx, f'{impl} vs dense: {part}', g, r, FP32, exact=e)
@@ -77,7 +77,7 @@ def gpu_vs_cpu(ctx: Context) -> None:
     """The same weights on the GPU (auto, triton) and on the CPU's native kernels: output and gradients."""
     strict_float32()
     lr_img, hr = batch('cpu')
-    cpu = small_hspan('fast', 'cpu')
+    cpu = small_hspan('blocked', 'cpu')
     cpu_step = step(cpu, lr_img, hr)
     with torch.no_grad():
         cpu_out = cpu.eval()(lr_img)
