@@ -10,12 +10,14 @@
 #   bash demo.sh ablation       # HSPA vs softmax vs no attention at equal budget on that recipe
 #   bash demo.sh attention_ablation  # EDSR-baseline and HSPAN x none/softmax/hspa x 3 seeds: mean ± std
 #   bash demo.sh paper_table CHECKPOINTS [--dir_data D]  # one folder per network (RCAN/, HSPAN/, ...) of
-#                               released checkpoints -> the paper table (src/tools/paper_table.py --help)
+#                               released checkpoints -> the paper table (nlsr-paper-table --help)
 #
 # Results go to experiment/<save>/ at the repository root (log.txt, results.json, plots, model/).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python}"
+# The tools run as modules of this checkout's package (installed or not: `pip install -e .` is the same code).
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 
 hspan_train() {
     cd "$ROOT/src"
@@ -62,7 +64,7 @@ quick() {
     # Bicubic on the same pipeline, for the comparison.
     "$PYTHON" src/main.py --reset --save quick_bicubic --model Bicubic --scale 2 --rgb_range 1 --save_results \
         --dir_data datasets --data_test Set5 --dir_cache experiment/quick_cache --test_only --n_threads 1 > /dev/null
-    "$PYTHON" src/tools/make_table.py experiment/quick_bicubic experiment/quick --names Bicubic HSPAN-quick \
+    "$PYTHON" -m nlsr.tools.make_table experiment/quick_bicubic experiment/quick --names Bicubic HSPAN-quick \
         --out experiment/quick/table.md
     echo "quick demo: $((SECONDS - start)) s; experiment/quick/ holds results.json, table.md, plots, images"
 }
@@ -102,9 +104,9 @@ ablation() {
         OMP_WAIT_POLICY=PASSIVE "$PYTHON" src/main.py --reset --save "ablation_$att" "${CPU_RECIPE[@]}" \
             --attention "$att" --dir_data "$data" --dir_cache "$data/cache" --epochs 3 --test_every 300 "$@"
     done
-    "$PYTHON" src/tools/make_table.py experiment/ablation_hspa experiment/ablation_softmax experiment/ablation_none \
+    "$PYTHON" -m nlsr.tools.make_table experiment/ablation_hspa experiment/ablation_softmax experiment/ablation_none \
         --names HSPA softmax none --out experiment/ablation_table.md
-    "$PYTHON" src/tools/make_figures.py ablation experiment/ablation_hspa experiment/ablation_softmax \
+    "$PYTHON" -m nlsr.tools.make_figures ablation experiment/ablation_hspa experiment/ablation_softmax \
         experiment/ablation_none --names HSPA softmax none --set Set5 --scale 2 --baseline 33.67
 }
 
@@ -153,11 +155,11 @@ attention_ablation() {
         done
     done
     while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done
-    "$PYTHON" src/tools/make_table.py "${edsr[@]}" "${hspan[@]}" --names "${edsr_names[@]}" "${hspan_names[@]}" \
+    "$PYTHON" -m nlsr.tools.make_table "${edsr[@]}" "${hspan[@]}" --names "${edsr_names[@]}" "${hspan_names[@]}" \
         --out experiment/attention_ablation_table.md
-    "$PYTHON" src/tools/make_figures.py ablation "${edsr[@]}" --names "${edsr_names[@]}" --set Set5 --scale 2 \
+    "$PYTHON" -m nlsr.tools.make_figures ablation "${edsr[@]}" --names "${edsr_names[@]}" --set Set5 --scale 2 \
         --baseline 33.67 --out Figs/attention_ablation_edsr.png
-    "$PYTHON" src/tools/make_figures.py ablation "${hspan[@]}" --names "${hspan_names[@]}" --set Set5 --scale 2 \
+    "$PYTHON" -m nlsr.tools.make_figures ablation "${hspan[@]}" --names "${hspan_names[@]}" --set Set5 --scale 2 \
         --baseline 33.67 --out Figs/attention_ablation_hspan.png
 }
 
@@ -165,6 +167,6 @@ case "${1:-}" in
     quick) shift; quick "$@" ;;
     hspan_train|hspan_test|msnlan_train|msnlan_test) "$1" ;;
     cpu_recipe|ablation|attention_ablation) cmd=$1; shift; "$cmd" "$@" ;;
-    paper_table) shift; cd "$ROOT"; "$PYTHON" src/tools/paper_table.py "$@" ;;
+    paper_table) shift; cd "$ROOT"; "$PYTHON" -m nlsr.tools.paper_table "$@" ;;
     *) sed -n '2,15p' "$0"; exit 2 ;;
 esac

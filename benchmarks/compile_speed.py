@@ -23,7 +23,7 @@ from harness import ROOT, alternate, machine_line, t91_batches
 
 sys.path.insert(0, str(ROOT / 'src'))
 
-from model.networks.hspan import HSPAN  # noqa: E402
+from nlsr.model.networks.hspan import HSPAN  # noqa: E402
 
 
 def _steps(net: torch.nn.Module, opt: torch.optim.Optimizer, batches: list) -> list[float]:

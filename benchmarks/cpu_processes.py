@@ -33,7 +33,7 @@ from harness import ROOT, alternate, machine_line, t91_batches
 
 sys.path.insert(0, str(ROOT / 'src'))
 
-from model.networks.hspan import HSPAN  # noqa: E402
+from nlsr.model.networks.hspan import HSPAN  # noqa: E402
 
 
 def _worker(rank: int, world: int, threads: int, steps: int, weights: str, port: int, queue: mp.Queue) -> None:

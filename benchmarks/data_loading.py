@@ -22,8 +22,7 @@ from harness import ROOT, machine_line
 
 def run(ext: str, dir_data: Path, cache_dir: Path, workers: int, batches: int, batch_size: int,
         patch: int, scale: int) -> dict:
-    import data
-    import option
+    from nlsr import data, option
 
     args = option.parse(['--data_train', 'T91+BSD200', '--data_test', 'T91', '--dir_data', str(dir_data),
                          '--ext', ext, '--scale', str(scale), '--patch_size', str(patch), '--cpu',

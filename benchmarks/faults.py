@@ -4,7 +4,7 @@ Each trial trains a tiny HSPAN for 3 epochs (3 batches each, CPU), in one proces
 `torchrun --max-restarts 2`, and kills it once:
   - at a random time after epoch 1 began (uniform over 0-110% of the uninterrupted run's training time;
     single process: the process; torchrun: one worker, chosen at random), or
-  - inside a checkpoint write of a chosen epoch, through SR_FAULT=<file>:<step>:kill (see src/fileio.py).
+  - inside a checkpoint write of a chosen epoch, through SR_FAULT=<file>:<step>:kill (see src/nlsr/fileio.py).
 A killed single-process run is resumed with `--load NAME --resume -1` (or started again with --reset when
 it died before its first training state); a torchrun job must finish on its own (its restarted worker group
 resumes). Then the folder is checked against an uninterrupted run: final weights (single process

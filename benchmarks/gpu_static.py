@@ -21,7 +21,7 @@ from harness import ROOT, machine_line
 if str(ROOT / 'src') not in sys.path:
     sys.path.insert(0, str(ROOT / 'src'))
 
-from model.hspa.triton.static_check import ARCHS, check, markdown, summary  # noqa: E402
+from nlsr.model.hspa.triton.static_check import ARCHS, check, markdown, summary  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,7 +220,7 @@ def t91_batches(n_images: int, steps: int, batch: int, seed: int) -> list[tuple[
 
     if str(ROOT / 'src') not in sys.path:
         sys.path.insert(0, str(ROOT / 'src'))
-    from imageops.imresize import imresize
+    from nlsr.imageops.imresize import imresize
 
     rng = np.random.default_rng(seed)
     pairs = []

@@ -55,9 +55,9 @@ def _trained_input(spec: dict):
     import numpy as np
     import torch
 
-    import model as model_pkg
-    import option
-    from model.checkpoint import load_into
+    import nlsr.model as model_pkg
+    from nlsr import option
+    from nlsr.model.checkpoint import load_into
 
     args = option.parse(['--cpu', '--test_only', *QUICK_FLAGS])
     net = model_pkg.make_network(args)
@@ -88,11 +88,11 @@ def _build(spec: dict):
     from torch import nn
 
     sys.path.insert(0, str(ROOT / 'src'))
-    from model.attention import HSPA
+    from nlsr.model.attention import HSPA
 
     if spec['march']:
         # The project's layer calls model.hspa.native.load() for its library: hand it the one built for --march.
-        from model.hspa import native
+        from nlsr.model.hspa import native
 
         lib = native.load(spec['march'])
         if lib is None:
@@ -216,7 +216,7 @@ def _max_diff(path_a: str, path_b: str, row_stride: int = 0) -> dict:
 def _kernel_details(threads: int, wait_policy: str | None, march: str | None) -> list[str]:
     """The machine line's HSPA details: caches, the native kernel's build, torch threads, OMP_WAIT_POLICY."""
     sys.path.insert(0, str(ROOT / 'src'))
-    from model.hspa import native
+    from nlsr.model.hspa import native
 
     l1d, l2 = native.cache_sizes()
     lib = native.load(march)

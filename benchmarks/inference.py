@@ -56,10 +56,10 @@ def _worker(spec: dict) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT / 'src'))
-    import model as model_pkg
-    import option
-    from model.attention import HSPA
-    from model.networks.msnlan import CrossScaleAttention
+    import nlsr.model as model_pkg
+    from nlsr import option
+    from nlsr.model.attention import HSPA
+    from nlsr.model.networks.msnlan import CrossScaleAttention
 
     flags = ['--cpu', '--test_only', *spec['flags']]
     if spec['mode'] == 'chop':

@@ -29,8 +29,8 @@ def worker(size: int, impl: str, seed: int) -> dict:
     sys.path.insert(0, str(ROOT / 'src'))
     import torch
 
-    import option
-    from model.networks.msnlan import MSNLAN
+    from nlsr import option
+    from nlsr.model.networks.msnlan import MSNLAN
 
     args = option.parse(['--template', 'MSNLAN', '--scale', '4', '--cpu', '--test_only'])
     torch.manual_seed(seed)

@@ -35,10 +35,10 @@ def _export(path: Path) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT / 'src'))
-    import model as model_pkg
-    import option
-    from tools.export import export_onnx
-    from tools.trained_model import configuration
+    import nlsr.model as model_pkg
+    from nlsr import option
+    from nlsr.tools.export import export_onnx
+    from nlsr.tools.trained_model import configuration
 
     args = option.parse(['--cpu', '--test_only', *CASES[CASE][0]])
     torch.manual_seed(0)  # the weights of inference.py's worker

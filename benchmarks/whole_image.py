@@ -29,8 +29,8 @@ def worker(network: str, size: int, scale: int, extra: list[str], seed: int) -> 
     sys.path.insert(0, str(ROOT / 'src'))
     import torch
 
-    import option
-    from model import make_network
+    from nlsr import option
+    from nlsr.model import make_network
 
     args = option.parse(['--template', network, '--scale', str(scale), '--cpu', '--test_only', '--no_chop', *extra])
     torch.manual_seed(seed)

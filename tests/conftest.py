@@ -66,7 +66,7 @@ def tiny_world(base: Path) -> dict:
 def run_main(world: dict, monkeypatch: pytest.MonkeyPatch, flags: list[str], *argv: str) -> None:
     """main.main(flags + --dir_data <world's data> + argv) in this process, into the world's experiment root;
     it must succeed."""
-    import main
+    from nlsr import main
 
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(world['exp']))
     assert main.main([*flags, '--dir_data', str(world['data']), *argv]) == 0

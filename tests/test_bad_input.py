@@ -14,13 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-import model
-import option
-from data import common
-from errors import UserError
-from model import checkpoint
-from training.training_state import STATE_FILE, TrainingState
+from nlsr import data, model, option
+from nlsr.data import common
+from nlsr.errors import UserError
+from nlsr.model import checkpoint
+from nlsr.training.training_state import STATE_FILE, TrainingState
 
 SMALL = ['--model', 'HSPAN', '--scale', '2', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8',
          '--reduction', '2', '--topk', '8', '--rgb_range', '1', '--hspa_impl', 'dense']
@@ -118,8 +116,8 @@ def test_wrong_shaped_tensor_is_named(tmp_path: Path) -> None:
 def test_test_only_pre_train_reads_the_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A --test_only --pre_train run reads the checkpoint with torch.load exactly once (option.build reads it,
     the wrapper takes what was read)."""
-    import main
     from conftest import write_blocky_folders
+    from nlsr import main
 
     path = _saved(tmp_path)
     write_blocky_folders(tmp_path / 'data', (('Mini', 1, (16, 20)),))

@@ -59,7 +59,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 
 
 def test_main_returns_instead_of_exiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    import main
+    from nlsr import main
 
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path))
     assert main.main(['--save', '../escape']) == 1
@@ -67,7 +67,7 @@ def test_main_returns_instead_of_exiting(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_experiment_root_ignores_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from runs import experiment
+    from nlsr.runs import experiment
 
     monkeypatch.delenv('SR_EXPERIMENT_ROOT', raising=False)
     monkeypatch.chdir(tmp_path)
@@ -79,7 +79,7 @@ def test_experiment_root_ignores_the_working_directory(tmp_path: Path, monkeypat
 def test_reset_deletes_in_python(tmp_path: Path) -> None:
     import argparse
 
-    from runs import experiment
+    from nlsr.runs import experiment
 
     name = 'odd name; rm -rf $HOME'  # a shell would split this; shutil takes it as one folder name
     old = tmp_path / name
@@ -128,7 +128,7 @@ def test_reset_deletes_in_python(tmp_path: Path) -> None:
 ])
 def test_values_a_run_cannot_use_are_one_line(argv: list[str], expected: str, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    import main
+    from nlsr import main
 
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path))
     assert main.main(['--cpu', '--test_only', '--scale', '2', '--n_threads', '0', *argv]) == 1
@@ -137,7 +137,7 @@ def test_values_a_run_cannot_use_are_one_line(argv: list[str], expected: str, tm
 
 
 def test_template_sets_defaults_and_the_command_line_wins() -> None:
-    import option
+    from nlsr import option
 
     a = option.parse(['--template', 'MSNLAN', '--n_feats', '32', '--no_chop'])
     assert (a.model, a.n_resgroups, a.n_feats, a.chop, a.lr) == ('MSNLAN', 8, 32, False, 2e-4)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import main
 from conftest import load_reference
+from nlsr import main
 
 MODEL_FLAGS = {
     'hspan': ('HSPAN', ('n_resgroups', 'n_resblocks', 'n_feats', 'topk', 'reduction', 'rgb_range', 'res_scale')),

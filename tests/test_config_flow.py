@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import model
-import option
-from config import Config
-from errors import UserError
-from runs.experiment import Experiment, ResumePoint, read_config
-from training.training_state import TrainingState
+from nlsr import model, option
+from nlsr.config import Config
+from nlsr.errors import UserError
+from nlsr.runs.experiment import Experiment, ResumePoint, read_config
+from nlsr.training.training_state import TrainingState
 
 SMALL = ['--scale', '2', '--n_resgroups', '2', '--n_resblocks', '1', '--n_feats', '16', '--reduction', '2',
          '--topk', '8', '--rgb_range', '1', '--hspa_impl', 'dense']

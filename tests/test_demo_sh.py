@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import model
-import option
+from nlsr import model, option
 
 DEMO = Path(__file__).resolve().parents[1] / 'demo.sh'
 
@@ -78,7 +77,7 @@ def test_all_functions_found() -> None:
 
 def test_quick_demo_data_ships_with_the_repo(tmp_path: Path) -> None:
     """`demo.sh quick` needs no download: T91 and Set5 (with its x2 LR files) are in datasets/."""
-    from data import make_dataset
+    from nlsr.data import make_dataset
 
     root = DEMO.parent / 'datasets'
     args = option.parse(['--dir_data', str(root), '--dir_cache', str(tmp_path), '--scale', '2',

@@ -18,12 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-import distributed
-import main
-import option
 from conftest import ROOT, write_blocky_folders
-from errors import UserError
-from training import seeding
+from nlsr import cli, distributed, main, option
+from nlsr.errors import UserError
+from nlsr.training import seeding
 
 TINY = ['--model', 'HSPAN', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8', '--reduction', '2',
         '--topk', '8', '--res_scale', '0.1', '--rgb_range', '1', '--scale', '2', '--patch_size', '16',
@@ -54,7 +52,7 @@ def _run(world: dict, *argv: str, ddp: bool, ok: bool = True) -> subprocess.Comp
 
 def _weights(path: Path) -> dict:
     """The state dict of a model file (which also carries the network's configuration)."""
-    from model.checkpoint import read_state_dict
+    from nlsr.model.checkpoint import read_state_dict
 
     return read_state_dict(path)
 
@@ -173,7 +171,7 @@ def test_ddp_checkpoint_loads_in_single_process(trained: dict, world: dict) -> N
 
 @pytest.mark.parametrize('amp', ['bf16', 'fp16'])
 def test_amp_training_step_on_cpu(amp: str, world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    import model as model_pkg
+    import nlsr.model as model_pkg
 
     seen: list[torch.dtype] = []
     forward = model_pkg.Model.forward
@@ -220,7 +218,7 @@ def test_torchrun_refuses_bad_flags_before_joining(flags: list[str], expect: str
     assert not torch.distributed.is_initialized()
     # Rank 1 fails alike but stays silent: the job reports the error once.
     monkeypatch.setenv('RANK', '1')
-    monkeypatch.setattr(main, 'RANK_ZERO_GRACE', 0.0)
+    monkeypatch.setattr(cli, 'RANK_ZERO_GRACE', 0.0)
     assert main.main(argv) == 1
     assert capsys.readouterr().err == ''
 
@@ -235,7 +233,7 @@ def test_torchrun_env_and_help() -> None:
 
 
 def test_shard_sampler_balances_test_images_by_size() -> None:
-    from data import ShardSampler
+    from nlsr.data import ShardSampler
 
     set5 = [256 * 256, 144 * 144, 128 * 128, 140 * 140, 114 * 114]  # LR pixels of Set5 x2
     shards = [ShardSampler(5, r, 2, set5).indices for r in range(2)]
@@ -252,7 +250,7 @@ def test_shard_sampler_balances_test_images_by_size() -> None:
 
 
 def test_test_sets_know_their_image_sizes(world: dict) -> None:
-    from data import make_dataset
+    from nlsr.data import make_dataset
 
     args = option.parse([*TINY, '--dir_data', str(world['data']), '--dir_cache', str(world['cache'])])
     ds = make_dataset('Set5', args, train=False, log=lambda _: None)

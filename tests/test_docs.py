@@ -44,3 +44,13 @@ def test_benchmarks_readme_gives_every_script_its_command() -> None:
     text = (ROOT / 'benchmarks' / 'README.md').read_text(encoding='utf-8')
     scripts = sorted(p.name for p in (ROOT / 'benchmarks').glob('*.py') if p.name != 'harness.py')  # a library
     assert [s for s in scripts if f'python benchmarks/{s}' not in text] == []
+
+
+def test_the_library_guide_runs_as_written() -> None:
+    """docs/library.md's Python blocks, in order, in a fresh namespace: the README's way to use HSPA elsewhere."""
+    blocks = re.findall(r'```python\n(.*?)```', (ROOT / 'docs' / 'library.md').read_text(encoding='utf-8'), re.S)
+    assert blocks
+    namespace: dict = {'__name__': 'library_guide'}
+    for block in blocks:
+        exec(compile(block, 'docs/library.md', 'exec'), namespace)  # noqa: S102 - the guide's own code
+    assert namespace['out'].shape == (2, 100, 16) and namespace['query'].grad is not None

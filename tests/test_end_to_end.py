@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import main
 from conftest import run_main, tiny_world
+from nlsr import main
 
 TINY = ['--model', 'HSPAN', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8', '--reduction', '2',
         '--topk', '8', '--res_scale', '0.1', '--rgb_range', '1', '--scale', '2', '--patch_size', '16',
@@ -43,7 +43,7 @@ def _content(log: Path) -> list[str]:
 
 def _weights(path: Path) -> dict:
     """The state dict of a model file (which also carries the network's configuration)."""
-    from model.checkpoint import read_state_dict
+    from nlsr.model.checkpoint import read_state_dict
 
     return read_state_dict(path)
 
@@ -191,7 +191,7 @@ def test_existing_run_is_not_overwritten(runs: dict, world: dict, monkeypatch: p
 def test_batch_lr_cosine_and_warmup() -> None:
     from argparse import Namespace
 
-    from training.schedule import lr_at as batch_lr
+    from nlsr.training.schedule import lr_at as batch_lr
 
     cos = Namespace(lr_schedule='cosine', lr=1e-3, min_lr=1e-5, epochs=2, test_every=50, warmup=0,
                     decay_milestones=[], gamma=0.5)
@@ -208,7 +208,7 @@ def test_batch_lr_cosine_and_warmup() -> None:
 def test_cosine_warmup_resume_matches_uninterrupted(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-batch LRs depend on the batch number only: a 3-epoch run killed after epoch 2 and resumed ends
     where the uninterrupted one does (the curve spans the planned --epochs, so the kill is simulated)."""
-    from training import trainer
+    from nlsr.training import trainer
 
     cosine = ['--lr_schedule', 'cosine', '--warmup', '3', '--min_lr', '1e-5', '--epochs', '3']
     _main(world, monkeypatch, '--save', 'cos_full', *cosine)
@@ -231,9 +231,9 @@ def test_cosine_warmup_resume_matches_uninterrupted(world: dict, monkeypatch: py
 def test_gan_discriminator_follows_the_one_schedule(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """The discriminator's optimizer gets the network's learning rate, batch by batch (here cosine with
     warm-up, which its own MultiStepLR used to ignore)."""
-    import option
-    from training import trainer
-    from training.schedule import lr_at
+    from nlsr import option
+    from nlsr.training import trainer
+    from nlsr.training.schedule import lr_at
 
     flags = ['--loss', '1*L1+0.01*GAN', '--lr_schedule', 'cosine', '--warmup', '1', '--epochs', '3']
     with monkeypatch.context() as m:

@@ -16,7 +16,7 @@ from conftest import ROOT, SRC, write_blocky_folders
 SCRIPT = f'''
 import os, sys
 sys.path.insert(0, {str(SRC)!r})
-from fileio import atomic_write_text
+from nlsr.fileio import atomic_write_text
 atomic_write_text(sys.argv[1], 'new')
 atomic_write_text(sys.argv[2], 'replaced')
 '''
@@ -42,14 +42,14 @@ def test_new_files_follow_the_umask_and_replaced_files_keep_their_mode(tmp_path:
 @pytest.mark.parametrize('umask', [0o022, 0o077])
 def test_a_run_its_cache_and_upscale_write_what_the_umask_gives(tmp_path: Path, umask: int) -> None:
     write_blocky_folders(tmp_path / 'data', (('Tiny', 2, (32, 32)), ('Mini', 1, (24, 24))))
-    env = {**os.environ, 'SR_EXPERIMENT_ROOT': str(tmp_path / 'exp')}
+    env = {**os.environ, 'SR_EXPERIMENT_ROOT': str(tmp_path / 'exp'), 'PYTHONPATH': str(SRC)}
     run = [sys.executable, str(SRC / 'main.py'), '--cpu', '--model', 'EDSR', '--n_resblocks', '1', '--n_feats', '8',
            '--scale', '2', '--patch_size', '16', '--batch_size', '2', '--epochs', '1', '--test_every', '2',
            '--data_train', 'Tiny', '--data_test', 'Mini', '--dir_data', str(tmp_path / 'data'), '--n_threads', '0',
            '--save', 'run', '--save_results', '--save_gt']
     subprocess.run(run, check=True, env=env, capture_output=True, preexec_fn=lambda: os.umask(umask))
     model_file = tmp_path / 'exp' / 'run' / 'model' / 'model_latest.pt'
-    subprocess.run([sys.executable, str(SRC / 'upscale.py'), '--pre_train', str(model_file), '--cpu',
+    subprocess.run([sys.executable, '-m', 'nlsr.tools.upscale', '--pre_train', str(model_file), '--cpu',
                     str(tmp_path / 'data' / 'Mini'), '--out', str(tmp_path / 'up')],
                    check=True, env=env, capture_output=True, preexec_fn=lambda: os.umask(umask), cwd=ROOT)
     written = [*(tmp_path / 'exp' / 'run').rglob('*'), *(tmp_path / 'data').rglob('*.npy'),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import option
-from errors import UserError
+from nlsr import option
+from nlsr.errors import UserError
 
 SEED_TRAIN = (
     '--dir_data ../../SrTrainingData --data_range 1-800/1-5 --n_GPUs 1 --rgb_range 1 --save_models --lr 1e-4 '
@@ -154,7 +154,7 @@ def test_every_flag_has_a_value_check():
 def test_gan_under_torchrun_is_refused_when_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     """The GAN term trains a discriminator per process: refused for a torchrun job before anything starts,
     once (by rank 0); a single process and evaluation-only runs are fine."""
-    from distributed import RankZeroError
+    from nlsr.distributed import RankZeroError
 
     argv = ['--loss', '1*L1+0.01*GAN']
     assert option.parse(argv).loss == '1*L1+0.01*GAN'

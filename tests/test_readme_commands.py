@@ -1,17 +1,19 @@
 """Every command README.md shows runs as written.
 
 Commands are the lines of its fenced bash blocks and its inline code spans that start a command (`python`, `bash
-demo.sh`, `pip`, `torchrun`, `cd src && ...`, with environment assignments in front). Each is checked without doing
-its work: main.py's arguments go through option.parse_flags (no file is read) and the model flag check (as
-tests/test_demo_sh.py does for demo.sh); tools and scripts answer `--help` from where the README runs them; a
-demo.sh target must exist and its main.py commands parse with the extra arguments given; pip's requirement files
-must exist; pytest's markers must be declared. A command that cannot be checked this way is listed in UNCHECKED with
-the reason, so that none is skipped silently.
+demo.sh`, `pip`, `torchrun`, `cd src && ...`, the package's commands `nlsr`, `nlsr-*`, with environment assignments
+in front). Each is checked without doing its work: main.py's (and `nlsr`'s) arguments go through option.parse_flags
+(no file is read) and the model flag check (as tests/test_demo_sh.py does for demo.sh); scripts answer `--help` from
+where the README runs them, the package's commands through the entry points pyproject.toml names; a demo.sh target
+must exist and its main.py commands parse with the extra arguments given; pip's requirement files and the package it
+installs must exist; pytest's markers must be declared. A command that cannot be checked this way is listed in
+UNCHECKED with the reason, so that none is skipped silently.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shlex
 import subprocess
@@ -20,14 +22,13 @@ from pathlib import Path
 
 import pytest
 
-import model
-import option
 from conftest import ROOT
+from nlsr import model, option
 from test_demo_sh import _main_commands
 
 README = ROOT / 'README.md'
 # Words that start a command in an inline code span (after any VAR=value assignments).
-COMMAND_START = ('python ', 'bash ', 'pip ', 'torchrun ', 'cd ')
+COMMAND_START = ('python ', 'bash ', 'pip ', 'torchrun ', 'cd ', 'nlsr ', 'nlsr-')
 # A placeholder for main.py's arguments (`<flags>`); the tools' placeholders (MODEL, [IN ...]) only meet `--help`.
 PLACEHOLDER = re.compile(r'^<[^>]+>$')
 # Parts of commands (between &&) that are not checked here, each with the reason.
@@ -82,6 +83,23 @@ def _check_help(script: Path, cwd: Path) -> None:
     assert out.returncode == 0 and 'usage' in out.stdout, f'{script} --help: {out.stderr[-400:]}'
 
 
+def console_scripts() -> dict[str, str]:
+    """pyproject.toml's [project.scripts]: command -> 'module:function'."""
+    section = (ROOT / 'pyproject.toml').read_text().split('[project.scripts]\n', 1)[1].split('\n[', 1)[0]
+    return dict(re.findall(r'^([\w-]+) = "([\w.]+:\w+)"$', section, re.M))
+
+
+@functools.cache
+def _check_command_help(command: str) -> None:
+    """The package's command answers --help through its entry point, run from an unrelated folder on this
+    checkout's src/ (the installed command is the same function: tests/test_package.py)."""
+    module, function = console_scripts()[command].split(':')
+    code = f'import sys; from {module} import {function}; sys.argv[0] = {command!r}; sys.exit({function}())'
+    out = subprocess.run([sys.executable, '-c', code, '--help'], cwd=ROOT / 'datasets', capture_output=True, text=True,
+                         timeout=300, env={**os.environ, 'PYTHONPATH': str(ROOT / 'src')})
+    assert out.returncode == 0 and f'usage: {command}' in out.stdout, f'{command} --help: {out.stderr[-400:]}'
+
+
 def _check_part(words: list[str], cwd: Path) -> None:
     while words and re.fullmatch(r'\w+=\S+', words[0]):  # environment assignments
         words = words[1:]
@@ -89,9 +107,13 @@ def _check_part(words: list[str], cwd: Path) -> None:
     if head == 'pip':
         assert rest[0] == 'install'
         files = [rest[i + 1] for i, w in enumerate(rest) if w == '-r']
-        packages = [w for w in rest[1:] if not w.startswith('-') and w not in files]
+        projects = [rest[i + 1] for i, w in enumerate(rest) if w == '-e']
+        packages = [w for w in rest[1:] if not w.startswith('-') and w not in files + projects]
         for name in files:
             assert (cwd / name).is_file(), name
+        for name in projects:
+            project = cwd / name / 'pyproject.toml'
+            assert project.is_file() and '[project]' in project.read_text(), f'-e {name}: no [project] in {project}'
         requirements = ' '.join(p.read_text() for p in ROOT.glob('requirements*.txt'))
         for name in packages:
             assert re.search(rf'^{re.escape(name)}\b', requirements, re.M), f'{name} is in no requirements file'
@@ -100,7 +122,7 @@ def _check_part(words: list[str], cwd: Path) -> None:
         target, extra = rest[1], rest[2:]
         assert target in _demo_targets(), f'demo.sh has no target {target}'
         if target == 'paper_table':
-            _check_help(ROOT / 'src' / 'tools' / 'paper_table.py', ROOT)
+            _check_command_help('nlsr-paper-table')
         for function, argv in _main_commands():
             if function == DEMO_HELPERS.get(target, target):
                 _check_main(argv + [w for w in extra if not PLACEHOLDER.match(w)])
@@ -111,6 +133,10 @@ def _check_part(words: list[str], cwd: Path) -> None:
         get_args_parser().parse_args(rest[:script + 1])
         assert (cwd / rest[script]).is_file()
         _check_main(rest[script + 1:])
+    elif head == 'nlsr' and rest != ['--help']:
+        _check_main(rest)
+    elif head in console_scripts():
+        _check_command_help(head)
     elif head == 'python' and rest[:2] == ['-m', 'pytest']:
         markers = (ROOT / 'pyproject.toml').read_text()
         for expr in (rest[i + 1] for i, w in enumerate(rest) if w == '-m' and i > 1):
@@ -144,7 +170,8 @@ def test_readme_command_runs_as_written(command: str) -> None:
 def test_the_commands_are_found() -> None:
     commands = _commands()
     assert len(commands) >= 10
-    assert 'pip install -r requirements.txt && bash demo.sh quick' in commands
+    assert 'pip install -r requirements.txt -e . && bash demo.sh quick' in commands
+    assert {'nlsr-upscale', 'nlsr-export', 'nlsr-table', 'nlsr-paper-table'} <= {c.split()[0] for c in commands}
     parts = {part for c in commands for part in _parts(c)}
     assert set(UNCHECKED) <= parts, 'UNCHECKED names a command the README no longer has'
 

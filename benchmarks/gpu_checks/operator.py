@@ -7,9 +7,9 @@ import platform
 import torch
 
 from gpu_checks import FP32, LOW, Context, check, compare, low_precision, rel, strict_float32
-from model.hspa import HSPA, dense_attention, hspa_attention
-from model.hspa.triton import available as triton_available
-from model.hspa.triton import hspa_triton
+from nlsr.model.hspa import HSPA, dense_attention, hspa_attention
+from nlsr.model.hspa.triton import available as triton_available
+from nlsr.model.hspa.triton import hspa_triton
 
 LOW_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -10,8 +10,8 @@ import sys
 import torch
 
 from gpu_checks import FP32, GPU_CPU, ROOT, Context, check, compare, low_precision, rel, strict_float32
-from model.hspa import HSPA, plan
-from model.hspa import dispatch as hspa_dispatch
+from nlsr.model.hspa import HSPA, plan
+from nlsr.model.hspa import dispatch as hspa_dispatch
 
 TINY = ['--model', 'HSPAN', '--scale', '2', '--rgb_range', '1', '--n_resgroups', '1', '--n_resblocks', '1',
         '--n_feats', '16', '--reduction', '2', '--topk', '16']
@@ -21,8 +21,8 @@ TRAIN = ['--dir_data', str(ROOT / 'datasets'), '--data_train', 'T91', '--data_te
 
 
 def _wrapper(ctx: Context, *flags: str, state: dict | None = None):
-    import option
-    from model import Model
+    from nlsr import option
+    from nlsr.model import Model
 
     device = [] if ctx.device == 'cuda' else ['--cpu']
     args = option.parse([*TINY, '--test_only', '--data_test', 'Demo', '--dir_data', str(ctx.scratch), *device,
@@ -152,7 +152,7 @@ def compiled(ctx: Context) -> None:
 @check('static Triton resources', 60)
 def static_resources(ctx: Context) -> None:
     """The fused Triton kernels compiled for this GPU's architecture: shared memory, registers, no spills."""
-    from model.hspa.triton import available, static_check
+    from nlsr.model.hspa.triton import available, static_check
 
     if not available():
         ctx.row('static check', 'skipped', 'triton is not installed')

@@ -9,8 +9,8 @@ import threading
 import torch
 
 from gpu_checks import FP32, GPU_CPU, Context, check, compare, rel, strict_float32
-from model.hspa.triton import available as triton_available
-from model.networks.hspan import HSPAN
+from nlsr.model.hspa.triton import available as triton_available
+from nlsr.model.networks.hspan import HSPAN
 
 SMALL = dict(scale=2, n_feats=32, n_resgroups=2, n_resblocks=1, reduction=2, topk=16, res_scale=0.5)
 
@@ -106,7 +106,7 @@ class _Probe(torch.nn.Module):
 @check('autocast in DataParallel threads', 3)
 def parallel_autocast(ctx: Context) -> None:
     """Replicas run by torch's parallel_apply threads (both on cuda:0) see the caller's bf16 autocast."""
-    import distributed
+    from nlsr import distributed
 
     x = torch.rand(2, 3, 4, 4, device=ctx.device)
     for name, cls in (('project DataParallel', distributed.DataParallel),

@@ -10,8 +10,8 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
-import option
-from imageops.imresize import imresize
+from nlsr import option
+from nlsr.imageops.imresize import imresize
 
 
 def quiet(_msg: str) -> None:

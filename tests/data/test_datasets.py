@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import data
 from conftest import shared_path
 from dataset_files import batches, edsr_set, make_args, png16, quiet, rand_image, write
-from errors import UserError
-from imageops import color
-from imageops.imresize import imresize
+from nlsr import data
+from nlsr.errors import UserError
+from nlsr.imageops import color
+from nlsr.imageops.imresize import imresize
 
 # --- training sets ------------------------------------------------------------------------------------
 

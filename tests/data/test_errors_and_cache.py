@@ -10,9 +10,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-import data
 from dataset_files import batches, edsr_set, make_args, quiet, rand_image, write
-from errors import UserError
+from nlsr import data
+from nlsr.errors import UserError
 
 # --- errors ---------------------------------------------------------------------------------------------
 

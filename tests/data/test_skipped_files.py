@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import data
-from data import common
 from dataset_files import edsr_set, make_args, rand_image, write
-from errors import UserError
+from nlsr import data
+from nlsr.data import common
+from nlsr.errors import UserError
 
 
 def _junk(folder: Path) -> None:
@@ -97,7 +97,7 @@ def test_an_unwritable_cache_is_said_in_the_log(tmp_path: Path) -> None:
 
 
 def test_the_run_log_names_skipped_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import main
+    from nlsr import main
 
     demo = tmp_path / 'demo'
     write(demo / 'lr.png', rand_image(8, 8))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, shared_path
-from imageops import metrics
-from imageops.imresize import contributions, imresize
+from nlsr.imageops import metrics
+from nlsr.imageops.imresize import contributions, imresize
 
 SETS = ('Set5', 'Set14', 'B100')
 SCALES = (2, 3, 4)

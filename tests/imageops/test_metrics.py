@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from imageops import color, metrics
+from nlsr.imageops import color, metrics
 
 
 def _noisy_pair(shape=(48, 40, 3), seed=0, sigma=12.0):

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import loss
-from errors import UserError
-from runs.loss_log import LossLog
-from training.schedule import set_lr
+from nlsr import loss
+from nlsr.errors import UserError
+from nlsr.runs.loss_log import LossLog
+from nlsr.training.schedule import set_lr
 
 
 def _args(spec: str, **kw: object) -> argparse.Namespace:
@@ -95,7 +95,7 @@ def test_state_round_trip_truncates_to_resumed_epoch() -> None:
 
 
 def test_loss_files(tmp_path) -> None:
-    from runs import experiment
+    from nlsr.runs import experiment
 
     ckp = experiment.Experiment(argparse.Namespace(save='lossrun', load='', reset=False, resume=0, test_only=False),
                              root=tmp_path)

@@ -10,16 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import main
-import model
-import option
 from conftest import write_blocky_folders
-from model import checkpoint
-from model.attention import HSPA, NonLocalAttention, softmax_attention
-from model.checkpoint import read_state_dict
-from model.networks.edsr import EDSR
-from model.networks.hspan import HSPAN
-from model.networks.msnlan import MSNLAN
+from nlsr import main, model, option
+from nlsr.model import checkpoint
+from nlsr.model.attention import HSPA, NonLocalAttention, softmax_attention
+from nlsr.model.checkpoint import read_state_dict
+from nlsr.model.networks.edsr import EDSR
+from nlsr.model.networks.hspan import HSPAN
+from nlsr.model.networks.msnlan import MSNLAN
 from oracles import entmax_sparsemax
 
 
@@ -72,7 +70,7 @@ def test_edsr_attention_keys_and_placement() -> None:
     assert all(k.startswith('attention.') for k in extra)
     assert list(softmax.state_dict()) == keys
     # A published EDSR checkpoint names the cause when it is loaded into EDSR + HSPA.
-    from errors import UserError
+    from nlsr.errors import UserError
 
     with pytest.raises(UserError, match='--attention none'):
         checkpoint.check_state_fits(hspa, EDSR(**kw).state_dict(), 'ckpt')

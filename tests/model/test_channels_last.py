@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import model
-import option
 from conftest import load_reference
-from model.checkpoint import plain_state_dict
+from nlsr import model, option
+from nlsr.model.checkpoint import plain_state_dict
 
 
 def _flags(name: str, tmp_path: Path) -> tuple[list[str], dict]:

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import model
-import option
-from errors import UserError
-from model import attention, checkpoint
-from model.networks.edsr import EDSR
-from model.networks.hspan import HSPAN
+from nlsr import model, option
+from nlsr.errors import UserError
+from nlsr.model import attention, checkpoint
+from nlsr.model.networks.edsr import EDSR
+from nlsr.model.networks.hspan import HSPAN
 
 HSPAN_SMALL = ['--model', 'HSPAN', '--scale', '2', '--n_resgroups', '2', '--n_resblocks', '1', '--n_feats', '16',
                '--reduction', '2', '--topk', '8', '--rgb_range', '1', '--hspa_impl', 'dense']
@@ -259,7 +258,7 @@ def test_checkpoint_configuration_contradicted_on_the_command_line(tmp_path: Pat
 
 
 def test_published_unused_entries_are_dropped_by_name_and_nothing_else() -> None:
-    from model.contract import SRNetwork
+    from nlsr.model.contract import SRNetwork
 
     class WithUnused(SRNetwork):
         def __init__(self) -> None:

@@ -13,9 +13,8 @@ import threading
 
 import torch
 
-import distributed
-import option
-from model import Model
+from nlsr import distributed, option
+from nlsr.model import Model
 
 DATA_PARALLEL = sys.modules['torch.nn.parallel.data_parallel']
 

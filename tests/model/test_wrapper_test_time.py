@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import model
-import option
 from conftest import load_reference
-from errors import UserError
-from model import tiling
-from model.contract import ChopRule
+from nlsr import model, option
+from nlsr.errors import UserError
+from nlsr.model import tiling
+from nlsr.model.contract import ChopRule
 
 IMPLS = ['dense', 'fast', 'auto']  # every HSPA algorithm the flag can select
 # EDSR without residual blocks: head, body conv, upsampler conv (LR, radius 3) and tail conv (HR, radius 1):
@@ -72,8 +71,8 @@ def test_chop_equals_plain_for_local_model_and_recurses() -> None:
 
 
 def test_chop_rules() -> None:
-    from model.contract import EDSR_CHOP
-    from model.networks.hspan import HSPAN_CHOP
+    from nlsr.model.contract import EDSR_CHOP
+    from nlsr.model.networks.hspan import HSPAN_CHOP
 
     assert HSPAN_CHOP == ChopRule(shave=10, min_size=120000, h_mult=4, w_mult=8)
     m = _model('--model', 'HSPAN', '--scale', '2', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8',

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import main
 from conftest import ROOT, run_main, tiny_world
+from nlsr import main
 
 TINY = ['--model', 'HSPAN', '--n_resgroups', '1', '--n_resblocks', '1', '--n_feats', '8', '--reduction', '2',
         '--topk', '8', '--res_scale', '0.1', '--rgb_range', '1', '--scale', '2', '--patch_size', '16',
@@ -131,7 +131,7 @@ def test_resume_from_an_earlier_epoch_cuts_the_curve_back(runs: dict, world: dic
 
 @pytest.mark.slow
 def test_plots_by_batch(runs: dict) -> None:
-    from runs.curves import LossCurve, loss_figure
+    from nlsr.runs.curves import LossCurve, loss_figure
 
     part = runs['part']
     for name in ('loss_L1.png', 'psnr_Mini.png'):
@@ -145,7 +145,7 @@ def test_plots_by_batch(runs: dict) -> None:
 
 def test_one_evaluation_is_readable() -> None:
     """One PSNR value: a labelled point on an axis from batch 0 (integer ticks), at least 1 dB tall."""
-    from runs.curves import psnr_figure
+    from nlsr.runs.curves import psnr_figure
 
     fig = psnr_figure('Set5', {'x2': [(900, 35.123)]}, batches_per_epoch=900)
     ax = fig.axes[0]
@@ -158,7 +158,7 @@ def test_one_evaluation_is_readable() -> None:
 
 
 def test_smoothing() -> None:
-    from runs.curves import smooth
+    from nlsr.runs.curves import smooth
 
     assert smooth([2.0, 2.0, 2.0, 2.0]) == pytest.approx([2.0] * 4)  # bias-corrected: no pull towards 0
     out = smooth([1.0, 0.0, 0.0, 0.0, 0.0], span=3)
@@ -187,7 +187,7 @@ def test_progress_line_without_a_terminal(world: dict, monkeypatch: pytest.Monke
 def test_progress_bar_text() -> None:
     from tqdm import tqdm
 
-    from runs.watch import BAR_FORMAT, format_duration, progress_text
+    from nlsr.runs.watch import BAR_FORMAT, format_duration, progress_text
 
     assert [format_duration(s) for s in (0, 5.4, 125, 3723)] == ['0:00', '0:05', '2:05', '1:02:03']
     status = progress_text(0.03125, 4e-3, 0.2481, 210)

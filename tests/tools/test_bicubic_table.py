@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-import main
 from conftest import shared_path
-from tools import make_table
+from nlsr import main
+from nlsr.tools import make_table
 
 # ../shared/README.md: published bicubic PSNR / SSIM (Y, border = scale, MATLAB SSIM).
 PUBLISHED = {

@@ -1,4 +1,4 @@
-"""ONNX export (src/tools/export.py, model/hspa/export.py): onnxruntime against PyTorch and the oracles.
+"""ONNX export (src/nlsr/tools/export.py, model/hspa/export.py): onnxruntime against PyTorch and the oracles.
 
 The networks are tiny with random weights; each is exported at one size and run by onnxruntime (CPU) at
 two others (one with odd height and width, one with batch 2), against the PyTorch forward (the project's
@@ -19,13 +19,13 @@ onnx = pytest.importorskip('onnx', reason='onnx is an optional dependency (requi
 pytest.importorskip('onnxruntime', reason='onnxruntime is an optional dependency (requirements-export.txt)')
 entmax = pytest.importorskip('entmax', reason='entmax (test-only dependency) is not installed')
 
-from model.checkpoint import write_checkpoint  # noqa: E402
-from model.hspa.export import hspa_attention_export, sparsemax_graph  # noqa: E402
-from model.networks.bicubic import Bicubic  # noqa: E402
-from model.networks.edsr import EDSR  # noqa: E402
-from model.networks.hspan import HSPAN  # noqa: E402
-from model.networks.msnlan import MSNLAN  # noqa: E402
-from tools.export import export_onnx, run_onnx  # noqa: E402
+from nlsr.model.checkpoint import write_checkpoint  # noqa: E402
+from nlsr.model.hspa.export import hspa_attention_export, sparsemax_graph  # noqa: E402
+from nlsr.model.networks.bicubic import Bicubic  # noqa: E402
+from nlsr.model.networks.edsr import EDSR  # noqa: E402
+from nlsr.model.networks.hspan import HSPAN  # noqa: E402
+from nlsr.model.networks.msnlan import MSNLAN  # noqa: E402
+from nlsr.tools.export import export_onnx, run_onnx  # noqa: E402
 
 EXPORT_SIZE = 16
 CHECK_SHAPES = ((1, 3, 19, 23), (2, 3, 20, 12))  # odd height and width; batch 2
@@ -162,7 +162,7 @@ def test_exported_blocked_attention_matches_dense_oracle() -> None:
 def test_export_command(tmp_path, capsys) -> None:
     """export.py writes the file with the configuration in its metadata and reports onnxruntime's check;
     a contradicting flag is one line, exit 1, and nothing is written."""
-    import export
+    from nlsr.tools import export
 
     net = _tiny('hspan')
     model_file = tmp_path / 'tiny.pt'
@@ -191,9 +191,9 @@ def test_export_command(tmp_path, capsys) -> None:
 ])
 def test_networks_a_trace_cannot_record_are_refused_before_writing(tmp_path, capsys, name: str,
                                                                   flags: list[str]) -> None:
-    import export
-    import option
-    from model import make_network
+    from nlsr import option
+    from nlsr.model import make_network
+    from nlsr.tools import export
 
     args = option.parse(['--model', name, '--test_only', '--cpu', *flags])
     net = make_network(args)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from errors import UserError
-from tools import make_figures
+from nlsr.errors import UserError
+from nlsr.tools import make_figures
 
 
 def _run(root: Path, name: str, psnr: list[float], test_every: int = 300) -> Path:

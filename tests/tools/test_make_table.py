@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tools import make_table
+from nlsr.tools import make_table
 
 
 def _run(tmp_path, name, rows):

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import option
 from conftest import write_blocky_folders
-from errors import UserError
-from model import checkpoint, make_network
-from tools import paper_table
-from tools.command import run_command
+from nlsr import option
+from nlsr.errors import UserError
+from nlsr.model import checkpoint, make_network
+from nlsr.tools import paper_table
 
 # Tiny configurations of three networks; the folder name picks the --template, the file its configuration.
 TINY = {
@@ -63,7 +62,7 @@ def test_table_of_three_networks_on_two_sets(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path / 'experiment'))
     argv = [str(ckpt), '--dir_data', str(data), '--data_test', 'SetA+SetB', '--scale', '2+3', '--save', 'table',
             '--', '--cpu', '--n_threads', '0']
-    assert run_command(paper_table.main, argv) == 0
+    assert paper_table.main(argv) == 0
     lines = (tmp_path / 'experiment' / 'table.md').read_text().splitlines()
     assert lines[0] == '| Method | Scale | SetA | SetB |'
     rows = [ln.split(' | ')[:2] for ln in lines[2:]]
@@ -92,7 +91,7 @@ def test_bad_folders_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureF
         for f in files:
             (tmp_path / 'c' / sub / f).write_bytes(b'')
     (tmp_path / 'c').mkdir(exist_ok=True)
-    assert run_command(paper_table.main, [str(tmp_path / 'c')]) == 1
+    assert paper_table.main([str(tmp_path / 'c')]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
 
@@ -108,7 +107,7 @@ def test_a_failing_network_is_named_and_the_others_still_tabled(tmp_path: Path, 
     monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path / 'experiment'))
     argv = [str(ckpt), '--dir_data', str(data), '--data_test', 'SetA', '--scale', '2', '--', '--cpu',
             '--n_threads', '0']
-    assert run_command(paper_table.main, argv) == 1
+    assert paper_table.main(argv) == 1
     err = capsys.readouterr().err
     assert 'HSPAN_x2.pt: cannot read it' in err and err.strip().splitlines()[-1].startswith('error: 1 of 2')
     assert (tmp_path / 'experiment' / 'paper_table.md').read_text().splitlines()[2].startswith('| EDSR | x2 |')

@@ -1,4 +1,4 @@
-"""src/upscale.py: the same images as main.py --test_only --save_results, unusual images, bad files.
+"""nlsr-upscale (nlsr.tools.upscale): the same images as main.py --test_only --save_results, unusual images, bad files.
 
 Tiny networks with random weights; every expected image is computed from the network directly (or by
 Pillow / imresize), not by the code under test.
@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import upscale
 from conftest import ROOT
-from imageops.imresize import imresize
-from imageops.metrics import tensor_to_image
-from model.checkpoint import write_checkpoint
-from model.networks.edsr import EDSR
-from model.networks.hspan import HSPAN
-from tools.images import orient, read_image
+from nlsr.imageops.imresize import imresize
+from nlsr.imageops.metrics import tensor_to_image
+from nlsr.model.checkpoint import write_checkpoint
+from nlsr.model.networks.edsr import EDSR
+from nlsr.model.networks.hspan import HSPAN
+from nlsr.tools import upscale
+from nlsr.tools.images import orient, read_image
 
 png = pytest.importorskip('png', reason='pypng (requirements.txt) reads and writes 16-bit PNGs')
 
@@ -53,7 +53,7 @@ def _png16(path: Path, img: np.ndarray) -> None:
 
 def test_set5_same_images_as_main(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The repository's Set5 LR x2 images give the SR PNGs main.py --test_only --save_results writes."""
-    import main
+    from nlsr import main
 
     torch.manual_seed(0)
     net = HSPAN(scale=2, n_feats=8, n_resgroups=1, n_resblocks=1, reduction=2, topk=16, res_scale=1, rgb_range=1)
@@ -165,7 +165,7 @@ def test_refuses_a_model_file_without_configuration(edsr, tmp_path: Path, capsys
 def test_multi_scale_model_upscales_by_the_chosen_scale(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """An MDSR file serves x2 and x3: --scale picks the branch (the output equals that branch's forward);
     without it, or with a scale the file does not serve, one line names the scales."""
-    from model.networks.mdsr import MDSR
+    from nlsr.model.networks.mdsr import MDSR
 
     torch.manual_seed(0)
     net = MDSR(scales=(2, 3), n_feats=8, n_resblocks=1).eval()

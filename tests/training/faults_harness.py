@@ -1,6 +1,6 @@
 """Runs of a tiny HSPAN (3 epochs of 3 batches, CPU) as subprocesses, in one process or in two under
 `torchrun --max-restarts 2`, that can be killed (SIGKILL at a moment, or inside a checkpoint write through
-SR_FAULT=<file>:<step>:kill, see src/fileio.py) and resumed, and the check of a finished run's folder against
+SR_FAULT=<file>:<step>:kill, see src/nlsr/fileio.py) and resumed, and the check of a finished run's folder against
 an uninterrupted run. Used by tests/training/ and by benchmarks/faults.py (kills at random moments)."""
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def recover(world: dict, name: str, ddp: bool) -> tuple[int, str]:
 
 
 def _weights(path: Path) -> dict:
-    from model.checkpoint import read_state_dict
+    from nlsr.model.checkpoint import read_state_dict
 
     return read_state_dict(path)
 

@@ -20,9 +20,8 @@ import pytest
 import torch
 
 import faults_harness as faults
-import fileio
-import main
 from conftest import ROOT
+from nlsr import fileio, main
 
 
 @pytest.fixture(scope='module')
@@ -207,8 +206,8 @@ def test_diverging_run_stops_after_max_skips(world: dict, monkeypatch: pytest.Mo
 
 
 def test_non_finite_weights_are_never_written() -> None:
-    from distributed import RankZeroError
-    from training import trainer
+    from nlsr.distributed import RankZeroError
+    from nlsr.training import trainer
 
     net = torch.nn.Linear(2, 2)
     trainer.check_finite(net, 3)

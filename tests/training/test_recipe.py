@@ -18,14 +18,13 @@ import torch
 from torch import nn
 
 import faults_harness as faults
-import main
-import option
 from conftest import ROOT
-from loss import Loss
-from loss.charbonnier import Charbonnier
-from model.checkpoint import read_state_dict
-from training.ema import WeightAverage
-from training.trainer import make_optimizer
+from nlsr import main, option
+from nlsr.loss import Loss
+from nlsr.loss.charbonnier import Charbonnier
+from nlsr.model.checkpoint import read_state_dict
+from nlsr.training.ema import WeightAverage
+from nlsr.training.trainer import make_optimizer
 
 
 @pytest.fixture(scope='module')
@@ -290,7 +289,7 @@ def test_compile_trains_and_evaluates_as_uncompiled(world: dict, monkeypatch: py
     a, b = (json.loads((f / 'results.json').read_text())[0] for f in (compiled, plain))
     assert a['psnr'] == pytest.approx(b['psnr'], abs=1e-3)
 
-    import model as model_pkg
+    import nlsr.model as model_pkg
 
     args = option.parse([*faults.TINY, '--hspa_impl', 'fast', '--pre_train',
                          str(compiled / 'model' / 'model_latest.pt')])

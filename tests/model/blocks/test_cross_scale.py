@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import shared_path
-from model.blocks.cross_scale import cross_scale_attention, tile_shape
-from model.hspa import dispatch
-from model.networks.msnlan import MSNLAB, MSNLAN, CrossScaleAttention
+from nlsr.model.blocks.cross_scale import cross_scale_attention, tile_shape
+from nlsr.model.hspa import dispatch
+from nlsr.model.networks.msnlan import MSNLAB, MSNLAN, CrossScaleAttention
 from oracles import entmax_sparsemax
 
 BLOCKS = [3, 17, 0]
@@ -151,7 +151,7 @@ def test_blocked_msnlan_matches_published_model(scale: int) -> None:
 _PEAK_SCRIPT = '''
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from model.networks.msnlan import CrossScaleAttention
+from nlsr.model.networks.msnlan import CrossScaleAttention
 
 def status(field):
     for line in open('/proc/self/status'):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import load_reference
-from model.blocks.csnln_attention import CrossScaleAttention, InScaleAttention
+from nlsr.model.blocks.csnln_attention import CrossScaleAttention, InScaleAttention
 
 
 def _published_cross_scale(module: CrossScaleAttention, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Blocked exact HSPA (src/model/hspa/blocked.py, both back-ends) against dense oracles.
+"""Blocked exact HSPA (src/nlsr/model/hspa/blocked.py, both back-ends) against dense oracles.
 
 Oracles (tests/oracles.py): a plain sort-based sparsemax (autograd through it gives the exact sparsemax
 Jacobian), checked itself against the entmax package; entmax's sparsemax directly; and
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from model import attention
-from model.hspa import native, plan
-from model.hspa.blocked import choose_block_size, hspa_attention
+from nlsr.model import attention
+from nlsr.model.hspa import native, plan
+from nlsr.model.hspa.blocked import choose_block_size, hspa_attention
 from oracles import TOL, entmax_sparsemax, features, hspa_ref, inference_inputs, rel, sparsemax_ref
 
 # Every back-end that impl 'fast' (and so 'auto' on the CPU) can run: the native kernels where a C compiler

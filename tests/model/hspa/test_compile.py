@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from model.hspa import HSPA, native
-from model.hspa.dispatch import plan
-from model.networks.hspan import HSPAN
+from nlsr.model.hspa import HSPA, native
+from nlsr.model.hspa.dispatch import plan
+from nlsr.model.networks.hspan import HSPAN
 
 TOL = 1e-5
 BACKENDS = ['aot_eager', pytest.param('inductor', marks=pytest.mark.slow)]
@@ -92,7 +92,7 @@ def test_compiled_forward_neither_plans_nor_logs_in_the_graph(monkeypatch, caplo
     layer = _block('fused')
     x = torch.randn(1, 16, 5, 5)
     calls = []
-    from model.hspa import dispatch
+    from nlsr.model.hspa import dispatch
 
     real = dispatch.plan
 
@@ -102,7 +102,7 @@ def test_compiled_forward_neither_plans_nor_logs_in_the_graph(monkeypatch, caplo
 
     monkeypatch.setattr(dispatch, 'plan', counting)
     compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
-    with torch.no_grad(), caplog.at_level(logging.INFO, logger='hspa'):
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger='nlsr.hspa'):
         for _ in range(3):
             compiled(x)
     assert len(calls) == 1

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.hspa import HSPA, PlanLog, native, plan
-from model.hspa import dispatch as plan_module
-from model.hspa import triton as fused
-from model.networks.hspan import HSPAN
+from nlsr.model.hspa import HSPA, PlanLog, native, plan
+from nlsr.model.hspa import dispatch as plan_module
+from nlsr.model.hspa import triton as fused
+from nlsr.model.networks.hspan import HSPAN
 
 CPU, GPU = torch.device('cpu'), torch.device('cuda', 0)
 GIB = 2**30
@@ -55,7 +55,7 @@ def test_cpu_without_a_compiler_uses_torch_and_says_why(no_compiler):
         assert 'no C compiler found' in p.note and 'no C compiler found' in p.describe()
     with pytest.raises(ValueError, match='native HSPA kernel needs CPU tensors and a C compiler'):
         x = torch.randn(1, 8, 4, 4)
-        from model.hspa import hspa_layer
+        from nlsr.model.hspa import hspa_layer
         hspa_layer(x, HSPA(8, topk=4), 4, backend='native')  # never another back-end under its name
 
 
@@ -138,7 +138,7 @@ def test_a_whole_hspan_asks_the_gpu_per_plan_and_says_its_plan_once(free_memory,
     def as_on_cuda(impl, device, batch, length, **kw):
         return real(impl, GPU, batch, length, **kw)
 
-    monkeypatch.setattr('model.hspa.module.plan', as_on_cuda)
+    monkeypatch.setattr('nlsr.model.hspa.module.plan', as_on_cuda)
     net = HSPAN(scale=2, n_feats=16, n_resgroups=3, n_resblocks=1, reduction=2, topk=8).eval()
     lines: list[str] = []
     shared = PlanLog(lines.append)
@@ -153,8 +153,8 @@ def test_a_whole_hspan_asks_the_gpu_per_plan_and_says_its_plan_once(free_memory,
 
 
 def test_model_wrapper_logs_each_distinct_plan_once(tmp_path):
-    import option
-    from model import Model
+    from nlsr import option
+    from nlsr.model import Model
 
     args = option.parse(['--model', 'HSPAN', '--scale', '2', '--n_feats', '16', '--n_resgroups', '2',
                          '--n_resblocks', '1', '--reduction', '2', '--topk', '8', '--rgb_range', '1', '--cpu',

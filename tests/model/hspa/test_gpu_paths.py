@@ -21,10 +21,10 @@ import torch
 from torch._subclasses import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.hspa import HSPA, hspa_layer, plan
-from model.hspa import dispatch as plan_module
-from model.hspa import triton as fused
-from model.hspa.triton import launch
+from nlsr.model.hspa import HSPA, hspa_layer, plan
+from nlsr.model.hspa import dispatch as plan_module
+from nlsr.model.hspa import triton as fused
+from nlsr.model.hspa.triton import launch
 
 GPU = torch.device('cuda', 0)
 GIB = 2**30
@@ -51,7 +51,7 @@ class Placement(TorchDispatchMode):
 def test_every_path_allocates_on_its_input_device(path, monkeypatch):
     # autocast has no 'meta' state: the paths that switch it off run without it here.
     monkeypatch.setattr(torch, 'autocast', lambda *args, **kwargs: contextlib.nullcontext())
-    monkeypatch.setattr('model.hspa.module.fusable', lambda layer, x: False)  # the module runs dense or blocked
+    monkeypatch.setattr('nlsr.model.hspa.module.fusable', lambda layer, x: False)  # the module runs dense or blocked
     layer = HSPA(8, topk=4, impl='dense' if path == 'dense' else 'fast').to('meta')
     x = torch.zeros(2, 8, 3, 4, device='meta', requires_grad=True)
     placement = Placement()
@@ -176,8 +176,8 @@ def test_auto_falls_back_for_a_query_width_the_fused_kernels_do_not_take(gpu_mem
     free[0] = GIB
     # The module on fake CUDA tensors: auto runs the blocked path (a stand-in here), it does not raise.
     ran: list[str] = []
-    monkeypatch.setattr('model.hspa.module.fusable', lambda layer, x: False)  # the blocked path, not the layer
-    monkeypatch.setattr('model.hspa.module.blocked_op',
+    monkeypatch.setattr('nlsr.model.hspa.module.fusable', lambda layer, x: False)  # the blocked path, not the layer
+    monkeypatch.setattr('nlsr.model.hspa.module.blocked_op',
                         lambda q, k, v, *a, **kw: ran.append('blocked') or torch.zeros_like(v))
     layer = HSPA(1024, reduction=2, topk=8).requires_grad_(False)
     mode = FakeTensorMode()

@@ -1,4 +1,4 @@
-"""The whole-layer HSPA (src/model/hspa/layer.py, both back-ends) against the module path with the published
+"""The whole-layer HSPA (src/nlsr/model/hspa/layer.py, both back-ends) against the module path with the published
 dense algorithm: the output and the gradients of the input and of every parameter."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from model import attention
-from model.hspa import layer as hspa_layer
-from model.hspa import native
+from nlsr.model import attention
+from nlsr.model.hspa import layer as hspa_layer
+from nlsr.model.hspa import native
 from oracles import TOL, rel
 
 

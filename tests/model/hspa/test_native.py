@@ -1,4 +1,4 @@
-"""The native kernel's tile configurations, its AVX2 build and its thread pool (src/model/hspa/native/) against
+"""The native kernel's tile configurations, its AVX2 build and its thread pool (src/nlsr/model/hspa/native/) against
 the sort-based oracle of tests/oracles.py."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from model.hspa import native
-from model.hspa.blocked import _Inputs, _Native
+from nlsr.model.hspa import native
+from nlsr.model.hspa.blocked import _Inputs, _Native
 from oracles import TOL, features, hspa_ref, inference_inputs, rel
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from model.attention import SoftThreshold, soft_threshold
+from nlsr.model.attention import SoftThreshold, soft_threshold
 from oracles import entmax_sparsemax
 
 

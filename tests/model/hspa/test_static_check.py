@@ -21,8 +21,8 @@ if TRITON is None or TRITON.origin is None:
 if not (Path(TRITON.origin).parent / 'backends' / 'nvidia' / 'bin' / 'cuobjdump').is_file():
     pytest.skip('the triton package has no bundled cuobjdump (not an x86-64 Linux wheel)', allow_module_level=True)
 
-from model.hspa.triton import static_check  # noqa: E402
-from model.hspa.triton.launch import Tiles  # noqa: E402
+from nlsr.model.hspa.triton import static_check  # noqa: E402
+from nlsr.model.hspa.triton.launch import Tiles  # noqa: E402
 
 
 def test_every_launch_fits_every_architecture():

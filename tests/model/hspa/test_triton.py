@@ -1,4 +1,4 @@
-"""Fused Triton HSPA (src/model/hspa/triton/) against the dense oracle.
+"""Fused Triton HSPA (src/nlsr/model/hspa/triton/) against the dense oracle.
 
 Without a GPU the kernels run on the CPU in Triton's interpreter (TRITON_INTERPRET=1, set here before the
 kernels are imported), so the maps are small. Outputs and q/k/v gradients must agree with the sort-based
@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 pytest.importorskip('triton')
 
-from model import attention  # noqa: E402
-from model.hspa.triton import SHARED_PER_BLOCK, Tiles, choose_tiles, hspa_triton  # noqa: E402
-from model.hspa.triton.static_check import WIDTHS  # noqa: E402
+from nlsr.model import attention  # noqa: E402
+from nlsr.model.hspa.triton import SHARED_PER_BLOCK, Tiles, choose_tiles, hspa_triton  # noqa: E402
+from nlsr.model.hspa.triton.static_check import WIDTHS  # noqa: E402
 from oracles import TOL, features, hspa_ref, rel  # noqa: E402
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -135,8 +135,8 @@ def _step(net, lr_img: torch.Tensor, hr: torch.Tensor) -> tuple[float, dict[str,
 def test_tiny_hspan_training_step_and_evaluation_match_the_cpu_engine():
     """A whole HSPAN (every HSPA layer on the triton plan) against the CPU engine (impl 'fast': the fused
     layer on the native kernels): loss, the parameter gradients and the evaluation output within 1e-5."""
-    from model.hspa import HSPA
-    from model.networks.hspan import HSPAN
+    from nlsr.model.hspa import HSPA
+    from nlsr.model.networks.hspan import HSPAN
 
     torch.manual_seed(0)
     cpu = HSPAN(scale=2, n_feats=16, n_resgroups=2, n_resblocks=1, reduction=2, topk=8, res_scale=1.0,

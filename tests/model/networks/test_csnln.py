@@ -17,14 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import main
-import model
-import option
 from conftest import ROOT, load_reference, reference_path
-from errors import UserError
-from model import checkpoint
-from model.contract import ChopRule
-from model.networks.csnln import CSNLN
+from nlsr import main, model, option
+from nlsr.errors import UserError
+from nlsr.model import checkpoint
+from nlsr.model.contract import ChopRule
+from nlsr.model.networks.csnln import CSNLN
 from oracles import assert_published, to_uint8
 
 SCALES = (2, 3, 4)
@@ -193,7 +191,7 @@ def test_cli_demo_reproduces_published_output(monkeypatch: pytest.MonkeyPatch, t
 PEAK_SCRIPT = """
 import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
-from model.networks.csnln import CSNLN
+from nlsr.model.networks.csnln import CSNLN
 torch.manual_seed(0)
 net = CSNLN(scale=2, n_feats=128, depth=1).eval()
 with torch.no_grad():

@@ -17,14 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import main
-import model
-import option
 from conftest import load_reference, reference_path, run_main, tiny_world
-from errors import UserError
-from model import checkpoint
-from model.networks import ddbpn, mdsr, rdn
-from model.networks.hspan import HSPAN_CHOP
+from nlsr import main, model, option
+from nlsr.errors import UserError
+from nlsr.model import checkpoint
+from nlsr.model.networks import ddbpn, mdsr, rdn
+from nlsr.model.networks.hspan import HSPAN_CHOP
 from oracles import assert_published
 
 SCALES = {'rdn': (2, 3, 4), 'ddbpn': (2, 4, 8), 'mdsr': (2, 3, 4)}

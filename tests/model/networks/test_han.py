@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import model
-import option
 from conftest import load_reference, reference_path
-from errors import UserError
-from model import checkpoint
-from model.contract import ChopRule
-from model.networks.han import HAN, ChannelSpatialAttention, LayerAttention
-from model.networks.rcan import RCAN
+from nlsr import model, option
+from nlsr.errors import UserError
+from nlsr.model import checkpoint
+from nlsr.model.contract import ChopRule
+from nlsr.model.networks.han import HAN, ChannelSpatialAttention, LayerAttention
+from nlsr.model.networks.rcan import RCAN
 from oracles import assert_published
 
 SCALES = (2, 3, 4, 8)

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import model
-import option
 from conftest import load_reference, reference_path
-from errors import UserError
-from model import checkpoint, common
-from model.networks.edsr import EDSR
-from model.networks.hspan import HSPAN
-from model.networks.msnlan import MSNLAN
+from nlsr import model, option
+from nlsr.errors import UserError
+from nlsr.model import checkpoint, common
+from nlsr.model.networks.edsr import EDSR
+from nlsr.model.networks.hspan import HSPAN
+from nlsr.model.networks.msnlan import MSNLAN
 
 HSPAN_DEFAULT = dict(n_feats=192, n_resgroups=10, n_resblocks=4, reduction=2, topk=128)
 MSNLAN_DEFAULT = dict(n_feats=64, n_resgroups=8, n_resblocks=9)
@@ -198,7 +197,7 @@ def test_meanshift_frozen_and_values() -> None:
 def test_msnlan_attention_impl_and_block_from_the_flags() -> None:
     """--hspa_impl and --hspa_block reach MSNLAN's cross-scale attention (fast, the earlier name of blocked,
     read as blocked); dispatch.plan_cross_scale chooses from them."""
-    from model.networks.msnlan import CrossScaleAttention
+    from nlsr.model.networks.msnlan import CrossScaleAttention
 
     flags = ['--model', 'MSNLAN', '--n_resgroups', '2', '--n_resblocks', '1', '--n_feats', '16']
     net = model.make_network(_args(*flags, '--hspa_impl', 'fast', '--hspa_block', '7'))

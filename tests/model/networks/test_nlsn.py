@@ -14,16 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import main
-import model
-import option
 from conftest import SRC, load_reference, reference_path
-from errors import UserError
-from model import checkpoint
-from model.blocks.sparse_attention import NonLocalSparseAttention, n_buckets
-from model.networks.nlsn import NLSN, NLSN_CHOP
+from nlsr import main, model, option
+from nlsr.errors import UserError
+from nlsr.model import checkpoint
+from nlsr.model.blocks.sparse_attention import NonLocalSparseAttention, n_buckets
+from nlsr.model.networks.nlsn import NLSN, NLSN_CHOP
+from nlsr.training.seeding import image_seed
 from oracles import sparsemax_ref
-from training.seeding import image_seed
 
 SCALES = (2, 3, 4)
 DEFAULT = dict(n_feats=256, n_resblocks=32, res_scale=0.1, chunk_size=144, n_hashes=4)

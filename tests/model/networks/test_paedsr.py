@@ -16,16 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import main
-import model
-import option
-import template
 from conftest import SRC, load_reference, reference_path, run_main, tiny_world
-from errors import UserError
-from model import checkpoint, tiling
-from model.blocks.pyramid import PYRAMID_FACTORS, PyramidAttention, level_sizes
-from model.contract import ChopRule
-from model.networks.paedsr import PAEDSR
+from nlsr import main, model, option, template
+from nlsr.errors import UserError
+from nlsr.model import checkpoint, tiling
+from nlsr.model.blocks.pyramid import PYRAMID_FACTORS, PyramidAttention, level_sizes
+from nlsr.model.contract import ChopRule
+from nlsr.model.networks.paedsr import PAEDSR
 from oracles import assert_published, sparsemax_ref, to_uint8
 
 PUBLISHED = dict(n_feats=256, n_resblocks=32, res_scale=0.1)

@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import main
-import model
-import option
 from conftest import load_reference, reference_path
-from errors import UserError
-from model import checkpoint
-from model.contract import ChopRule
-from model.networks.rcan import RCAN
+from nlsr import main, model, option
+from nlsr.errors import UserError
+from nlsr.model import checkpoint
+from nlsr.model.contract import ChopRule
+from nlsr.model.networks.rcan import RCAN
 from oracles import assert_published, to_uint8
 
 SCALES = (2, 3, 4, 8)

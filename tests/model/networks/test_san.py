@@ -14,21 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-import main
-import model
-import option
 from conftest import SRC, load_reference, reference_path
-from errors import UserError
-from model import checkpoint
-from model.blocks.second_order import (
+from nlsr import main, model, option
+from nlsr.errors import UserError
+from nlsr.model import checkpoint
+from nlsr.model.blocks.second_order import (
     EmbeddedGaussianNonLocal,
     RegionNonLocal,
     covariance,
     covariance_window,
     newton_schulz_sqrt,
 )
-from model.contract import ChopRule
-from model.networks.san import SAN
+from nlsr.model.contract import ChopRule
+from nlsr.model.networks.san import SAN
 from oracles import assert_published, to_uint8
 
 SCALES = (2, 3, 4, 8)
@@ -273,7 +271,7 @@ def test_published_default_configuration_whole_160_image_under_4_gib() -> None:
     code = textwrap.dedent(f"""
         import resource, sys, torch
         sys.path.insert(0, {str(SRC)!r})
-        from model.networks.san import SAN
+        from nlsr.model.networks.san import SAN
         torch.manual_seed(0)
         net = SAN(scale=2, n_feats=64, n_resgroups=20, n_resblocks=10, reduction=16, rgb_range=255).eval()
         with torch.no_grad():
