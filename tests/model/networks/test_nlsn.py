@@ -299,7 +299,7 @@ def test_published_configuration_whole_160px_image_in_bounded_memory() -> None:
     code = textwrap.dedent(f"""
         import resource, sys, torch
         sys.path.insert(0, {str(SRC)!r})
-        import model, option
+        from nlsr import model, option
         torch.set_num_threads(2)
         args = option.parse(['--cpu', '--test_only', '--template', 'NLSN', '--scale', '2', '--no_chop'])
         m = model.Model(args, log=lambda line: None).eval()

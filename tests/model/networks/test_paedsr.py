@@ -300,7 +300,7 @@ def test_published_width_whole_image_in_bounded_memory() -> None:
     published score map alone would be 25600 x 84480 floats (8.6 GB)."""
     code = ('import resource, sys, torch\n'
             f'sys.path.insert(0, {str(SRC)!r})\n'
-            'from model.networks.paedsr import PAEDSR\n'
+            'from nlsr.model.networks.paedsr import PAEDSR\n'
             'torch.manual_seed(0)\n'
             'net = PAEDSR(scale=2, n_feats=256, n_resblocks=32, res_scale=0.1, rgb_range=1).eval()\n'
             'with torch.no_grad():\n'
