@@ -4,7 +4,7 @@ Not a test. The network of benchmarks/inference.py's case ``hspan_x4`` (10 group
 random weights, seed 0) on Set5's baby at x4 (a 128 x 128 LR image), the whole image in one forward:
 
 * ``pytorch``: the project's default (``--hspa_impl auto``, float32), run by inference.py's worker;
-* ``onnxruntime``: the same weights exported by tools/export.py (opset 17), CPUExecutionProvider with its
+* ``onnxruntime``: the same weights exported by nlsr-export (opset 17), CPUExecutionProvider with its
   default threads.
 
 Each runs in a fresh subprocess (harness.run_case): one forward, whose extra peak memory is VmHWM after a

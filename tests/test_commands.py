@@ -5,12 +5,17 @@ one bootstrap (nlsr.cli.run_command): a usage error or a bad file is one line `e
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from nlsr import cli
 from nlsr.errors import UserError
+from nlsr.runs import experiment
 from test_readme_commands import console_scripts
 
 
@@ -76,3 +81,23 @@ def test_the_bootstrap_passes_the_exit_status_and_reports_an_interrupt(capsys: p
 
     assert cli.run_command(broken, []) == 1
     assert capsys.readouterr().err == 'error: x.png: cannot read the image\n'
+
+
+def test_python_dash_m_nlsr_is_the_nlsr_command(tmp_path: Path) -> None:
+    env = {**os.environ, 'PYTHONPATH': str(ROOT / 'src'), 'SR_EXPERIMENT_ROOT': str(tmp_path)}
+    run = [sys.executable, '-m', 'nlsr']
+    usage = subprocess.run([*run, '--help'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0 and usage.stdout.startswith('usage: python -m nlsr') and '--hspa_impl' in usage.stdout
+    bad = subprocess.run([*run, '--epochs', 'many'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.splitlines() == ["error: argument --epochs: invalid int value: 'many' "
+                                                               '(see --help)']
+
+
+def test_runs_go_to_the_checkout_or_else_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv('SR_EXPERIMENT_ROOT', raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert experiment.checkout_root() == ROOT and experiment.experiment_root() == ROOT / 'experiment'
+    monkeypatch.setattr(experiment, 'checkout_root', lambda: None)  # as installed into site-packages
+    assert experiment.experiment_root() == tmp_path / 'experiment'
+    monkeypatch.setenv('SR_EXPERIMENT_ROOT', str(tmp_path / 'elsewhere'))
+    assert experiment.experiment_root() == tmp_path / 'elsewhere'

@@ -3,7 +3,7 @@ compared with), in the shape of EDSR-PyTorch.
 
 The public face, for networks of your own:
 
-    nlsr.HSPA(channel, reduction=2, res_scale=0.1, topk=128)   the published High-Similarity-Pass Attention block
+    nlsr.HSPA(channel, reduction=2, res_scale=1, topk=128)    the published High-Similarity-Pass Attention block
     nlsr.hspa(query, key, value)                              exact sparsemax(query @ key^T) @ value, with autograd
 
 Both run what the one dispatcher (nlsr.model.hspa.plan) chooses: on the CPU the native C kernels, built on

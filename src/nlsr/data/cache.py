@@ -2,7 +2,7 @@
 
 A cache file is used only when it is at least as new as every file it was made from and opens as a
 uint8 HxWxC array whose size matches its header; otherwise it is rebuilt, with a one-line warning
-(logger `data.cache`) when it existed (stale, truncated or otherwise unreadable). Writes go through
+(logger `nlsr.data.cache`) when it existed (stale, truncated or otherwise unreadable). Writes go through
 `fileio.atomic_write` (temporary file + rename), so a killed run leaves either the old cache or the new
 one, never a half-written file, and concurrent processes (DataLoader workers, DDP ranks) may rebuild the
 same file safely.

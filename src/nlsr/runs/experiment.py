@@ -2,7 +2,8 @@
 and plots.
 
 Everything a run writes lives in experiment/<save>/ (or experiment/<load>/ when continuing) at the
-repository root, whatever the working directory; SR_EXPERIMENT_ROOT overrides that root (tests use it).
+repository root, whatever the working directory (an installed package: ./experiment); SR_EXPERIMENT_ROOT
+overrides that root (tests use it).
 Only the main process writes, so a distributed run logs each line once. It holds an OS lock
 (fcntl.flock) on experiment/.<name>.lock, beside the folder, while the run lasts, so two runs never write
 one folder; the OS releases the lock of a process that dies. A worker group that torchrun restarts

@@ -52,7 +52,8 @@ def _require(module: str) -> None:
     try:
         __import__(module)
     except ImportError:
-        raise UserError(f'{module} is not installed: pip install -r requirements-export.txt') from None
+        raise UserError(f"{module} is not installed: pip install 'nlsr[export]' (in a checkout: -r "
+                        'requirements-export.txt)') from None
 
 
 def export_onnx(net: SRNetwork, config: dict, n_colors: int, rgb_range: float, sample_size: int = SAMPLE_SIZE,

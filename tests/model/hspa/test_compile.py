@@ -86,6 +86,24 @@ def test_tiny_hspan_compiles_whole_and_equals_eager(backend: str) -> None:
     _compare(_tiny_hspan(), torch.rand(2, 3, 10, 9), backend)
 
 
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_the_operator_compiles_whole_and_equals_eager(backend: str) -> None:
+    """nlsr.hspa, the operator alone (planned outside the graph), forward and backward."""
+    import nlsr
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 40, 4), torch.randn(2, 40, 4), torch.randn(2, 40, 6)
+
+    def run(fn) -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        out.square().sum().backward()
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    compiled = torch.compile(nlsr.hspa, fullgraph=True, backend=backend)
+    assert _max_diff(run(compiled), run(nlsr.hspa)) <= TOL
+
+
 def test_compiled_forward_neither_plans_nor_logs_in_the_graph(monkeypatch, caplog) -> None:
     """The plan is taken once while tracing (plan_constant), not on every compiled call, and said by no
     compiled call."""

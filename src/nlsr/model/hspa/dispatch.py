@@ -142,7 +142,7 @@ def plan(impl: str, device: torch.device, batch: int, length: int, *, fusable: b
         return Plan('dense', '', impl, kind)
     if impl == 'triton':
         if not fused.available():
-            raise ValueError("HSPA impl 'triton' needs the triton package: pip install -r requirements-gpu.txt")
+            raise ValueError(fused.MISSING)
         if not _triton_runs_here(device):
             raise ValueError(f"HSPA impl 'triton' runs on CUDA devices (on the CPU only under TRITON_INTERPRET=1); "
                              f'the input is on {device}')
@@ -187,7 +187,7 @@ def plan_cross_scale(impl: str, device: torch.device, scores: int, block_size: i
 
 
 class PlanLog:
-    """Says each distinct plan once, through ``write`` (default: the 'hspa' logger at INFO, and a plan
+    """Says each distinct plan once, through ``write`` (default: the 'nlsr.hspa' logger at INFO, and a plan
     with a fallback note at WARNING). Shared by every layer of a network; copies of a network (deepcopy)
     share it too."""
 

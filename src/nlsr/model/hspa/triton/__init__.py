@@ -1,6 +1,7 @@
 """Exact HSPA as fused Triton kernels (CUDA; the CPU under TRITON_INTERPRET=1): launch.py launches kernels.py."""
 
 from nlsr.model.hspa.triton.launch import (
+    MISSING,
     SHARED_PER_BLOCK,
     Tiles,
     available,
@@ -11,5 +12,5 @@ from nlsr.model.hspa.triton.launch import (
     unsupported_reason,
 )
 
-__all__ = ['SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton', 'supports',
+__all__ = ['MISSING', 'SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton', 'supports',
            'traced_as_constant', 'unsupported_reason']

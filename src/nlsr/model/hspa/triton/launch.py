@@ -77,6 +77,9 @@ class Tiles:
         return 4 * operands * max(1, self.num_stages)
 
 
+MISSING = ("HSPA impl 'triton' needs the triton package: pip install 'nlsr[gpu]' (in a checkout: pip install -r "
+           'requirements-gpu.txt)')
+
 def shared_limit(capability: tuple[int, int]) -> int:
     """Shared memory per block of a compute capability (see SHARED_PER_BLOCK)."""
     if capability in SHARED_PER_BLOCK:
@@ -262,7 +265,7 @@ def hspa_triton(query: Tensor, key: Tensor, value: Tensor, tiles: Tiles | None =
     tiles: the launch configuration (default: `choose_tiles` for the device's capability and the widths).
     The registered operator nlsr::hspa_triton, with its backward nlsr::hspa_triton_backward."""
     if not available():
-        raise ValueError("HSPA impl 'triton' needs the triton package: pip install -r requirements-gpu.txt")
+        raise ValueError(MISSING)
     if query.dim() != 3 or key.shape != query.shape or value.dim() != 3 or value.shape[:2] != query.shape[:2]:
         raise ValueError(f'hspa_triton expects query/key (N, L, Ck) and value (N, L, C); got '
                          f'{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}')
