@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from nlsr.model.hspa import native
-from nlsr.model.hspa.reference import soft_threshold
+from nlsr.model.hspa.reference import check_attention_inputs, soft_threshold
 
 __all__ = ['DEFAULT_MEMORY_BUDGET', 'BLOCK_BYTES', 'choose_block_size', 'hspa_attention', 'resolve_backend']
 
@@ -375,11 +375,7 @@ def hspa_attention(query: Tensor, key: Tensor, value: Tensor, topk: int, block_s
     ``backend``: 'native' or 'torch'; None takes 'native' on the CPU when the kernels compile. ``tiles``:
     the native inference kernel's blocking (None: ``native.tiles_for`` this machine).
     """
-    if query.dim() != 3 or key.shape != query.shape or value.dim() != 3 or value.shape[:2] != query.shape[:2]:
-        raise ValueError(f'hspa_attention expects query/key (N, L, Ck) and value (N, L, C); got '
-                         f'{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}')
-    if topk < 1 or block_size < 0:
-        raise ValueError(f'hspa_attention needs topk >= 1 and block_size >= 0; got {topk}, {block_size}')
+    check_attention_inputs('hspa_attention', query, key, value, topk, block_size)
     return blocked_op(query, key, value, topk, block_size, memory_budget, resolve_backend(backend, query.device),
                       tiles)
 

@@ -11,7 +11,7 @@ from nlsr.model.hspa.blocked import DEFAULT_MEMORY_BUDGET, blocked_op
 from nlsr.model.hspa.dispatch import Plan, PlanLog, canonical_impl, plan, plan_constant
 from nlsr.model.hspa.export import hspa_attention_export
 from nlsr.model.hspa.layer import fusable, layer_op
-from nlsr.model.hspa.reference import dense_attention
+from nlsr.model.hspa.reference import check_attention_inputs, dense_attention
 from nlsr.model.hspa.triton import hspa_triton
 
 
@@ -37,11 +37,7 @@ def hspa(query: Tensor, key: Tensor, value: Tensor, *, impl: str = 'auto', topk:
     the threshold search starts; no result depends on it. ``block_size``: query rows per block of the
     blocked path (0: automatic).
     """
-    if query.dim() != 3 or key.shape != query.shape or value.dim() != 3 or value.shape[:2] != query.shape[:2]:
-        raise ValueError(f'hspa expects query/key (N, L, Ck) and value (N, L, C); got {tuple(query.shape)}, '
-                         f'{tuple(key.shape)}, {tuple(value.shape)}')
-    if topk < 1 or block_size < 0:
-        raise ValueError(f'hspa needs topk >= 1 and block_size >= 0; got {topk}, {block_size}')
+    check_attention_inputs('hspa', query, key, value, topk, block_size)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     widths = (query.shape[2], value.shape[2])
     if torch.compiler.is_compiling():

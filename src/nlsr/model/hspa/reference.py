@@ -97,6 +97,16 @@ def soft_threshold(scores: torch.Tensor, dim: int = -1, topk: int | None = None)
     return SoftThreshold.apply(scores, dim, topk)
 
 
+def check_attention_inputs(name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk: int = 1,
+                           block_size: int = 0) -> None:
+    """ValueError naming ``name`` unless query, key are (N, L, Ck) and value (N, L, C), topk >= 1, block_size >= 0."""
+    if query.dim() != 3 or key.shape != query.shape or value.dim() != 3 or value.shape[:2] != query.shape[:2]:
+        raise ValueError(f'{name} expects query/key (N, L, Ck) and value (N, L, C); got {tuple(query.shape)}, '
+                         f'{tuple(key.shape)}, {tuple(value.shape)}')
+    if topk < 1 or block_size < 0:
+        raise ValueError(f'{name} needs topk >= 1 and block_size >= 0; got {topk}, {block_size}')
+
+
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, topk: int | None) -> torch.Tensor:
     """The published HSPA algorithm: the whole (N, L, L) scores query @ key^T in float32 (autocast off,
     16-bit inputs promoted), soft thresholding, then @ value. query, key (N, L, Ck); value (N, L, C). The

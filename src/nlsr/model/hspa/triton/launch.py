@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ['SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton', 'supports',
+from nlsr.model.hspa.reference import check_attention_inputs
+
+__all__ = ['MISSING', 'SHARED_PER_BLOCK', 'Tiles', 'available', 'choose_tiles', 'hspa_triton', 'supports',
            'traced_as_constant', 'unsupported_reason']
 
 # Opt-in shared memory per thread block (bytes), CUDA C Programming Guide, "Technical Specifications per
@@ -266,9 +268,7 @@ def hspa_triton(query: Tensor, key: Tensor, value: Tensor, tiles: Tiles | None =
     The registered operator nlsr::hspa_triton, with its backward nlsr::hspa_triton_backward."""
     if not available():
         raise ValueError(MISSING)
-    if query.dim() != 3 or key.shape != query.shape or value.dim() != 3 or value.shape[:2] != query.shape[:2]:
-        raise ValueError(f'hspa_triton expects query/key (N, L, Ck) and value (N, L, C); got '
-                         f'{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}')
+    check_attention_inputs('hspa_triton', query, key, value)
     if tiles is None:
         tiles = _default_tiles(query.device, query.shape[2], value.shape[2])
     elif any(b < 16 or b & (b - 1) for b in dataclasses.astuple(tiles)[:5]) or tiles.block_q < query.shape[2]:
