@@ -138,7 +138,7 @@ def test_a_whole_hspan_asks_the_gpu_per_plan_and_says_its_plan_once(free_memory,
     def as_on_cuda(impl, device, batch, length, **kw):
         return real(impl, GPU, batch, length, **kw)
 
-    monkeypatch.setattr('nlsr.model.hspa.module.plan', as_on_cuda)
+    monkeypatch.setattr(plan_module, 'plan', as_on_cuda)
     net = HSPAN(scale=2, n_feats=16, n_resgroups=3, n_resblocks=1, reduction=2, topk=8).eval()
     lines: list[str] = []
     shared = PlanLog(lines.append)

@@ -175,6 +175,18 @@ def plan_constant(impl: str, device: torch.device, batch: int, length: int, *, f
     return plan(impl, device, batch, length, fusable=fusable, exporting=exporting, training=training, widths=widths)
 
 
+def plan_forward(impl: str, device: torch.device, batch: int, length: int, *, fusable: bool = False,
+                 exporting: bool = False, training: bool = False, widths: tuple[int, int] | None = None) -> Plan:
+    """The plan of a forward running now: ``plan``, or ``plan_constant`` while torch.compile traces. Only
+    CUDA's 'auto' reads the sizes (its memory rule), so elsewhere a traced forward does not pass them (they
+    would only specialise the graph)."""
+    if torch.compiler.is_compiling():
+        sizes = (int(batch), int(length)) if device.type == 'cuda' else (0, 0)
+        return plan_constant(impl, device, *sizes, fusable=fusable, exporting=exporting, training=training,
+                             widths=widths)
+    return plan(impl, device, batch, length, fusable=fusable, exporting=exporting, training=training, widths=widths)
+
+
 def plan_cross_scale(impl: str, device: torch.device, scores: int, block_size: int = 0) -> Plan:
     """The algorithm of MSNLAN's cross-scale (patch) attention over a map of ``scores`` = positions x patches
     per image, for the same ``impl`` names: 'dense' the published (positions x patches) map; 'blocked' the

@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from nlsr.model import common
 from nlsr.model.contract import exporting
-from nlsr.model.hspa.blocked import DEFAULT_MEMORY_BUDGET, blocked_op
-from nlsr.model.hspa.dispatch import Plan, PlanLog, canonical_impl, plan, plan_constant
+from nlsr.model.hspa.blocked import DEFAULT_MEMORY_BUDGET, blocked_op, needs_grad
+from nlsr.model.hspa.dispatch import Plan, PlanLog, canonical_impl, plan_forward
 from nlsr.model.hspa.export import hspa_attention_export
 from nlsr.model.hspa.layer import fusable, layer_op
 from nlsr.model.hspa.reference import check_attention_inputs, dense_attention
@@ -38,14 +38,8 @@ def hspa(query: Tensor, key: Tensor, value: Tensor, *, impl: str = 'auto', topk:
     blocked path (0: automatic).
     """
     check_attention_inputs('hspa', query, key, value, topk, block_size)
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    widths = (query.shape[2], value.shape[2])
-    if torch.compiler.is_compiling():
-        sizes = tuple(map(int, query.shape[:2])) if query.device.type == 'cuda' else (0, 0)
-        p = plan_constant(impl, query.device, *sizes, exporting=exporting(), training=training, widths=widths)
-    else:
-        p = plan(impl, query.device, query.shape[0], query.shape[1], exporting=exporting(), training=training,
-                 widths=widths)
+    p = plan_forward(impl, query.device, query.shape[0], query.shape[1], exporting=exporting(),
+                     training=needs_grad(query, key, value), widths=(query.shape[2], value.shape[2]))
     return attend(p, query, key, value, topk, block_size)
 
 
@@ -105,20 +99,14 @@ class HSPA(NonLocalEmbeddings):
         self.plan_log = PlanLog()
 
     def plan(self, x: torch.Tensor) -> Plan:
-        """How this forward runs (``model.hspa.dispatch.plan``), said once through ``plan_log``. While
-        torch.compile traces, the plan is taken by ``plan_constant`` (run, not traced) and not logged."""
+        """How this forward runs (``dispatch.plan_forward``), said once through ``plan_log`` (not while
+        torch.compile traces: the plan is then a constant of the graph)."""
         traced = exporting()
-        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        fuses = not traced and fusable(self, x)
-        widths = (self.key_width, x.shape[1])
-        if torch.compiler.is_compiling():
-            # Only CUDA's 'auto' reads the sizes (its memory rule): elsewhere they would only specialise the graph.
-            sizes = (int(x.shape[0]), int(x.shape[2] * x.shape[3])) if x.device.type == 'cuda' else (0, 0)
-            return plan_constant(self.impl, x.device, *sizes, fusable=fuses, exporting=traced, training=training,
-                                 widths=widths)
-        p = plan(self.impl, x.device, x.shape[0], x.shape[2] * x.shape[3], fusable=fuses, exporting=traced,
-                 training=training, widths=widths)
-        self.plan_log(p)
+        p = plan_forward(self.impl, x.device, x.shape[0], x.shape[2] * x.shape[3],
+                         fusable=not traced and fusable(self, x), exporting=traced,
+                         training=needs_grad(x, *self.parameters()), widths=(self.key_width, x.shape[1]))
+        if not torch.compiler.is_compiling():
+            self.plan_log(p)
         return p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
