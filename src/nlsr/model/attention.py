@@ -1,7 +1,8 @@
 """The non-local attentions of HSPAN: HSPA (soft thresholding, the package model/hspa/) and the softmax
 non-local attention of the paper's ablation.
 
-``model.attention.HSPA(channel, reduction=2, res_scale=0.1, topk=128)`` is the published block's import path.
+``nlsr.model.attention.HSPA`` is the published block under its published module path (``model.attention``).
+``NORMALIZERS``: how the other non-local attentions (NLSN, CSNLN, PA-EDSR, MSNLAN) turn scores into weights.
 """
 
 from __future__ import annotations
@@ -11,8 +12,17 @@ import torch.nn.functional as F
 
 from nlsr.model.hspa import HSPA, IMPLS, NonLocalEmbeddings, SoftThreshold, soft_threshold, sparsemax_threshold
 
-__all__ = ['HSPA', 'IMPLS', 'NonLocalAttention', 'SoftThreshold', 'soft_threshold', 'softmax_attention',
-           'sparsemax_threshold']
+__all__ = ['HSPA', 'IMPLS', 'NORMALIZERS', 'NonLocalAttention', 'SoftThreshold', 'check_normalizer', 'soft_threshold',
+           'softmax_attention', 'sparsemax_threshold']
+
+# Scores to weights: 'softmax' (the published attentions) or 'soft_threshold' (exact sparsemax, HSPA's).
+NORMALIZERS = ('softmax', 'soft_threshold')
+
+
+def check_normalizer(normalizer: str) -> None:
+    """ValueError unless ``normalizer`` is one of NORMALIZERS."""
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer must be 'softmax' or 'soft_threshold', got {normalizer!r}")
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from nlsr.model.attention import check_normalizer
 from nlsr.model.hspa import soft_threshold
 
 # With block_size 0, tiles hold at most this many (query, key) scores (256 MiB in float32); the four
@@ -209,8 +210,7 @@ def patch_attention(
     """
     if ksize % 2 != 1:
         raise ValueError(f'ksize must be odd, got {ksize}')
-    if normalizer not in ('softmax', 'soft_threshold'):
-        raise ValueError(f"normalizer must be 'softmax' or 'soft_threshold', got {normalizer!r}")
+    check_normalizer(normalizer)
     if not keys or len(keys) != len(values):
         raise ValueError(f'expected as many key maps as value maps (at least one), got {len(keys)} and {len(values)}')
     p = ksize // 2

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlsr.model import common
+from nlsr.model.attention import check_normalizer
 from nlsr.model.blocks.cross_scale import patch_attention
 
 # The published pyramid: `[1 - i / 10 for i in range(level)]` with level 5. A level's size is
@@ -28,7 +29,6 @@ PATCH = 3  # the published transposed convolution's padding 1 fits this patch si
 SOFTMAX_SCALE = 10
 PASTE_DIVISOR = 4  # the published pasted patches are divided by 4
 REDUCTION = 8  # the published PA-EDSR's match embeddings: channel // 8
-NORMALIZERS = ('softmax', 'soft_threshold')
 
 
 def level_sizes(height: int, width: int, factors: tuple[float, ...] = PYRAMID_FACTORS) -> list[tuple[int, int]]:
@@ -63,8 +63,7 @@ class PyramidAttention(nn.Module):
                  normalizer: str = 'softmax', topk: int | None = None, block_size: int = 0,
                  conv: common.ConvFactory = common.default_conv) -> None:
         super().__init__()
-        if normalizer not in NORMALIZERS:
-            raise ValueError(f"normalizer must be 'softmax' or 'soft_threshold', got {normalizer!r}")
+        check_normalizer(normalizer)
         if channel // reduction < 1:
             raise ValueError(f'channel {channel} must be at least reduction {reduction}')
         self.res_scale = res_scale

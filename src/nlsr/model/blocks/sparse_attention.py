@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlsr.model import common
+from nlsr.model.attention import check_normalizer
 from nlsr.model.hspa import soft_threshold
 
-NORMALIZERS = ('softmax', 'soft_threshold')
 # Scores (query x key entries) computed at once; larger maps are done in groups of chunks.
 GROUP_SCORES = 2**22
 MAX_BUCKETS = 128
@@ -60,8 +60,7 @@ class NonLocalSparseAttention(nn.Module):
                  k_size: int = 3, res_scale: float = 1.0, normalizer: str = 'softmax',
                  conv: common.ConvFactory = common.default_conv, group_scores: int = GROUP_SCORES) -> None:
         super().__init__()
-        if normalizer not in NORMALIZERS:
-            raise ValueError(f"normalizer must be 'softmax' or 'soft_threshold', got {normalizer!r}")
+        check_normalizer(normalizer)
         if channels % reduction or channels < reduction:
             raise ValueError(f'channels ({channels}) must be a positive multiple of reduction ({reduction})')
         self.chunk_size = chunk_size

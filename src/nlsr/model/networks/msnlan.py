@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlsr.model import common
+from nlsr.model.attention import check_normalizer
 from nlsr.model.blocks.cross_scale import cross_scale_attention
 from nlsr.model.contract import ChopRule, SRNetwork, exporting
 from nlsr.model.hspa import soft_threshold
@@ -149,8 +150,7 @@ class CrossScaleAttention(nn.Module):
                  normalizer: str = 'softmax', topk: int | None = None, impl: str = 'auto',
                  block_size: int = 0) -> None:
         super().__init__()
-        if normalizer not in ('softmax', 'soft_threshold'):
-            raise ValueError(f"normalizer must be 'softmax' or 'soft_threshold', got {normalizer!r}")
+        check_normalizer(normalizer)
         impl = canonical_impl(impl, CROSS_SCALE_IMPLS, 'impl')
         if impl != 'dense' and (ksize % 2 != 1 or padding != ksize // 2):
             raise ValueError(f'impl {impl} needs an odd ksize and padding ksize // 2, got {ksize}, {padding}')
